@@ -1,0 +1,327 @@
+//! The invariant checker: a pure function of a history.
+//!
+//! Invariants (DESIGN.md): every confirmed message is processed live exactly once; live
+//! processing follows sequence order (reorderings are counted); the final instance's state
+//! digest equals the digest of the confirmed log folded through the same transition function.
+
+use crate::history::{History, PublishOutcome};
+use ms2m_wire::state::{workload_payload, ServiceState};
+use serde::{Deserialize, Serialize};
+
+const EXAMPLES: usize = 10;
+
+/// A count with a few of the offending sequence numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub count: u64,
+    pub examples: Vec<u64>,
+}
+
+impl Finding {
+    fn add(&mut self, seq: u64, n: u64) {
+        self.count += n;
+        if self.examples.len() < EXAMPLES {
+            self.examples.push(seq);
+        }
+    }
+}
+
+/// What the final instance reported of its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedState {
+    pub instance: String,
+    pub last_seq: u64,
+    pub count: u64,
+    pub digest: String,
+}
+
+/// The state verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateVerdict {
+    /// None when no final state was observed (verdict unknown).
+    pub consistent: Option<bool>,
+    pub observed: Option<ObservedState>,
+    /// Digest of the confirmed log up to the observed `last_seq`.
+    pub expected_digest: Option<String>,
+}
+
+/// The checker's verdict: valid only if every sub-verdict holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// "valid", "invalid" or "unknown" (the state could not be observed).
+    pub result: String,
+    /// Messages the checker expected (confirmed, sent before the cut).
+    pub expected: u64,
+    pub lost: Finding,
+    /// Extra live processings beyond the first.
+    pub duplicated: Finding,
+    /// Live processings that started after a higher seq had started.
+    pub reordered: Finding,
+    /// Messages whose publish was never confirmed (nacked or uncertain) that were processed.
+    pub unconfirmed_processed: Finding,
+    pub state: StateVerdict,
+}
+
+impl Verdict {
+    pub fn is_valid(&self) -> bool {
+        self.result == "valid"
+    }
+}
+
+/// Checks `history` for messages sent up to `t_cut_ns` against the `observed` final state.
+pub fn check(history: &History, t_cut_ns: u64, observed: Option<ObservedState>) -> Verdict {
+    let live = history.first_live();
+    let mut lost = Finding::default();
+    let mut duplicated = Finding::default();
+    let mut unconfirmed = Finding::default();
+    let mut expected = 0;
+    for p in &history.published {
+        let seen = live.get(&p.seq).map(|(_, n)| *n).unwrap_or(0);
+        match p.outcome {
+            PublishOutcome::Confirmed if p.t_pub_ns <= t_cut_ns => {
+                expected += 1;
+                if seen == 0 {
+                    lost.add(p.seq, 1);
+                }
+            }
+            PublishOutcome::Nacked | PublishOutcome::Uncertain if seen > 0 => {
+                unconfirmed.add(p.seq, 1)
+            }
+            _ => {}
+        }
+    }
+    for (seq, (_, n)) in &live {
+        if *n > 1 {
+            duplicated.add(*seq, u64::from(*n) - 1);
+        }
+    }
+    let mut reordered = Finding::default();
+    let mut by_start: Vec<_> = history
+        .events
+        .iter()
+        .filter(|e| e.mode == ms2m_wire::Mode::Live)
+        .collect();
+    by_start.sort_by_key(|e| (e.t_start_ns, e.seq));
+    let mut highest = 0;
+    for e in by_start {
+        if e.seq < highest {
+            reordered.add(e.seq, 1);
+        }
+        highest = highest.max(e.seq);
+    }
+    let state = check_state(history, &live, observed);
+    let broken =
+        lost.count + duplicated.count + reordered.count > 0 || state.consistent == Some(false);
+    let result = if broken {
+        "invalid"
+    } else if state.consistent.is_none() {
+        "unknown"
+    } else {
+        "valid"
+    };
+    Verdict {
+        result: result.into(),
+        expected,
+        lost,
+        duplicated,
+        reordered,
+        unconfirmed_processed: unconfirmed,
+        state,
+    }
+}
+
+fn check_state(
+    history: &History,
+    live: &std::collections::BTreeMap<u64, (&ms2m_wire::OutputEvent, u32)>,
+    observed: Option<ObservedState>,
+) -> StateVerdict {
+    let Some(obs) = observed else {
+        return StateVerdict {
+            consistent: None,
+            observed: None,
+            expected_digest: None,
+        };
+    };
+    let mut seqs: Vec<_> = history
+        .published
+        .iter()
+        .filter(|p| p.seq <= obs.last_seq)
+        .filter(|p| match p.outcome {
+            PublishOutcome::Confirmed => true,
+            // An unconfirmed message belongs to the log only if some instance processed it.
+            _ => live.contains_key(&p.seq),
+        })
+        .map(|p| p.seq)
+        .collect();
+    seqs.sort_unstable();
+    let mut state = ServiceState::new(history.state_bytes as usize);
+    for seq in seqs {
+        state.apply(seq, workload_payload(seq, history.message_bytes).as_bytes());
+    }
+    let expected = state.digest();
+    StateVerdict {
+        consistent: Some(expected == obs.digest),
+        observed: Some(obs),
+        expected_digest: Some(expected),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::history::Published;
+    use ms2m_wire::{Mode, OutputEvent};
+
+    pub(crate) fn published(n: u64, period: u64) -> Vec<Published> {
+        (1..=n)
+            .map(|seq| Published {
+                seq,
+                t_sched_ns: seq * period,
+                t_pub_ns: seq * period,
+                outcome: PublishOutcome::Confirmed,
+            })
+            .collect()
+    }
+
+    pub(crate) fn event(seq: u64, start: u64, end: u64, mode: Mode) -> OutputEvent {
+        OutputEvent {
+            instance: "a".into(),
+            seq,
+            mode,
+            t_pub_ns: 0,
+            t_start_ns: start,
+            t_end_ns: end,
+            chain: String::new(),
+        }
+    }
+
+    /// A correct run: message i sent at 100*i, processed in [100*i+10, 100*i+50].
+    fn good(n: u64) -> History {
+        History {
+            published: published(n, 100),
+            events: (1..=n)
+                .map(|s| event(s, s * 100 + 10, s * 100 + 50, Mode::Live))
+                .collect(),
+            message_bytes: 8,
+            state_bytes: 64,
+        }
+    }
+
+    fn observed(h: &History, upto: u64) -> ObservedState {
+        let mut s = ServiceState::new(h.state_bytes as usize);
+        for seq in 1..=upto {
+            s.apply(seq, workload_payload(seq, h.message_bytes).as_bytes());
+        }
+        ObservedState {
+            instance: "a".into(),
+            last_seq: upto,
+            count: upto,
+            digest: s.digest(),
+        }
+    }
+
+    #[test]
+    fn correct_history_is_valid() {
+        let h = good(20);
+        let v = check(&h, u64::MAX, Some(observed(&h, 20)));
+        assert!(v.is_valid(), "{v:?}");
+        assert_eq!(v.expected, 20);
+    }
+
+    #[test]
+    fn lost_message_is_caught() {
+        let mut h = good(20);
+        h.events.retain(|e| e.seq != 7);
+        let v = check(&h, u64::MAX, None);
+        assert_eq!(v.result, "invalid");
+        assert_eq!(
+            v.lost,
+            Finding {
+                count: 1,
+                examples: vec![7]
+            }
+        );
+    }
+
+    #[test]
+    fn message_after_cut_is_not_expected() {
+        let mut h = good(20);
+        h.events.retain(|e| e.seq != 20);
+        let v = check(&h, 19 * 100, Some(observed(&h, 19)));
+        assert!(v.is_valid(), "{v:?}");
+    }
+
+    #[test]
+    fn duplicate_is_caught_and_replay_is_not_a_duplicate() {
+        let mut h = good(10);
+        h.events.push(event(4, 2000, 2001, Mode::Live));
+        h.events.push(event(5, 2100, 2101, Mode::Replay));
+        let v = check(&h, u64::MAX, None);
+        assert_eq!(
+            v.duplicated,
+            Finding {
+                count: 1,
+                examples: vec![4]
+            }
+        );
+        // the late duplicate of 4 also starts after 10 did
+        assert_eq!(v.reordered.count, 1);
+    }
+
+    #[test]
+    fn reorder_is_counted() {
+        let mut h = good(10);
+        for e in h.events.iter_mut() {
+            if e.seq == 3 {
+                e.t_start_ns = 10_000;
+            }
+        }
+        let v = check(&h, u64::MAX, None);
+        assert_eq!(
+            v.reordered,
+            Finding {
+                count: 1,
+                examples: vec![3]
+            }
+        );
+        assert_eq!(v.result, "invalid");
+    }
+
+    #[test]
+    fn state_mismatch_is_caught() {
+        let h = good(10);
+        let mut obs = observed(&h, 10);
+        obs.digest = "00".into();
+        let v = check(&h, u64::MAX, Some(obs));
+        assert_eq!(v.state.consistent, Some(false));
+        assert_eq!(v.result, "invalid");
+        // A state that skipped a message differs too.
+        let mut s = ServiceState::new(64);
+        for seq in (1..=10).filter(|s| *s != 5) {
+            s.apply(seq, workload_payload(seq, 8).as_bytes());
+        }
+        let obs = ObservedState {
+            instance: "a".into(),
+            last_seq: 10,
+            count: 9,
+            digest: s.digest(),
+        };
+        assert_eq!(check(&h, u64::MAX, Some(obs)).state.consistent, Some(false));
+    }
+
+    #[test]
+    fn unobserved_state_is_unknown_not_valid() {
+        let h = good(5);
+        assert_eq!(check(&h, u64::MAX, None).result, "unknown");
+    }
+
+    #[test]
+    fn unconfirmed_but_processed_is_reported_and_folded() {
+        let mut h = good(5);
+        h.published[2].outcome = PublishOutcome::Uncertain;
+        let v = check(&h, u64::MAX, Some(observed(&h, 5)));
+        assert!(v.is_valid(), "{v:?}");
+        assert_eq!(v.unconfirmed_processed.examples, vec![3]);
+        assert_eq!(v.expected, 4);
+    }
+}

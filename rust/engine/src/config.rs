@@ -1,0 +1,291 @@
+//! Configurations of a testbed, a service, a workload and a migration, each validated before
+//! anything starts.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Config(msg.into()))
+}
+
+/// Where the broker and the instances run, and which images they use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TestbedConfig {
+    /// Host names instances can be placed on. A host is a name the testbed maps to where an
+    /// instance runs; in the docker runtime every host is a container on the testbed network.
+    pub hosts: Vec<String>,
+    pub broker_image: String,
+    pub service_image: String,
+    /// Longest wait for the broker to accept AMQP connections.
+    pub broker_startup_timeout_s: f64,
+}
+
+impl Default for TestbedConfig {
+    fn default() -> Self {
+        TestbedConfig {
+            hosts: vec!["edge-1".into(), "edge-2".into(), "cloud".into()],
+            broker_image: std::env::var("MS2M_BROKER_IMAGE")
+                .unwrap_or_else(|_| "ms2m/rabbitmq:3.10".into()),
+            service_image: std::env::var("MS2M_SERVICE_IMAGE")
+                .unwrap_or_else(|_| "ms2m/service:dev".into()),
+            broker_startup_timeout_s: 90.0,
+        }
+    }
+}
+
+impl TestbedConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.hosts.is_empty() {
+            return refuse("a testbed needs at least one host");
+        }
+        for h in &self.hosts {
+            valid_name("host", h)?;
+        }
+        let mut sorted = self.hosts.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != self.hosts.len() {
+            return refuse(format!("host names must be unique: {:?}", self.hosts));
+        }
+        for (what, image) in [
+            ("broker_image", &self.broker_image),
+            ("service_image", &self.service_image),
+        ] {
+            if image.trim().is_empty() {
+                return refuse(format!("{what} must name an image"));
+            }
+        }
+        if !(self.broker_startup_timeout_s.is_finite() && self.broker_startup_timeout_s > 0.0) {
+            return refuse("broker_startup_timeout_s must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Names used in broker resources and container names: letters, digits, '-' and '_'.
+pub(crate) fn valid_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 48
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return refuse(format!(
+            "{what} name {name:?} must be 1-48 characters of letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// A service to deploy: the reference service's parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub host: String,
+    /// Processing time per message, milliseconds.
+    pub processing_ms: f64,
+    /// Size of the mutable state payload, bytes.
+    pub state_bytes: u64,
+    /// Messages an instance may fetch ahead of processing.
+    pub prefetch: u16,
+}
+
+impl ServiceSpec {
+    pub fn validate(&self, tb: &TestbedConfig) -> Result<()> {
+        valid_name("service", &self.name)?;
+        check_host(tb, &self.host)?;
+        if !(self.processing_ms.is_finite() && self.processing_ms >= 0.0) {
+            return refuse(format!(
+                "processing_ms must be a finite number >= 0, got {}",
+                self.processing_ms
+            ));
+        }
+        if self.state_bytes > 1 << 30 {
+            return refuse(format!(
+                "state_bytes {} exceeds the 1 GiB the broker can carry as a checkpoint",
+                self.state_bytes
+            ));
+        }
+        if self.prefetch == 0 {
+            return refuse("prefetch must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check_host(tb: &TestbedConfig, host: &str) -> Result<()> {
+    if !tb.hosts.iter().any(|h| h == host) {
+        return refuse(format!(
+            "unknown host {host:?}; this testbed has {:?}",
+            tb.hosts
+        ));
+    }
+    Ok(())
+}
+
+/// An open-loop workload: messages sent on an absolute schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadSpec {
+    /// Messages per second; 0 sends nothing.
+    pub rate: f64,
+    /// Payload bytes per message.
+    pub message_bytes: usize,
+}
+
+impl WorkloadSpec {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            return refuse(format!(
+                "rate must be a finite number of messages per second >= 0, got {}",
+                self.rate
+            ));
+        }
+        if self.rate > 1_000_000.0 {
+            return refuse(format!("rate {} exceeds 1,000,000 msg/s", self.rate));
+        }
+        if self.message_bytes > 16 << 20 {
+            return refuse("message_bytes must be at most 16 MiB");
+        }
+        Ok(())
+    }
+}
+
+/// The migration strategies this engine implements, one file each under `strategies/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    StopAndCopy,
+    Ms2m,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 2] = [Strategy::StopAndCopy, Strategy::Ms2m];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::StopAndCopy => "stop_and_copy",
+            Strategy::Ms2m => "ms2m",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Strategy::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown strategy {s:?}; choose one of {:?}",
+                    Strategy::ALL.map(|s| s.name())
+                ))
+            })
+    }
+}
+
+/// Knobs of one migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationOptions {
+    /// Longest wait for any one instance reply.
+    pub reply_timeout_s: f64,
+    /// Longest replay phase before the migration is aborted (ms2m cannot always converge).
+    pub replay_timeout_s: f64,
+    /// Observation after the cutover, for the "after" latencies.
+    pub settle_s: f64,
+    /// Longest wait for the backlog to drain before the checker runs.
+    pub drain_timeout_s: f64,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            reply_timeout_s: 60.0,
+            replay_timeout_s: 60.0,
+            settle_s: 1.0,
+            drain_timeout_s: 60.0,
+        }
+    }
+}
+
+impl MigrationOptions {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("reply_timeout_s", self.reply_timeout_s),
+            ("replay_timeout_s", self.replay_timeout_s),
+            ("drain_timeout_s", self.drain_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return refuse(format!("{name} must be > 0, got {v}"));
+            }
+        }
+        if !(self.settle_s.is_finite() && self.settle_s >= 0.0) {
+            return refuse(format!("settle_s must be >= 0, got {}", self.settle_s));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn reply_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.reply_timeout_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServiceSpec {
+        ServiceSpec {
+            name: "counter".into(),
+            host: "edge-1".into(),
+            processing_ms: 50.0,
+            state_bytes: 1000,
+            prefetch: 1,
+        }
+    }
+
+    #[test]
+    fn good_service_passes() {
+        spec().validate(&TestbedConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_with_a_reason() {
+        let tb = TestbedConfig::default();
+        let e = ServiceSpec {
+            host: "mars".into(),
+            ..spec()
+        }
+        .validate(&tb)
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown host \"mars\""), "{e}");
+        assert!(ServiceSpec {
+            processing_ms: -1.0,
+            ..spec()
+        }
+        .validate(&tb)
+        .is_err());
+        assert!(ServiceSpec {
+            name: "a.b".into(),
+            ..spec()
+        }
+        .validate(&tb)
+        .is_err());
+        assert!(WorkloadSpec {
+            rate: -2.0,
+            message_bytes: 0
+        }
+        .validate()
+        .is_err());
+        assert!(WorkloadSpec {
+            rate: f64::NAN,
+            message_bytes: 0
+        }
+        .validate()
+        .is_err());
+        let e = "warp".parse::<Strategy>().unwrap_err();
+        assert!(e.to_string().contains("stop_and_copy"), "{e}");
+        assert_eq!("ms2m".parse::<Strategy>().unwrap(), Strategy::Ms2m);
+    }
+}

@@ -1,0 +1,63 @@
+//! The append-only record of a run: what the workload sent and what the instances reported.
+//! A history is saved with the report and can be checked again offline.
+
+use ms2m_wire::OutputEvent;
+use serde::{Deserialize, Serialize};
+
+/// What the broker said of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishOutcome {
+    /// Not answered yet.
+    Pending,
+    /// The broker confirmed it: it must be processed live exactly once.
+    Confirmed,
+    /// The broker refused it: it must not be processed.
+    Nacked,
+    /// The connection failed before an answer: it may or may not have been routed.
+    Uncertain,
+}
+
+/// One message the workload sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub seq: u64,
+    /// When the open-loop schedule said to send it.
+    pub t_sched_ns: u64,
+    /// When it was sent.
+    pub t_pub_ns: u64,
+    pub outcome: PublishOutcome,
+}
+
+/// Everything the checker needs, in one serializable value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub published: Vec<Published>,
+    pub events: Vec<OutputEvent>,
+    /// Payload size of the workload's messages (payloads are regenerated from the seq).
+    pub message_bytes: usize,
+    /// Size of the service's state payload.
+    pub state_bytes: u64,
+}
+
+impl History {
+    /// Live events, each seq's first one only, in seq order; also how often each seq was live.
+    pub(crate) fn first_live(&self) -> std::collections::BTreeMap<u64, (&OutputEvent, u32)> {
+        let mut map = std::collections::BTreeMap::new();
+        for e in self
+            .events
+            .iter()
+            .filter(|e| e.mode == ms2m_wire::Mode::Live)
+        {
+            map.entry(e.seq)
+                .and_modify(|(first, n): &mut (&OutputEvent, u32)| {
+                    *n += 1;
+                    if e.t_start_ns < first.t_start_ns {
+                        *first = e;
+                    }
+                })
+                .or_insert((e, 1));
+        }
+        map
+    }
+}

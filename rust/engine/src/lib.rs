@@ -1,0 +1,25 @@
+//! ms2m engine: live migration of stateful, message-driven microservices, measured at the
+//! message level.
+//!
+//! Start at [`testbed::Testbed`]: it starts a broker ([`runtime`]), deploys the reference
+//! service, drives an open-loop [`workload`], runs a migration [`strategies`] phase by phase,
+//! and turns the recorded [`history`] into a [`report::Report`] through the [`metrics`] and
+//! the [`checker`]. The wire contract with instances lives in the `ms2m-wire` crate.
+
+pub mod broker;
+pub mod checker;
+pub mod config;
+pub mod error;
+pub mod history;
+pub mod metrics;
+pub mod recorder;
+pub mod report;
+pub mod runtime;
+pub mod strategies;
+pub mod testbed;
+pub mod workload;
+
+pub use config::{MigrationOptions, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec};
+pub use error::{Error, Result};
+pub use report::Report;
+pub use testbed::{ServiceInfo, Testbed};

@@ -1,0 +1,78 @@
+//! Recorder: consumes every output event of a service into the history.
+
+use crate::broker;
+use crate::error::{BrokerContext, Result};
+use futures_lite::StreamExt;
+use lapin::{options::*, types::FieldTable};
+use ms2m_wire::{names, OutputEvent};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+pub struct Recorder {
+    events: Arc<Mutex<Vec<OutputEvent>>>,
+    malformed: Arc<Mutex<u64>>,
+    task: JoinHandle<()>,
+    conn: lapin::Connection,
+}
+
+impl Recorder {
+    /// Starts consuming the service's events queue (declared with the service, so no event
+    /// published since then is missed).
+    pub async fn start(url: &str, service: &str) -> Result<Recorder> {
+        let conn = broker::connect(url, Duration::from_secs(10)).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .broker("opening the recorder channel")?;
+        let mut consumer = channel
+            .basic_consume(
+                names::events_queue(service).into(),
+                "recorder".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .broker("consuming the events queue")?;
+        let events: Arc<Mutex<Vec<OutputEvent>>> = Arc::default();
+        let malformed: Arc<Mutex<u64>> = Arc::default();
+        let (ev, bad) = (events.clone(), malformed.clone());
+        let task = tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                match serde_json::from_slice::<OutputEvent>(&d.data) {
+                    Ok(e) => ev.lock().unwrap().push(e),
+                    Err(_) => *bad.lock().unwrap() += 1,
+                }
+            }
+        });
+        Ok(Recorder {
+            events,
+            malformed,
+            task,
+            conn,
+        })
+    }
+
+    /// A copy of the events recorded so far.
+    pub fn events(&self) -> Vec<OutputEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Runs `f` on the recorded events without copying them.
+    pub fn with_events<T>(&self, f: impl FnOnce(&[OutputEvent]) -> T) -> T {
+        f(&self.events.lock().unwrap())
+    }
+
+    /// Output events that were not valid JSON events.
+    pub fn malformed(&self) -> u64 {
+        *self.malformed.lock().unwrap()
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.conn.close(200, "recorder stops".into()).await;
+        self.task.abort();
+    }
+}

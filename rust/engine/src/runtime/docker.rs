@@ -1,0 +1,375 @@
+//! The docker runtime: the broker and every service instance are containers started with
+//! testcontainers on a Docker network that belongs to the testbed.
+//!
+//! Everything started is labelled (`ms2m.testbed`, `ms2m.role`, `ms2m.pid`, ...) so that
+//! [`cleanup_leftovers`] can find what a crashed run left. Containers are removed explicitly by
+//! [`DockerRuntime::shutdown`]; testcontainers' `Drop` is the backstop. Set
+//! `TESTCONTAINERS_COMMAND=keep` to keep the containers for debugging.
+
+use super::api_shim;
+use crate::config::{ServiceSpec, TestbedConfig};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::time::Duration;
+use testcontainers::bollard::{self, query_parameters as qp, Docker};
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use tokio::sync::{Mutex, OnceCell};
+
+const LABEL_TESTBED: &str = "ms2m.testbed";
+const AMQP_PORT: u16 = 5672;
+const HOW_TO_GET_DOCKER: &str = "start a Docker engine (on Debian: `apt-get install docker.io` \
+     then `dockerd &`), or run `make setup`, which does both and builds the images";
+
+fn docker_err(what: &str) -> impl Fn(testcontainers::TestcontainersError) -> Error + '_ {
+    move |e| Error::Docker(format!("{what}: {e}"))
+}
+
+fn daemon_socket() -> std::path::PathBuf {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(Into::into))
+        .unwrap_or_else(|| "/var/run/docker.sock".into())
+}
+
+/// A client for the daemon itself (not through testcontainers), version negotiated.
+async fn daemon() -> Result<Docker> {
+    let socket = daemon_socket();
+    let unavailable = |e: bollard::errors::Error| {
+        Error::RuntimeUnavailable(format!(
+            "no Docker daemon answers at {}: {e}; {HOW_TO_GET_DOCKER}",
+            socket.display()
+        ))
+    };
+    Docker::connect_with_unix(&socket.to_string_lossy(), 30, bollard::API_DEFAULT_VERSION)
+        .map_err(unavailable)?
+        .negotiate_version()
+        .await
+        .map_err(unavailable)
+}
+
+static DOCKER_READY: OnceCell<std::result::Result<(), String>> = OnceCell::const_new();
+
+/// Checks that a daemon answers and, if it speaks an older API than testcontainers, routes
+/// testcontainers through the [`api_shim`]. Done once per process.
+pub async fn ensure_docker() -> Result<()> {
+    DOCKER_READY
+        .get_or_init(|| async {
+            let docker = daemon().await.map_err(|e| e.to_string())?;
+            let version = docker.version().await.map_err(|e| {
+                format!("the Docker daemon did not report its version: {e}; {HOW_TO_GET_DOCKER}")
+            })?;
+            let daemon_api = version.api_version.unwrap_or_default();
+            let client_api = format!(
+                "{}.{}",
+                bollard::API_DEFAULT_VERSION.major_version,
+                bollard::API_DEFAULT_VERSION.minor_version
+            );
+            if api_lt(&daemon_api, &client_api) {
+                let path = api_shim::start(daemon_socket(), &client_api, &daemon_api)
+                    .map_err(|e| format!("cannot start the Docker API shim: {e}"))?;
+                // testcontainers reads DOCKER_HOST when its client is first created, which has
+                // not happened yet in this process (this runs before any container starts).
+                std::env::set_var("DOCKER_HOST", format!("unix://{}", path.display()));
+            }
+            Ok(())
+        })
+        .await
+        .clone()
+        .map_err(Error::RuntimeUnavailable)
+}
+
+/// The daemon's engine version, for reports.
+pub async fn daemon_version() -> Option<String> {
+    daemon().await.ok()?.version().await.ok()?.version
+}
+
+/// Compares "1.41" < "1.52" numerically.
+fn api_lt(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> (u32, u32) {
+        let mut it = v.split('.').map(|x| x.parse().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    parse(a) < parse(b)
+}
+
+/// Refuses to start when an image is missing, with the command that builds it.
+async fn require_image(docker: &Docker, image: &str) -> Result<()> {
+    docker.inspect_image(image).await.map(|_| ()).map_err(|_| {
+        Error::RuntimeUnavailable(format!(
+            "image {image} is not on this Docker engine; build the testbed images with \
+             `make images` (testbeds/images/build.sh), or point MS2M_BROKER_IMAGE / \
+             MS2M_SERVICE_IMAGE at images you have"
+        ))
+    })
+}
+
+fn generic(image: &str) -> GenericImage {
+    let (name, tag) = match image.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, t),
+        _ => (image, "latest"),
+    };
+    GenericImage::new(name, tag)
+}
+
+/// Where instances and clients reach the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerEndpoint {
+    /// From this host (a port published on 127.0.0.1).
+    pub url: String,
+    /// From containers on the testbed network.
+    pub internal_url: String,
+}
+
+pub struct DockerRuntime {
+    testbed_id: String,
+    network: String,
+    service_image: String,
+    broker_name: String,
+    broker: Mutex<Option<ContainerAsync<GenericImage>>>,
+    instances: Mutex<HashMap<String, ContainerAsync<GenericImage>>>,
+}
+
+impl DockerRuntime {
+    /// Starts the broker container and waits until it accepts AMQP connections.
+    pub async fn start(cfg: &TestbedConfig, testbed_id: &str) -> Result<(Self, BrokerEndpoint)> {
+        ensure_docker().await?;
+        let docker = daemon().await?;
+        require_image(&docker, &cfg.broker_image).await?;
+        require_image(&docker, &cfg.service_image).await?;
+        let network = format!("ms2m-{testbed_id}");
+        let broker_name = format!("ms2m-{testbed_id}-broker");
+        let rt = DockerRuntime {
+            testbed_id: testbed_id.to_string(),
+            network: network.clone(),
+            service_image: cfg.service_image.clone(),
+            broker_name: broker_name.clone(),
+            broker: Mutex::new(None),
+            instances: Mutex::new(HashMap::new()),
+        };
+        let container = generic(&cfg.broker_image)
+            .with_exposed_port(AMQP_PORT.tcp())
+            .with_wait_for(WaitFor::Nothing)
+            .with_network(network)
+            .with_container_name(&broker_name)
+            .with_labels(rt.labels("broker", &[]))
+            .with_host_config_modifier(|hc| {
+                // Publish on loopback only: the broker is for this machine's tests.
+                let binding = bollard::models::PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(String::new()),
+                };
+                hc.port_bindings = Some(HashMap::from([(
+                    format!("{AMQP_PORT}/tcp"),
+                    Some(vec![binding]),
+                )]));
+            })
+            .start()
+            .await
+            .map_err(docker_err("starting the broker container"))?;
+        let port = container
+            .get_host_port_ipv4(AMQP_PORT.tcp())
+            .await
+            .map_err(docker_err("reading the broker's published port"))?;
+        *rt.broker.lock().await = Some(container);
+        let endpoint = BrokerEndpoint {
+            url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            internal_url: format!("amqp://guest:guest@{broker_name}:{AMQP_PORT}/%2f"),
+        };
+        Ok((rt, endpoint))
+    }
+
+    fn labels(&self, role: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut l = HashMap::from([
+            (LABEL_TESTBED.to_string(), self.testbed_id.clone()),
+            ("ms2m.role".to_string(), role.to_string()),
+            ("ms2m.pid".to_string(), std::process::id().to_string()),
+        ]);
+        for (k, v) in extra {
+            l.insert(format!("ms2m.{k}"), v.to_string());
+        }
+        l
+    }
+
+    /// Starts one instance of `spec` on `host` and waits until it is ready for commands.
+    pub async fn start_instance(
+        &self,
+        spec: &ServiceSpec,
+        instance: &str,
+        host: &str,
+        internal_url: &str,
+        live: bool,
+    ) -> Result<()> {
+        let mut args = vec![
+            "--amqp-url".to_string(),
+            internal_url.to_string(),
+            "--service".into(),
+            spec.name.clone(),
+            "--instance".into(),
+            instance.to_string(),
+            "--processing-ms".into(),
+            spec.processing_ms.to_string(),
+            "--state-bytes".into(),
+            spec.state_bytes.to_string(),
+            "--prefetch".into(),
+            spec.prefetch.to_string(),
+        ];
+        if live {
+            args.push("--live".into());
+        }
+        let container = generic(&self.service_image)
+            .with_wait_for(WaitFor::message_on_stdout("ms2m-service ready"))
+            .with_cmd(args)
+            .with_network(&self.network)
+            .with_container_name(format!("ms2m-{}-{instance}", self.testbed_id))
+            .with_hostname(host)
+            .with_labels(self.labels(
+                "instance",
+                &[
+                    ("service", &spec.name),
+                    ("instance", instance),
+                    ("host", host),
+                ],
+            ))
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .map_err(docker_err(&format!(
+                "starting instance {instance} on {host}"
+            )))?;
+        self.instances
+            .lock()
+            .await
+            .insert(instance.to_string(), container);
+        Ok(())
+    }
+
+    /// Kills an instance's process at once (SIGKILL), as a crash would.
+    pub async fn kill_instance(&self, instance: &str) -> Result<()> {
+        if let Some(c) = self.instances.lock().await.get(instance) {
+            c.stop_with_timeout(Some(0))
+                .await
+                .map_err(docker_err(&format!("killing {instance}")))?;
+        }
+        Ok(())
+    }
+
+    /// Removes an instance's container.
+    pub async fn remove_instance(&self, instance: &str) -> Result<()> {
+        let c = self.instances.lock().await.remove(instance);
+        if let Some(c) = c {
+            c.rm()
+                .await
+                .map_err(docker_err(&format!("removing {instance}")))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every container of the testbed (the network goes with the last one).
+    pub async fn shutdown(&self) -> Result<()> {
+        let instances: Vec<_> = self.instances.lock().await.drain().collect();
+        let mut first_err = None;
+        for (name, c) in instances {
+            if let Err(e) = c.rm().await {
+                first_err.get_or_insert(Error::Docker(format!("removing {name}: {e}")));
+            }
+        }
+        if let Some(b) = self.broker.lock().await.take() {
+            if let Err(e) = b.rm().await {
+                first_err
+                    .get_or_insert(Error::Docker(format!("removing {}: {e}", self.broker_name)));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// What [`cleanup_leftovers`] removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Cleanup {
+    pub containers: Vec<String>,
+    pub networks: Vec<String>,
+}
+
+/// Removes containers and networks of ms2m testbeds whose owning process is gone (all of them
+/// with `all`).
+pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
+    let docker = daemon().await?;
+    let list = docker
+        .list_containers(Some(qp::ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![LABEL_TESTBED.to_string()],
+            )])),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| Error::Docker(format!("listing containers: {e}")))?;
+    let mut out = Cleanup::default();
+    for c in list {
+        let labels = c.labels.unwrap_or_default();
+        let owner_alive = labels
+            .get("ms2m.pid")
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if owner_alive && !all {
+            continue;
+        }
+        let id = c.id.unwrap_or_default();
+        let name = c
+            .names
+            .and_then(|n| n.first().cloned())
+            .unwrap_or_else(|| id.clone());
+        docker
+            .remove_container(
+                &id,
+                Some(qp::RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| Error::Docker(format!("removing {name}: {e}")))?;
+        out.containers
+            .push(name.trim_start_matches('/').to_string());
+    }
+    let nets = docker
+        .list_networks(Some(qp::ListNetworksOptions {
+            filters: Some(HashMap::from([(
+                "name".to_string(),
+                vec!["ms2m-".to_string()],
+            )])),
+        }))
+        .await
+        .map_err(|e| Error::Docker(format!("listing networks: {e}")))?;
+    for n in nets {
+        let name = n.name.unwrap_or_default();
+        // A network still in use belongs to a live testbed: the daemon refuses to remove it.
+        if docker.remove_network(&name).await.is_ok() {
+            out.networks.push(name);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_versions_compare_numerically() {
+        assert!(super::api_lt("1.41", "1.52"));
+        assert!(super::api_lt("1.9", "1.41"));
+        assert!(!super::api_lt("1.52", "1.52"));
+    }
+
+    #[test]
+    fn image_names_split_at_the_tag() {
+        use testcontainers::Image;
+        let g = super::generic("ms2m/rabbitmq:3.10");
+        assert_eq!((g.name(), g.tag()), ("ms2m/rabbitmq", "3.10"));
+        let g = super::generic("localhost:5000/rabbitmq");
+        assert_eq!((g.name(), g.tag()), ("localhost:5000/rabbitmq", "latest"));
+    }
+}

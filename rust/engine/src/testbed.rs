@@ -1,0 +1,434 @@
+//! The testbed: a broker, hosts, deployed services, their workloads and recorders, and the
+//! migrations between hosts. This is the engine's entry point; the Python module wraps it.
+
+use crate::broker::Link;
+use crate::checker::{self, ObservedState};
+use crate::config::{
+    check_host, MigrationOptions, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec,
+};
+use crate::error::{Error, Result};
+use crate::history::{History, PublishOutcome, Published};
+use crate::metrics::{self, Latencies};
+use crate::recorder::Recorder;
+use crate::report::{
+    Counts, Environment, LatencyReport, Metrics, MigrationSummary, Placement, Report,
+};
+use crate::runtime::docker::{BrokerEndpoint, DockerRuntime};
+use crate::strategies::{self, Ctx, Outcome, Timeline};
+use crate::workload::Workload;
+use ms2m_wire::{control::Command, names, now_ns, Mode};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// How clients reach a deployed service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub host: String,
+    pub instance: String,
+    /// The broker, from this machine.
+    pub amqp_url: String,
+    /// Publish work here (fanout; JSON `Input` messages, see docs/wire.md).
+    pub input_exchange: String,
+    /// Instances publish an `OutputEvent` here for every processed message.
+    pub output_exchange: String,
+}
+
+struct Deployed {
+    spec: ServiceSpec,
+    /// (instance id, host) of the instance serving now.
+    current: (String, String),
+    deployed_ns: u64,
+    recorder: Recorder,
+    workload: Option<Workload>,
+    /// Send logs of workloads that have ended.
+    past: Vec<Published>,
+    next_seq: u64,
+    instances_started: u64,
+}
+
+impl Deployed {
+    fn published(&self) -> Vec<Published> {
+        let mut all = self.past.clone();
+        if let Some(w) = &self.workload {
+            all.extend(w.published());
+        }
+        all
+    }
+}
+
+/// A running testbed. Close it with [`Testbed::close`]; dropping it is only a backstop.
+pub struct Testbed {
+    id: String,
+    cfg: TestbedConfig,
+    runtime: DockerRuntime,
+    endpoint: BrokerEndpoint,
+    link: Link,
+    docker_version: Option<String>,
+    services: Mutex<HashMap<String, Arc<Mutex<Deployed>>>>,
+    migrations: AtomicU64,
+    closed: AtomicBool,
+}
+
+fn fresh_id() -> String {
+    // Unique across processes and restarts without a UUID dependency.
+    format!(
+        "tb{:x}{:04x}",
+        now_ns() / 1_000_000 % 0xffff_ffff,
+        std::process::id() % 0xffff
+    )
+}
+
+impl Testbed {
+    /// Starts the broker and waits until it accepts connections.
+    pub async fn start(cfg: TestbedConfig) -> Result<Testbed> {
+        cfg.validate()?;
+        let id = fresh_id();
+        let (runtime, endpoint) = DockerRuntime::start(&cfg, &id).await?;
+        let deadline = Duration::from_secs_f64(cfg.broker_startup_timeout_s);
+        let link = match Link::open(&endpoint.url, deadline).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = runtime.shutdown().await;
+                return Err(e);
+            }
+        };
+        Ok(Testbed {
+            id,
+            cfg,
+            runtime,
+            endpoint,
+            link,
+            docker_version: crate::runtime::docker::daemon_version().await,
+            services: Mutex::new(HashMap::new()),
+            migrations: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> &TestbedConfig {
+        &self.cfg
+    }
+
+    /// The broker's AMQP URL from this machine.
+    pub fn amqp_url(&self) -> &str {
+        &self.endpoint.url
+    }
+
+    async fn service(&self, name: &str) -> Result<Arc<Mutex<Deployed>>> {
+        self.services
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no service named {name:?} is deployed on this testbed"
+                ))
+            })
+    }
+
+    fn info(&self, d: &Deployed) -> ServiceInfo {
+        ServiceInfo {
+            name: d.spec.name.clone(),
+            host: d.current.1.clone(),
+            instance: d.current.0.clone(),
+            amqp_url: self.endpoint.url.clone(),
+            input_exchange: names::input_exchange(&d.spec.name),
+            output_exchange: names::output_exchange(&d.spec.name),
+        }
+    }
+
+    /// Where a service runs now and how to reach it.
+    pub async fn service_info(&self, name: &str) -> Result<ServiceInfo> {
+        let s = self.service(name).await?;
+        let d = s.lock().await;
+        Ok(self.info(&d))
+    }
+
+    /// Declares the service's topology, starts its recorder and its first instance (live).
+    pub async fn deploy(&self, spec: ServiceSpec) -> Result<ServiceInfo> {
+        spec.validate(&self.cfg)?;
+        if self.services.lock().await.contains_key(&spec.name) {
+            return Err(Error::Config(format!(
+                "a service named {:?} is already deployed",
+                spec.name
+            )));
+        }
+        self.link.declare_service(&spec.name).await?;
+        let recorder = Recorder::start(&self.endpoint.url, &spec.name).await?;
+        let instance = format!("{}-1", spec.name);
+        self.link
+            .declare_control_queue(&spec.name, &instance)
+            .await?;
+        if let Err(e) = self
+            .runtime
+            .start_instance(
+                &spec,
+                &instance,
+                &spec.host,
+                &self.endpoint.internal_url,
+                true,
+            )
+            .await
+        {
+            recorder.stop().await;
+            return Err(e);
+        }
+        let d = Deployed {
+            current: (instance, spec.host.clone()),
+            spec: spec.clone(),
+            deployed_ns: now_ns(),
+            recorder,
+            workload: None,
+            past: Vec::new(),
+            next_seq: 1,
+            instances_started: 1,
+        };
+        let info = self.info(&d);
+        self.services
+            .lock()
+            .await
+            .insert(spec.name.clone(), Arc::new(Mutex::new(d)));
+        Ok(info)
+    }
+
+    /// Starts an open-loop workload against a service (one at a time per service).
+    pub async fn start_workload(&self, service: &str, spec: WorkloadSpec) -> Result<()> {
+        spec.validate()?;
+        let s = self.service(service).await?;
+        let mut d = s.lock().await;
+        if d.workload.is_some() {
+            return Err(Error::Config(format!(
+                "a workload is already running against {service:?}; stop it first"
+            )));
+        }
+        let w = Workload::start(&self.endpoint.url, service, spec, d.next_seq).await?;
+        d.workload = Some(w);
+        Ok(())
+    }
+
+    /// Stops the service's workload (waiting for its outstanding confirms).
+    pub async fn stop_workload(&self, service: &str) -> Result<()> {
+        let s = self.service(service).await?;
+        let mut d = s.lock().await;
+        if let Some(w) = d.workload.take() {
+            let log = w.stop().await?;
+            if let Some(last) = log.last() {
+                d.next_seq = last.seq + 1;
+            }
+            d.past.extend(log);
+        }
+        Ok(())
+    }
+
+    /// Migrates `service` to host `to` with `strategy`, then checks the whole history.
+    ///
+    /// On failure the migration is rolled back (the source keeps serving) and the error says
+    /// in which phase it failed.
+    pub async fn migrate(
+        &self,
+        service: &str,
+        to: &str,
+        strategy: Strategy,
+        opts: MigrationOptions,
+    ) -> Result<Report> {
+        opts.validate()?;
+        check_host(&self.cfg, to)?;
+        let s = self.service(service).await?;
+        let mut d = s.lock().await;
+        if d.current.1 == to {
+            return Err(Error::Config(format!(
+                "{service:?} already runs on {to:?}; migrate it to another host"
+            )));
+        }
+        let n = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
+        d.instances_started += 1;
+        let source = d.current.clone();
+        let target = (format!("{service}-{}", d.instances_started), to.to_string());
+        let t_start = now_ns();
+        let mut ctx = Ctx {
+            link: &self.link,
+            runtime: &self.runtime,
+            spec: &d.spec,
+            internal_url: &self.endpoint.internal_url,
+            opts: &opts,
+            migration_id: format!("m{n}"),
+            source: source.0.clone(),
+            target: target.0.clone(),
+            target_host: target.1.clone(),
+            timeline: Timeline::default(),
+            outcome: Outcome::default(),
+            source_stopped: false,
+            target_started: false,
+            replay_queue: None,
+        };
+        if let Err(e) = strategies::run(strategy, &mut ctx).await {
+            let phase = ctx.timeline.current().unwrap_or("start").to_string();
+            let problems = strategies::abort(&mut ctx).await;
+            let mut reason = e.to_string();
+            if !problems.is_empty() {
+                reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
+            }
+            return Err(Error::MigrationFailed { phase, reason });
+        }
+        let (timeline, outcome) = (ctx.timeline, ctx.outcome);
+        let t_end = now_ns();
+        d.current = target.clone();
+
+        tokio::time::sleep(Duration::from_secs_f64(opts.settle_s)).await;
+        let cut = now_ns();
+        self.drain(&d, cut, Duration::from_secs_f64(opts.drain_timeout_s))
+            .await;
+        let (r, _) = self
+            .link
+            .command(
+                service,
+                &target.0,
+                Command::Digest,
+                &[],
+                opts.reply_timeout(),
+            )
+            .await?;
+        let observed = ObservedState {
+            instance: r.instance,
+            last_seq: r.last_seq,
+            count: r.count,
+            digest: r.digest.unwrap_or_default(),
+        };
+        let history = History {
+            published: d.published(),
+            events: d.recorder.events(),
+            message_bytes: d.workload.as_ref().map_or(0, |w| w.spec().message_bytes),
+            state_bytes: d.spec.state_bytes,
+        };
+        let verdict = checker::check(&history, cut, Some(observed));
+        let window = (t_start, t_end);
+        let since = d
+            .workload
+            .as_ref()
+            .map_or(d.deployed_ns, |w| w.started_ns)
+            .max(d.deployed_ns);
+        let baseline = (t_start.saturating_sub(t_end - t_start).max(since), t_start);
+        let lat = Latencies::compute(&history, window);
+        let live = history
+            .events
+            .iter()
+            .filter(|e| e.mode == Mode::Live)
+            .count() as u64;
+        let control_plane = match (outcome.t_source_stop_ns, outcome.t_target_live_ns) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
+        Ok(Report {
+            schema: crate::report::SCHEMA.into(),
+            run_id: format!("{}-{}", self.id, n),
+            strategy: strategy.name().into(),
+            service: d.spec.clone(),
+            workload: d.workload.as_ref().map(|w| w.spec().clone()),
+            options: opts,
+            source: Placement {
+                instance: source.0,
+                host: source.1,
+            },
+            target: Placement {
+                instance: target.0,
+                host: target.1,
+            },
+            environment: Environment::collect(
+                &self.cfg.broker_image,
+                &self.cfg.service_image,
+                self.docker_version.clone(),
+            ),
+            phases: timeline.phases().to_vec(),
+            migration: MigrationSummary {
+                t_start_ns: t_start,
+                t_end_ns: t_end,
+                total_ms: (t_end - t_start) as f64 / 1e6,
+                control_plane_downtime_ms: control_plane,
+                outcome,
+            },
+            metrics: Metrics {
+                downtime: metrics::downtime(&history, window, cut),
+                baseline_downtime: metrics::downtime(&history, baseline, cut),
+                latency: LatencyReport {
+                    before: metrics::summarize(&lat.before),
+                    during: metrics::summarize(&lat.during),
+                    after: metrics::summarize(&lat.after),
+                },
+            },
+            counts: Counts {
+                published: history.published.len() as u64,
+                confirmed: history
+                    .published
+                    .iter()
+                    .filter(|p| p.outcome == PublishOutcome::Confirmed)
+                    .count() as u64,
+                processed_live: live,
+                processed_replay: history.events.len() as u64 - live,
+                cut_ns: cut,
+            },
+            verdict,
+        })
+    }
+
+    /// Waits until every confirmed message sent before `cut` has been processed live.
+    async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let published = d.published();
+            let done = d.recorder.with_events(|events| {
+                let live: std::collections::HashSet<u64> = events
+                    .iter()
+                    .filter(|e| e.mode == Mode::Live)
+                    .map(|e| e.seq)
+                    .collect();
+                published
+                    .iter()
+                    .filter(|p| p.t_pub_ns <= cut && p.outcome != PublishOutcome::Nacked)
+                    .all(|p| live.contains(&p.seq))
+            });
+            if done || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The history recorded so far for a service (for saving and checking offline).
+    pub async fn history(&self, service: &str) -> Result<History> {
+        let s = self.service(service).await?;
+        let d = s.lock().await;
+        Ok(History {
+            published: d.published(),
+            events: d.recorder.events(),
+            message_bytes: d.workload.as_ref().map_or(0, |w| w.spec().message_bytes),
+            state_bytes: d.spec.state_bytes,
+        })
+    }
+
+    /// Stops workloads and recorders and removes every container. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let services: Vec<_> = self.services.lock().await.drain().collect();
+        for (_, s) in services {
+            let mut d = s.lock().await;
+            if let Some(w) = d.workload.take() {
+                let _ = w.stop().await;
+            }
+            d.recorder.stop().await;
+        }
+        self.link.close().await;
+        self.runtime.shutdown().await
+    }
+}

@@ -1,0 +1,93 @@
+//! The contract between an ms2m migration manager and a service instance.
+//!
+//! Everything a program needs to play the service's role, or to read what it reports, is here:
+//! the broker names of a service ([`names`]), the input messages ([`Input`]), the output events
+//! ([`OutputEvent`]), the control commands and replies ([`control`]), and the deterministic state
+//! machine of the reference service ([`state`]). `docs/wire.md` describes the same contract for
+//! readers in other languages. The crate has no async or broker dependency so that the service
+//! binary stays light and the checker can fold histories offline.
+
+pub mod control;
+pub mod names;
+pub mod state;
+
+use serde::{Deserialize, Serialize};
+
+/// Nanoseconds since the Unix epoch on the host clock, which every testbed process shares
+/// (containers read the same kernel clock).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A message on a service's input exchange (JSON body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    /// Work for the service. `seq` increases by one per message of a stream; `t_pub_ns` is the
+    /// send time, taken just before the publish.
+    Data {
+        seq: u64,
+        t_pub_ns: u64,
+        payload: String,
+    },
+    /// A marker published through the input exchange by the migration manager. It lands in every
+    /// queue bound to the exchange behind all messages routed before it; an instance serving live
+    /// that reaches it takes a checkpoint and sends it to `reply_to`.
+    Barrier { id: String, reply_to: String },
+}
+
+/// Whether an instance processed a message as live work or while replaying the backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Live,
+    Replay,
+}
+
+/// What an instance publishes to the service's output exchange for every message it processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputEvent {
+    pub instance: String,
+    pub seq: u64,
+    pub mode: Mode,
+    pub t_pub_ns: u64,
+    pub t_start_ns: u64,
+    pub t_end_ns: u64,
+    /// Hex of the state's hash chain right after this message was applied.
+    pub chain: String,
+}
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_json_is_tagged_and_round_trips() {
+        let m = Input::Data {
+            seq: 7,
+            t_pub_ns: 11,
+            payload: "ab".into(),
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"kind":"data","seq":7,"t_pub_ns":11,"payload":"ab"}"#);
+        assert_eq!(serde_json::from_str::<Input>(&j).unwrap(), m);
+    }
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+}
