@@ -32,7 +32,7 @@ pub struct ServiceInfo {
     pub instance: String,
     /// The broker, from this machine.
     pub amqp_url: String,
-    /// Publish work here (fanout; JSON `Input` messages, see docs/wire.md).
+    /// Publish work here (fanout; JSON `Input` messages, see rust/wire/README.md).
     pub input_exchange: String,
     /// Instances publish an `OutputEvent` here for every processed message.
     pub output_exchange: String,
@@ -49,9 +49,21 @@ struct Deployed {
     past: Vec<Published>,
     next_seq: u64,
     instances_started: u64,
+    /// Payload size of this service's workloads: the checker regenerates payloads from it, so
+    /// every workload of a service uses the same.
+    message_bytes: Option<usize>,
 }
 
 impl Deployed {
+    fn history(&self) -> History {
+        History {
+            published: self.published(),
+            events: self.recorder.events(),
+            message_bytes: self.message_bytes.unwrap_or(0),
+            state_bytes: self.spec.state_bytes,
+        }
+    }
+
     fn published(&self) -> Vec<Published> {
         let mut all = self.past.clone();
         if let Some(w) = &self.workload {
@@ -192,6 +204,7 @@ impl Testbed {
             past: Vec::new(),
             next_seq: 1,
             instances_started: 1,
+            message_bytes: None,
         };
         let info = self.info(&d);
         self.services
@@ -211,7 +224,14 @@ impl Testbed {
                 "a workload is already running against {service:?}; stop it first"
             )));
         }
-        let w = Workload::start(&self.endpoint.url, service, spec, d.next_seq).await?;
+        if let Some(size) = d.message_bytes.filter(|s| *s != spec.message_bytes) {
+            return Err(Error::Config(format!(
+                "{service:?} was driven with {size}-byte messages; every workload of a service \
+                 keeps one message size (the checker regenerates payloads from it)"
+            )));
+        }
+        let w = Workload::start(&self.endpoint.url, service, spec.clone(), d.next_seq).await?;
+        d.message_bytes = Some(spec.message_bytes);
         d.workload = Some(w);
         Ok(())
     }
@@ -304,12 +324,7 @@ impl Testbed {
             count: r.count,
             digest: r.digest.unwrap_or_default(),
         };
-        let history = History {
-            published: d.published(),
-            events: d.recorder.events(),
-            message_bytes: d.workload.as_ref().map_or(0, |w| w.spec().message_bytes),
-            state_bytes: d.spec.state_bytes,
-        };
+        let history = d.history();
         let verdict = checker::check(&history, cut, Some(observed));
         let window = (t_start, t_end);
         let since = d
@@ -407,12 +422,44 @@ impl Testbed {
     pub async fn history(&self, service: &str) -> Result<History> {
         let s = self.service(service).await?;
         let d = s.lock().await;
-        Ok(History {
-            published: d.published(),
-            events: d.recorder.events(),
-            message_bytes: d.workload.as_ref().map_or(0, |w| w.spec().message_bytes),
-            state_bytes: d.spec.state_bytes,
-        })
+        Ok(d.history())
+    }
+
+    /// Removes a service: its workload, its instance, its recorder and its broker resources.
+    pub async fn remove(&self, service: &str) -> Result<()> {
+        let s = self.service(service).await?;
+        self.stop_workload(service).await?;
+        let d = s.lock().await;
+        let instance = d.current.0.clone();
+        // The process may be gone already; its container is removed either way.
+        let _ = self
+            .link
+            .command(
+                service,
+                &instance,
+                Command::Shutdown,
+                &[],
+                Duration::from_secs(10),
+            )
+            .await;
+        self.runtime.remove_instance(&instance).await?;
+        d.recorder.stop().await;
+        for q in [
+            names::control_queue(service, &instance),
+            names::primary_queue(service),
+            names::events_queue(service),
+        ] {
+            self.link.delete_queue(&q).await?;
+        }
+        for ex in [
+            names::input_exchange(service),
+            names::output_exchange(service),
+        ] {
+            self.link.delete_exchange(&ex).await?;
+        }
+        drop(d);
+        self.services.lock().await.remove(service);
+        Ok(())
     }
 
     /// Stops workloads and recorders and removes every container. Idempotent.

@@ -1,1 +1,321 @@
+//! `ms2m._native`: the engine exposed to Python.
+//!
+//! Values cross the boundary as JSON strings (configurations in, reports and infos out): the
+//! Python package turns them into typed objects. Every long call goes through [`block_on`],
+//! which releases the GIL, honours Ctrl-C and converts the engine's errors into the exception
+//! classes declared here. Each blocking call has an `_async` twin that returns an awaitable on
+//! one shared tokio runtime.
 
+use ms2m_engine as engine;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+create_exception!(
+    _native,
+    Ms2mError,
+    PyException,
+    "Base class of every ms2m error."
+);
+create_exception!(
+    _native,
+    ConfigurationError,
+    Ms2mError,
+    "A configuration or argument was refused before anything started."
+);
+create_exception!(
+    _native,
+    RuntimeUnavailable,
+    Ms2mError,
+    "The runtime (Docker daemon, images, broker) cannot be used on this machine."
+);
+create_exception!(
+    _native,
+    MigrationFailed,
+    Ms2mError,
+    "A migration could not complete; it was rolled back and the source kept serving."
+);
+create_exception!(
+    _native,
+    BrokerError,
+    Ms2mError,
+    "The broker refused or dropped an operation."
+);
+create_exception!(
+    _native,
+    OperationTimeout,
+    Ms2mError,
+    "An instance or the broker did not answer in time."
+);
+
+fn to_py(e: engine::Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        engine::Error::Config(_) => ConfigurationError::new_err(msg),
+        engine::Error::RuntimeUnavailable(_) => RuntimeUnavailable::new_err(msg),
+        engine::Error::MigrationFailed { .. } => MigrationFailed::new_err(msg),
+        engine::Error::Broker { .. } => BrokerError::new_err(msg),
+        engine::Error::Timeout(_) => OperationTimeout::new_err(msg),
+        _ => Ms2mError::new_err(msg),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> {
+    serde_json::from_str(json).map_err(|e| ConfigurationError::new_err(format!("{what}: {e}")))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("values serialize")
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    pyo3_async_runtimes::tokio::get_runtime()
+}
+
+/// Runs a future to completion without the GIL, checking for Ctrl-C every 100 ms. On an
+/// interrupt the future is cancelled and KeyboardInterrupt propagates.
+fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
+where
+    F: Future<Output = engine::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut handle = runtime().spawn(fut);
+    loop {
+        let done = py.detach(|| {
+            runtime().block_on(async {
+                tokio::time::timeout(Duration::from_millis(100), &mut handle)
+                    .await
+                    .ok()
+            })
+        });
+        match done {
+            Some(Ok(r)) => return r.map_err(to_py),
+            Some(Err(e)) => return Err(Ms2mError::new_err(format!("engine task failed: {e}"))),
+            None => {
+                if let Err(e) = py.check_signals() {
+                    handle.abort();
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn awaitable<'py, T, F>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = engine::Result<T>> + Send + 'static,
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
+{
+    pyo3_async_runtimes::tokio::future_into_py(py, async move { fut.await.map_err(to_py) })
+}
+
+/// A running testbed (broker plus hosts). Create it with `Testbed.start(config_json)`.
+#[pyclass(module = "ms2m._native", name = "Testbed", frozen)]
+struct PyTestbed {
+    inner: Arc<engine::Testbed>,
+}
+
+#[pymethods]
+impl PyTestbed {
+    /// Starts a testbed from a JSON `TestbedConfig`; blocks until the broker is ready.
+    #[staticmethod]
+    fn start(py: Python<'_>, config_json: &str) -> PyResult<PyTestbed> {
+        let cfg: engine::TestbedConfig = parse("testbed configuration", config_json)?;
+        let inner = block_on(py, engine::Testbed::start(cfg))?;
+        Ok(PyTestbed {
+            inner: Arc::new(inner),
+        })
+    }
+
+    #[staticmethod]
+    fn start_async<'py>(py: Python<'py>, config_json: &str) -> PyResult<Bound<'py, PyAny>> {
+        let cfg: engine::TestbedConfig = parse("testbed configuration", config_json)?;
+        awaitable(py, async move {
+            let inner = engine::Testbed::start(cfg).await?;
+            Ok(PyTestbed {
+                inner: Arc::new(inner),
+            })
+        })
+    }
+
+    #[getter]
+    fn id(&self) -> String {
+        self.inner.id().to_string()
+    }
+
+    #[getter]
+    fn amqp_url(&self) -> String {
+        self.inner.amqp_url().to_string()
+    }
+
+    #[getter]
+    fn config_json(&self) -> String {
+        json(self.inner.config())
+    }
+
+    /// Deploys a service from a JSON `ServiceSpec`; returns its `ServiceInfo` as JSON.
+    fn deploy(&self, py: Python<'_>, spec_json: &str) -> PyResult<String> {
+        let spec: engine::ServiceSpec = parse("service", spec_json)?;
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.deploy(spec).await.map(|i| json(&i)) })
+    }
+
+    fn service_info(&self, py: Python<'_>, service: String) -> PyResult<String> {
+        let tb = self.inner.clone();
+        block_on(py, async move {
+            tb.service_info(&service).await.map(|i| json(&i))
+        })
+    }
+
+    /// Removes a service with its workload, instance, recorder and broker resources.
+    fn remove(&self, py: Python<'_>, service: String) -> PyResult<()> {
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.remove(&service).await })
+    }
+
+    fn start_workload(&self, py: Python<'_>, service: String, spec_json: &str) -> PyResult<()> {
+        let spec: engine::WorkloadSpec = parse("workload", spec_json)?;
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.start_workload(&service, spec).await })
+    }
+
+    fn stop_workload(&self, py: Python<'_>, service: String) -> PyResult<()> {
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.stop_workload(&service).await })
+    }
+
+    /// Migrates a service; returns the report as JSON.
+    fn migrate(
+        &self,
+        py: Python<'_>,
+        service: String,
+        to: String,
+        strategy: &str,
+        options_json: &str,
+    ) -> PyResult<String> {
+        let strategy: engine::Strategy = strategy.parse().map_err(to_py)?;
+        let opts: engine::MigrationOptions = parse("migration options", options_json)?;
+        let tb = self.inner.clone();
+        block_on(py, async move {
+            tb.migrate(&service, &to, strategy, opts)
+                .await
+                .map(|r| r.to_json())
+        })
+    }
+
+    fn migrate_async<'py>(
+        &self,
+        py: Python<'py>,
+        service: String,
+        to: String,
+        strategy: &str,
+        options_json: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let strategy: engine::Strategy = strategy.parse().map_err(to_py)?;
+        let opts: engine::MigrationOptions = parse("migration options", options_json)?;
+        let tb = self.inner.clone();
+        awaitable(py, async move {
+            tb.migrate(&service, &to, strategy, opts)
+                .await
+                .map(|r| r.to_json())
+        })
+    }
+
+    /// The recorded history of a service (sent messages and output events) as JSON.
+    fn history(&self, py: Python<'_>, service: String) -> PyResult<String> {
+        let tb = self.inner.clone();
+        block_on(
+            py,
+            async move { tb.history(&service).await.map(|h| json(&h)) },
+        )
+    }
+
+    /// Stops workloads and removes every container of the testbed. Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.close().await })
+    }
+
+    fn close_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let tb = self.inner.clone();
+        awaitable(py, async move { tb.close().await })
+    }
+}
+
+impl Drop for PyTestbed {
+    fn drop(&mut self) {
+        // Backstop for a testbed that was never closed: remove its containers now. The
+        // containers' own Drop needs a runtime context, which this Python thread lacks.
+        let _guard = runtime().enter();
+        if Arc::strong_count(&self.inner) == 1 {
+            let tb = self.inner.clone();
+            let _ = runtime().block_on(async move { tb.close().await });
+        }
+    }
+}
+
+/// Removes containers and networks left by crashed ms2m runs (all ms2m ones with `all`);
+/// returns what was removed as JSON.
+#[pyfunction]
+#[pyo3(signature = (all = false))]
+fn cleanup(py: Python<'_>, all: bool) -> PyResult<String> {
+    block_on(py, async move {
+        engine::runtime::docker::ensure_docker().await?;
+        engine::runtime::docker::cleanup_leftovers(all)
+            .await
+            .map(|c| json(&c))
+    })
+}
+
+/// Checks a saved history offline: `history_json` as `Testbed.history` returns it, messages
+/// sent after `cut_ns` are not expected, `observed_json` the final state (or None).
+#[pyfunction]
+#[pyo3(signature = (history_json, cut_ns = u64::MAX, observed_json = None))]
+fn check_history(history_json: &str, cut_ns: u64, observed_json: Option<&str>) -> PyResult<String> {
+    let history: engine::history::History = parse("history", history_json)?;
+    let observed = observed_json
+        .map(|o| parse("observed state", o))
+        .transpose()?;
+    Ok(json(&engine::checker::check(&history, cut_ns, observed)))
+}
+
+/// Names of the strategies this build implements.
+#[pyfunction]
+fn strategies() -> Vec<&'static str> {
+    engine::Strategy::ALL.iter().map(|s| s.name()).collect()
+}
+
+/// The default testbed configuration as JSON.
+#[pyfunction]
+fn default_testbed_config() -> String {
+    json(&engine::TestbedConfig::default())
+}
+
+/// The default migration options as JSON.
+#[pyfunction]
+fn default_migration_options() -> String {
+    json(&engine::MigrationOptions::default())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("REPORT_SCHEMA", engine::report::SCHEMA)?;
+    m.add_class::<PyTestbed>()?;
+    m.add_function(wrap_pyfunction!(cleanup, m)?)?;
+    m.add_function(wrap_pyfunction!(check_history, m)?)?;
+    m.add_function(wrap_pyfunction!(strategies, m)?)?;
+    m.add_function(wrap_pyfunction!(default_testbed_config, m)?)?;
+    m.add_function(wrap_pyfunction!(default_migration_options, m)?)?;
+    m.add("Ms2mError", py.get_type::<Ms2mError>())?;
+    m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;
+    m.add("RuntimeUnavailable", py.get_type::<RuntimeUnavailable>())?;
+    m.add("MigrationFailed", py.get_type::<MigrationFailed>())?;
+    m.add("BrokerError", py.get_type::<BrokerError>())?;
+    m.add("OperationTimeout", py.get_type::<OperationTimeout>())?;
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! configured processing time on every message, applies it to its deterministic state
 //! ([`ms2m_wire::state::ServiceState`]) and publishes an [`ms2m_wire::OutputEvent`]. Between two
 //! messages it obeys the commands of [`ms2m_wire::control`] arriving on its control queue. The
-//! whole contract is in `docs/wire.md`.
+//! whole contract is in `rust/wire/README.md`.
 //!
 //! Configuration comes from flags or the matching environment variables:
 //! `--amqp-url` (MS2M_AMQP_URL), `--service` (MS2M_SERVICE), `--instance` (MS2M_INSTANCE),

@@ -3,7 +3,7 @@
 //! Everything a program needs to play the service's role, or to read what it reports, is here:
 //! the broker names of a service ([`names`]), the input messages ([`Input`]), the output events
 //! ([`OutputEvent`]), the control commands and replies ([`control`]), and the deterministic state
-//! machine of the reference service ([`state`]). `docs/wire.md` describes the same contract for
+//! machine of the reference service ([`state`]). `rust/wire/README.md` describes the same contract for
 //! readers in other languages. The crate has no async or broker dependency so that the service
 //! binary stays light and the checker can fold histories offline.
 

@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+RUNS ?= 5
+
+.PHONY: help setup images demo test test-rust test-python lint fmt clean-leftovers
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+setup: ## install what is missing: Docker engine, testbed images, the Python package
+	bash testbeds/setup.sh
+
+images: ## (re)build the testbed images only
+	cargo build --release --locked -q -p ms2m-service
+	bash testbeds/images/build.sh target/release/ms2m-service
+
+demo: setup ## the main job: migrate with both strategies RUNS times each, print the comparison
+	$(PY) -m ms2m compare --runs $(RUNS)
+
+test: setup lint test-rust test-python ## the whole suite: lint, Rust unit and Docker tests, pytest
+
+test-rust:
+	cargo test --release --locked --workspace --exclude ms2m-py
+
+test-python:
+	$(PY) -m pytest -q -p no:cacheprovider python/tests
+
+lint: ## rustfmt, clippy (warnings are errors), ruff, stub check
+	cargo fmt --all -- --check
+	cargo clippy --release --locked --workspace --all-targets -q -- -D warnings
+	$(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore "ruff>=0.6" "mypy>=1.10"
+	$(PY) -m ruff check python
+	$(PY) -m ruff format --check python
+	$(PY) -m mypy.stubtest ms2m._native
+
+fmt: ## format Rust and Python
+	cargo fmt --all
+	$(PY) -m ruff format python
+	$(PY) -m ruff check --fix python
+
+clean-leftovers: ## remove containers and networks left by crashed runs
+	$(PY) -m ms2m cleanup

@@ -1,0 +1,70 @@
+"""ms2m: live migration of stateful, message-driven microservices, measured at the message level.
+
+    import ms2m
+    with ms2m.Testbed() as tb:
+        svc = tb.deploy("counter", host="edge-1", processing_ms=50, state_bytes=1_000_000)
+        with tb.workload(svc, rate=10):
+            report = tb.migrate(svc, to="edge-2", strategy="ms2m")
+    report.downtime_ms, report.lost, report.duplicated, report.state_consistent
+
+The engine and every measurement live in Rust (``ms2m._native``); this package adds the
+context managers, typed reports and the command line.
+"""
+
+import json as _json
+
+from ._native import (
+    BrokerError,
+    ConfigurationError,
+    MigrationFailed,
+    Ms2mError,
+    OperationTimeout,
+    RuntimeUnavailable,
+    __version__,
+)
+from ._native import strategies as _strategies
+from .experiment import Comparison, compare_strategies, summarize
+from .report import REPORT_SCHEMA, InvariantViolated, Report, load_reports, to_dataframe
+from .testbed import Service, Testbed
+
+STRATEGIES: tuple[str, ...] = tuple(_strategies())
+"""Names of the migration strategies this build implements."""
+
+
+def cleanup(all: bool = False) -> dict[str, list[str]]:
+    """Removes containers and networks left by crashed ms2m runs (``all``: every ms2m one)."""
+    from ._native import cleanup as _cleanup
+
+    return dict(_json.loads(_cleanup(all=all)))
+
+
+def check_history(history: dict, cut_ns: int = 2**64 - 1, observed: dict | None = None) -> dict:
+    """Checks a saved history (``Testbed.history``) offline; returns the checker's verdict."""
+    from ._native import check_history as _check
+
+    obs = None if observed is None else _json.dumps(observed)
+    return dict(_json.loads(_check(_json.dumps(history), cut_ns, obs)))
+
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "STRATEGIES",
+    "BrokerError",
+    "Comparison",
+    "ConfigurationError",
+    "InvariantViolated",
+    "MigrationFailed",
+    "Ms2mError",
+    "OperationTimeout",
+    "Report",
+    "RuntimeUnavailable",
+    "Service",
+    "Testbed",
+    "__version__",
+    "check_history",
+    "cleanup",
+    "compare_strategies",
+    "load_reports",
+    "summarize",
+    "to_dataframe",
+]

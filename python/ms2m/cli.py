@@ -1,0 +1,100 @@
+"""Command line: ``python -m ms2m`` (or ``ms2m``).
+
+ms2m compare [--runs N] [--rate R] ...   migrate with each strategy, print the comparison
+ms2m summarize DIR                        summarize a folder of reports
+ms2m cleanup [--all]                      remove containers left by crashed runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import _native
+from .experiment import Comparison, compare_strategies, describe, format_table, summarize
+from .report import load_reports
+
+
+def _compare(args: argparse.Namespace) -> int:
+    params = Comparison(
+        strategies=tuple(args.strategies),
+        runs=args.runs,
+        rate=args.rate,
+        processing_ms=args.processing_ms,
+        state_bytes=args.state_bytes,
+        message_bytes=args.message_bytes,
+        warmup_s=args.warmup_s,
+        settle_s=args.settle_s,
+    )
+    params.validate()
+    out = Path(args.out) if args.out else Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
+    print(f"comparing strategies: {describe(params)}", file=sys.stderr)
+    print(f"reports go to {out}/", file=sys.stderr)
+    reports = compare_strategies(params, out_dir=out)
+    print()
+    print(format_table(summarize(reports)))
+    bad = [r for r in reports if not r.valid]
+    if bad:
+        print(f"\n{len(bad)} run(s) broke an invariant: {[r.run_id for r in bad]}")
+        return 1
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    reports = load_reports(args.folder)
+    if not reports:
+        print(f"no ms2m reports under {args.folder}", file=sys.stderr)
+        return 1
+    print(format_table(summarize(reports)))
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    removed = json.loads(_native.cleanup(all=args.all))
+    print(
+        f"removed {len(removed['containers'])} container(s) {removed['containers']} and "
+        f"{len(removed['networks'])} network(s) {removed['networks']}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ms2m", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="migrate with each strategy and compare the costs")
+    c.add_argument("--strategies", nargs="+", default=["ms2m", "stop_and_copy"])
+    c.add_argument("--runs", type=int, default=5, help="migrations per strategy (default 5)")
+    c.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
+    c.add_argument("--processing-ms", type=float, default=50.0)
+    c.add_argument("--state-bytes", type=int, default=1_000_000)
+    c.add_argument("--message-bytes", type=int, default=64)
+    c.add_argument("--warmup-s", type=float, default=2.0)
+    c.add_argument("--settle-s", type=float, default=1.0)
+    c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
+    c.set_defaults(func=_compare)
+
+    s = sub.add_parser("summarize", help="summarize a folder of reports")
+    s.add_argument("folder")
+    s.set_defaults(func=_summarize)
+
+    k = sub.add_parser("cleanup", help="remove containers left by crashed runs")
+    k.add_argument("--all", action="store_true", help="also those of running testbeds")
+    k.set_defaults(func=_cleanup)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except _native.Ms2mError as e:
+        print(f"ms2m: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ms2m: interrupted; the testbed was removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

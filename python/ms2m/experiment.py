@@ -1,0 +1,142 @@
+"""The main job: migrate the reference service with each strategy, several times, on one testbed,
+and compare what each migration cost."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import _native
+from .report import Report
+from .testbed import Testbed
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Parameters of :func:`compare_strategies`; every report carries them too."""
+
+    strategies: tuple[str, ...] = ("ms2m", "stop_and_copy")
+    runs: int = 5
+    rate: float = 10.0
+    processing_ms: float = 50.0
+    state_bytes: int = 1_000_000
+    message_bytes: int = 64
+    warmup_s: float = 2.0
+    settle_s: float = 1.0
+
+    def validate(self) -> None:
+        known = set(_native.strategies())
+        for s in self.strategies:
+            if s not in known:
+                raise _native.ConfigurationError(
+                    f"unknown strategy {s!r}; choose from {sorted(known)}"
+                )
+        if self.runs < 1:
+            raise _native.ConfigurationError(f"runs must be at least 1, got {self.runs}")
+        if not self.rate >= 0:
+            raise _native.ConfigurationError(f"rate must be >= 0, got {self.rate}")
+        if not self.warmup_s >= 0 or not self.settle_s >= 0:
+            raise _native.ConfigurationError("warmup_s and settle_s must be >= 0")
+
+
+def compare_strategies(
+    params: Comparison = Comparison(),
+    *,
+    out_dir: str | Path | None = None,
+    progress: TextIO | None = sys.stderr,
+) -> list[Report]:
+    """Runs ``params.runs`` migrations per strategy, interleaved, each of a freshly deployed
+    service from edge-1 to edge-2 under the same open-loop workload; returns the reports and,
+    with ``out_dir``, writes each one there as JSON as soon as it is done."""
+    params.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    reports: list[Report] = []
+    total = params.runs * len(params.strategies)
+    started = time.monotonic()
+    with Testbed() as tb:
+        for i in range(params.runs):
+            for strategy in params.strategies:
+                name = f"svc-{strategy.replace('_', '-')}-{i + 1}"
+                svc = tb.deploy(
+                    name,
+                    host="edge-1",
+                    processing_ms=params.processing_ms,
+                    state_bytes=params.state_bytes,
+                )
+                try:
+                    with tb.workload(svc, rate=params.rate, message_bytes=params.message_bytes):
+                        time.sleep(params.warmup_s)
+                        report = tb.migrate(
+                            svc, to="edge-2", strategy=strategy, settle_s=params.settle_s
+                        )
+                finally:
+                    tb.remove(svc)
+                reports.append(report)
+                if out is not None:
+                    report.save(out)
+                if progress is not None:
+                    done = len(reports)
+                    elapsed = time.monotonic() - started
+                    print(
+                        f"[{done}/{total}] {strategy:<14} downtime {report.downtime_ms:9.3f} ms"
+                        f"  lost {report.lost}  duplicated {report.duplicated}"
+                        f"  state {'ok' if report.state_consistent else 'MISMATCH'}"
+                        f"  ({elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left)",
+                        file=progress,
+                        flush=True,
+                    )
+    return reports
+
+
+def summarize(reports: Sequence[Report]) -> list[dict[str, Any]]:
+    """Per strategy: runs, downtime median and max, control-plane downtime, total time, and
+    the invariant counts summed over runs."""
+    rows = []
+    for strategy in dict.fromkeys(r.strategy for r in reports):
+        rs = [r for r in reports if r.strategy == strategy]
+        down = [r.downtime_ms for r in rs]
+        cp = [r.control_plane_downtime_ms or 0.0 for r in rs]
+        rows.append(
+            {
+                "strategy": strategy,
+                "runs": len(rs),
+                "downtime_median_ms": statistics.median(down),
+                "downtime_max_ms": max(down),
+                "baseline_median_ms": statistics.median(r.baseline_downtime_ms for r in rs),
+                "control_plane_median_ms": statistics.median(cp),
+                "total_median_ms": statistics.median(r.total_ms for r in rs),
+                "lost": sum(r.lost for r in rs),
+                "duplicated": sum(r.duplicated for r in rs),
+                "reordered": sum(r.reordered for r in rs),
+                "state_consistent": f"{sum(bool(r.state_consistent) for r in rs)}/{len(rs)}",
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`summarize`'s rows."""
+    header = (
+        f"{'strategy':<14} {'runs':>4} {'downtime ms':>22} {'baseline':>9} "
+        f"{'ctl-plane':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'reord':>5} {'state ok':>8}"
+    )
+    lines = [header, " " * 19 + f"{'median / max':>22}", "-" * len(header)]
+    for r in rows:
+        down = f"{r['downtime_median_ms']:.3f} / {r['downtime_max_ms']:.3f}"
+        lines.append(
+            f"{r['strategy']:<14} {r['runs']:>4} {down:>22} {r['baseline_median_ms']:>9.3f} "
+            f"{r['control_plane_median_ms']:>10.3f} {r['total_median_ms']:>9.1f} "
+            f"{r['lost']:>5} {r['duplicated']:>4} {r['reordered']:>5} {r['state_consistent']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def describe(params: Comparison) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(params).items())

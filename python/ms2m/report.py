@@ -1,0 +1,210 @@
+"""Migration reports: the versioned JSON document of one run, with typed accessors.
+
+The engine writes every field; this module only reads. The format is ``ms2m.report/1``
+(``REPORT_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _native
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REPORT_SCHEMA: str = _native.REPORT_SCHEMA
+
+
+class InvariantViolated(_native.Ms2mError):
+    """A report's checker verdict is not valid (lost, duplicated, reordered or state)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        v = report.verdict
+        super().__init__(
+            f"run {report.run_id} ({report.strategy}) broke an invariant: "
+            f"lost={v['lost']['count']} {v['lost']['examples']}, "
+            f"duplicated={v['duplicated']['count']} {v['duplicated']['examples']}, "
+            f"reordered={v['reordered']['count']} {v['reordered']['examples']}, "
+            f"state_consistent={v['state']['consistent']}"
+        )
+
+
+class Report:
+    """One migration's report. ``to_dict()`` gives the whole document."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        schema = data.get("schema")
+        if schema != REPORT_SCHEMA:
+            raise _native.ConfigurationError(
+                f"not an ms2m report of format {REPORT_SCHEMA} (schema field: {schema!r})"
+            )
+        self._d = data
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        """Reads a report written by :meth:`save`."""
+        return cls.from_json(Path(path).read_text())
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the report as JSON; a directory gets ``<run_id>.json`` inside it."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / f"{self.run_id}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json())
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._d))
+
+    def to_json(self) -> str:
+        return json.dumps(self._d, indent=2)
+
+    # -- headline figures ------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return str(self._d["run_id"])
+
+    @property
+    def strategy(self) -> str:
+        return str(self._d["strategy"])
+
+    @property
+    def downtime_ms(self) -> float:
+        """Longest gap in the migration window while a message waited and nothing served."""
+        return float(self._d["metrics"]["downtime"]["ms"])
+
+    @property
+    def baseline_downtime_ms(self) -> float:
+        """The same figure over an equal window before the migration (the noise floor)."""
+        return float(self._d["metrics"]["baseline_downtime"]["ms"])
+
+    @property
+    def control_plane_downtime_ms(self) -> float | None:
+        """From the source leaving live service to the target entering it."""
+        v = self._d["migration"]["control_plane_downtime_ms"]
+        return None if v is None else float(v)
+
+    @property
+    def total_ms(self) -> float:
+        return float(self._d["migration"]["total_ms"])
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return int(self._d["migration"]["checkpoint_bytes"])
+
+    @property
+    def messages_replayed(self) -> int:
+        return int(self._d["migration"]["messages_replayed"])
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Phase name to duration in milliseconds, in order."""
+        return {p["name"]: float(p["duration_ms"]) for p in self._d["phases"]}
+
+    @property
+    def verdict(self) -> dict[str, Any]:
+        return dict(self._d["verdict"])
+
+    @property
+    def lost(self) -> int:
+        return int(self._d["verdict"]["lost"]["count"])
+
+    @property
+    def duplicated(self) -> int:
+        return int(self._d["verdict"]["duplicated"]["count"])
+
+    @property
+    def reordered(self) -> int:
+        return int(self._d["verdict"]["reordered"]["count"])
+
+    @property
+    def state_consistent(self) -> bool | None:
+        """Whether the final state equals the fold of the confirmed log (None: unknown)."""
+        v = self._d["verdict"]["state"]["consistent"]
+        return None if v is None else bool(v)
+
+    @property
+    def valid(self) -> bool:
+        return self._d["verdict"]["result"] == "valid"
+
+    def assert_valid(self) -> Report:
+        """Raises :class:`InvariantViolated` unless every invariant held."""
+        if not self.valid:
+            raise InvariantViolated(self)
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """One flat row: configuration, headline metrics and verdicts."""
+        d = self._d
+        w = d.get("workload") or {}
+        row: dict[str, Any] = {
+            "run_id": self.run_id,
+            "strategy": self.strategy,
+            "rate": w.get("rate"),
+            "processing_ms": d["service"]["processing_ms"],
+            "state_bytes": d["service"]["state_bytes"],
+            "source_host": d["source"]["host"],
+            "target_host": d["target"]["host"],
+            "downtime_ms": self.downtime_ms,
+            "baseline_downtime_ms": self.baseline_downtime_ms,
+            "control_plane_downtime_ms": self.control_plane_downtime_ms,
+            "total_ms": self.total_ms,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "messages_replayed": self.messages_replayed,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "state_consistent": self.state_consistent,
+            "valid": self.valid,
+        }
+        for name, ms in self.phases.items():
+            row[f"phase_{name}_ms"] = ms
+        for when in ("before", "during", "after"):
+            lat = d["metrics"]["latency"][when]
+            row[f"latency_{when}_p50_ms"] = lat["p50_ms"]
+            row[f"latency_{when}_p99_ms"] = lat["p99_ms"]
+        return row
+
+    def __repr__(self) -> str:
+        return (
+            f"<Report {self.run_id} {self.strategy}: downtime {self.downtime_ms:.3f} ms, "
+            f"lost {self.lost}, duplicated {self.duplicated}, "
+            f"state_consistent {self.state_consistent}>"
+        )
+
+
+def load_reports(paths: str | Path | Iterable[str | Path]) -> list[Report]:
+    """Loads reports from files, or every ``*.json`` report in a folder (recursively)."""
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    else:
+        files = [Path(x) for x in paths]
+    out = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and data.get("schema") == REPORT_SCHEMA:
+            out.append(Report(data))
+    return out
+
+
+def to_dataframe(reports: Iterable[Report] | str | Path) -> pd.DataFrame:
+    """One row per report (see :meth:`Report.summary`). Needs pandas (``ms2m[analysis]``)."""
+    try:
+        import pandas as pd
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("to_dataframe needs pandas: pip install 'ms2m[analysis]'") from e
+    if isinstance(reports, (str, Path)):
+        reports = load_reports(reports)
+    return pd.DataFrame([r.summary() for r in reports])

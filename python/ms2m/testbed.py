@@ -1,0 +1,287 @@
+"""Testbeds, services and workloads: the blocking and the asyncio API.
+
+A :class:`Testbed` starts a RabbitMQ broker container and places service instances on named
+hosts (containers on the testbed's own Docker network). Everything it started is removed when
+the ``with`` block ends, also on an exception or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from . import _native
+from .report import Report
+
+DEFAULT_HOSTS = ("edge-1", "edge-2", "cloud")
+
+
+@dataclass(frozen=True)
+class Service:
+    """A deployed service, as it was when this handle was made.
+
+    ``amqp_url``, ``input_exchange`` and ``output_exchange`` let any AMQP client feed the service
+    (JSON ``{"kind": "data", "seq": ..., "t_pub_ns": ..., "payload": ...}`` messages) or watch its
+    output events; ``rust/wire/README.md`` describes both. After a migration,
+    ``Testbed.service(name)`` returns a fresh handle with the new host and instance.
+    """
+
+    name: str
+    host: str
+    instance: str
+    amqp_url: str
+    input_exchange: str
+    output_exchange: str
+
+    @classmethod
+    def _from_json(cls, text: str) -> Service:
+        return cls(**json.loads(text))
+
+
+def _name(service: Service | str) -> str:
+    return service.name if isinstance(service, Service) else service
+
+
+def _options(
+    reply_timeout_s: float,
+    replay_timeout_s: float,
+    settle_s: float,
+    drain_timeout_s: float,
+) -> str:
+    return json.dumps(
+        {
+            "reply_timeout_s": reply_timeout_s,
+            "replay_timeout_s": replay_timeout_s,
+            "settle_s": settle_s,
+            "drain_timeout_s": drain_timeout_s,
+        }
+    )
+
+
+def _config(
+    hosts: Sequence[str],
+    broker_image: str | None,
+    service_image: str | None,
+    broker_startup_timeout_s: float,
+) -> str:
+    if isinstance(hosts, str):
+        raise _native.ConfigurationError(
+            f"hosts must be a sequence of names, not the string {hosts!r}"
+        )
+    cfg: dict[str, Any] = json.loads(_native.default_testbed_config())
+    cfg["hosts"] = list(hosts)
+    if broker_image is not None:
+        cfg["broker_image"] = broker_image
+    if service_image is not None:
+        cfg["service_image"] = service_image
+    cfg["broker_startup_timeout_s"] = broker_startup_timeout_s
+    return json.dumps(cfg)
+
+
+class Testbed:
+    """A broker and a set of named hosts on which services run and between which they migrate.
+
+    Use it as a context manager (``with ms2m.Testbed() as tb:``) or as an async one
+    (``async with ms2m.Testbed() as tb:``); both start the broker on entry and remove every
+    container on exit.
+
+    Args:
+        hosts: names of the hosts instances can be placed on.
+        broker_image: broker image (default ``ms2m/rabbitmq:3.10``, or ``$MS2M_BROKER_IMAGE``);
+            the official ``rabbitmq`` image works too where a registry is reachable.
+        service_image: image of the reference service (default ``ms2m/service:dev``).
+        broker_startup_timeout_s: longest wait for the broker to accept connections.
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[str] = DEFAULT_HOSTS,
+        *,
+        broker_image: str | None = None,
+        service_image: str | None = None,
+        broker_startup_timeout_s: float = 90.0,
+    ) -> None:
+        self._config = _config(hosts, broker_image, service_image, broker_startup_timeout_s)
+        self._tb: _native.Testbed | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Testbed:
+        """Starts the broker (blocking). Prefer ``with Testbed() as tb``."""
+        if self._tb is None:
+            self._tb = _native.Testbed.start(self._config)
+        return self
+
+    async def start_async(self) -> Testbed:
+        if self._tb is None:
+            self._tb = await _native.Testbed.start_async(self._config)
+        return self
+
+    def close(self) -> None:
+        """Removes every container of the testbed. Idempotent."""
+        if self._tb is not None:
+            self._tb.close()
+
+    async def close_async(self) -> None:
+        if self._tb is not None:
+            await self._tb.close_async()
+
+    def __enter__(self) -> Testbed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Testbed:
+        return await self.start_async()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close_async()
+
+    @property
+    def _native(self) -> _native.Testbed:
+        if self._tb is None:
+            raise _native.Ms2mError(
+                "the testbed is not started; use `with ms2m.Testbed() as tb:` or call start()"
+            )
+        return self._tb
+
+    @property
+    def id(self) -> str:
+        """Identifier of this testbed; its containers carry it in the label ``ms2m.testbed``."""
+        return self._native.id
+
+    @property
+    def amqp_url(self) -> str:
+        """The broker's AMQP URL from this machine (published on 127.0.0.1)."""
+        return self._native.amqp_url
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self._config)
+
+    # -- services --------------------------------------------------------------------------
+
+    def deploy(
+        self,
+        name: str,
+        *,
+        host: str,
+        processing_ms: float = 50.0,
+        state_bytes: int = 1_000_000,
+        prefetch: int = 1,
+    ) -> Service:
+        """Deploys the reference service and starts its first instance on ``host``.
+
+        Args:
+            name: service name (letters, digits, ``-``, ``_``); prefixes its broker resources.
+            host: one of the testbed's hosts.
+            processing_ms: time spent on each message.
+            state_bytes: size of the state payload each message mutates (the checkpoint size).
+            prefetch: messages an instance may fetch ahead of processing.
+        """
+        spec = {
+            "name": name,
+            "host": host,
+            "processing_ms": processing_ms,
+            "state_bytes": state_bytes,
+            "prefetch": prefetch,
+        }
+        _check_ints(state_bytes=state_bytes, prefetch=prefetch)
+        return Service._from_json(self._native.deploy(json.dumps(spec)))
+
+    def service(self, name: str) -> Service:
+        """A fresh handle on a deployed service (where it runs now)."""
+        return Service._from_json(self._native.service_info(name))
+
+    def remove(self, service: Service | str) -> None:
+        """Removes a service: workload, instance, recorder and its queues and exchanges."""
+        self._native.remove(_name(service))
+
+    # -- workload --------------------------------------------------------------------------
+
+    def start_workload(
+        self, service: Service | str, *, rate: float, message_bytes: int = 64
+    ) -> None:
+        """Starts an open-loop workload of ``rate`` messages per second (absolute schedule)."""
+        _check_ints(message_bytes=message_bytes)
+        spec = json.dumps({"rate": rate, "message_bytes": message_bytes})
+        self._native.start_workload(_name(service), spec)
+
+    def stop_workload(self, service: Service | str) -> None:
+        """Stops the workload and waits for its outstanding publisher confirms."""
+        self._native.stop_workload(_name(service))
+
+    @contextmanager
+    def workload(
+        self, service: Service | str, *, rate: float, message_bytes: int = 64
+    ) -> Iterator[None]:
+        """Runs a workload for the duration of a ``with`` block."""
+        self.start_workload(service, rate=rate, message_bytes=message_bytes)
+        try:
+            yield
+        finally:
+            self.stop_workload(service)
+
+    @asynccontextmanager
+    async def workload_async(
+        self, service: Service | str, *, rate: float, message_bytes: int = 64
+    ) -> AsyncIterator[None]:
+        """Async twin of :meth:`workload` (starting and stopping are quick calls)."""
+        with self.workload(service, rate=rate, message_bytes=message_bytes):
+            yield
+
+    # -- migration -------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        service: Service | str,
+        *,
+        to: str,
+        strategy: str = "ms2m",
+        reply_timeout_s: float = 60.0,
+        replay_timeout_s: float = 60.0,
+        settle_s: float = 1.0,
+        drain_timeout_s: float = 60.0,
+    ) -> Report:
+        """Migrates ``service`` to host ``to`` and returns the checked report.
+
+        After the cutover the workload goes on for ``settle_s`` seconds (the "after" latencies),
+        then the engine waits until every message sent so far was processed (at most
+        ``drain_timeout_s``) and checks the whole history.
+
+        Raises:
+            ConfigurationError: unknown strategy or host, or bad options (nothing started).
+            MigrationFailed: the migration was rolled back; the source kept serving.
+        """
+        options = _options(reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s)
+        return Report.from_json(self._native.migrate(_name(service), to, strategy, options))
+
+    async def migrate_async(
+        self,
+        service: Service | str,
+        *,
+        to: str,
+        strategy: str = "ms2m",
+        reply_timeout_s: float = 60.0,
+        replay_timeout_s: float = 60.0,
+        settle_s: float = 1.0,
+        drain_timeout_s: float = 60.0,
+    ) -> Report:
+        """Async twin of :meth:`migrate`."""
+        options = _options(reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s)
+        text = await self._native.migrate_async(_name(service), to, strategy, options)
+        return Report.from_json(text)
+
+    def history(self, service: Service | str) -> dict[str, Any]:
+        """The recorded history (sent messages, output events) for saving or offline checks."""
+        return json.loads(self._native.history(_name(service)))
+
+
+def _check_ints(**values: object) -> None:
+    for key, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _native.ConfigurationError(f"{key} must be a non-negative integer, got {v!r}")

@@ -1,0 +1,108 @@
+"""Pure logic through the Python API: no Docker needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ms2m
+from ms2m.cli import main as cli_main
+from ms2m.experiment import format_table
+
+
+def _history(n: int, drop: int | None = None) -> dict:
+    published = [
+        {"seq": s, "t_sched_ns": s * 100, "t_pub_ns": s * 100, "outcome": "confirmed"}
+        for s in range(1, n + 1)
+    ]
+    events = [
+        {
+            "instance": "a",
+            "seq": s,
+            "mode": "live",
+            "t_pub_ns": s * 100,
+            "t_start_ns": s * 100 + 10,
+            "t_end_ns": s * 100 + 50,
+            "chain": "",
+        }
+        for s in range(1, n + 1)
+        if s != drop
+    ]
+    return {"published": published, "events": events, "message_bytes": 8, "state_bytes": 64}
+
+
+def test_strategies_are_listed():
+    assert set(ms2m.STRATEGIES) == {"ms2m", "stop_and_copy"}
+
+
+def test_offline_checker_accepts_a_clean_history_and_catches_a_lost_message():
+    ok = ms2m.check_history(_history(10))
+    assert ok["lost"]["count"] == 0
+    assert ok["result"] == "unknown"  # no final state given
+    bad = ms2m.check_history(_history(10, drop=4))
+    assert bad["result"] == "invalid"
+    assert bad["lost"] == {"count": 1, "examples": [4]}
+
+
+def test_bad_history_is_a_configuration_error():
+    with pytest.raises(ms2m.ConfigurationError, match="history"):
+        ms2m.check_history({"published": "nope"})
+
+
+def test_hosts_must_be_a_sequence_of_names():
+    with pytest.raises(ms2m.ConfigurationError, match="sequence"):
+        ms2m.Testbed(hosts="edge-1")
+
+
+def test_unstarted_testbed_says_how_to_start_it():
+    with pytest.raises(ms2m.Ms2mError, match="not started"):
+        ms2m.Testbed().deploy("x", host="edge-1")
+
+
+def test_exception_hierarchy():
+    for cls in (
+        ms2m.ConfigurationError,
+        ms2m.RuntimeUnavailable,
+        ms2m.MigrationFailed,
+        ms2m.BrokerError,
+        ms2m.OperationTimeout,
+        ms2m.InvariantViolated,
+    ):
+        assert issubclass(cls, ms2m.Ms2mError)
+
+
+def test_report_refuses_other_documents():
+    with pytest.raises(ms2m.ConfigurationError, match="schema"):
+        ms2m.Report({"schema": "something/else"})
+
+
+def test_comparison_is_validated_before_anything_starts():
+    with pytest.raises(ms2m.ConfigurationError, match="unknown strategy"):
+        ms2m.compare_strategies(ms2m.Comparison(strategies=("teleport",)))
+    with pytest.raises(ms2m.ConfigurationError, match="runs"):
+        ms2m.compare_strategies(ms2m.Comparison(runs=0))
+
+
+def test_summarize_on_an_empty_folder_fails_clearly(tmp_path, capsys):
+    assert cli_main(["summarize", str(tmp_path)]) == 1
+    assert "no ms2m reports" in capsys.readouterr().err
+
+
+def test_table_formats_rows():
+    row = {
+        "strategy": "ms2m",
+        "runs": 1,
+        "downtime_median_ms": 1.0,
+        "downtime_max_ms": 2.0,
+        "baseline_median_ms": 0.5,
+        "control_plane_median_ms": 1.5,
+        "total_median_ms": 300.0,
+        "lost": 0,
+        "duplicated": 0,
+        "reordered": 0,
+        "state_consistent": "1/1",
+    }
+    table = format_table([row])
+    assert "ms2m" in table and "1.000 / 2.000" in table
+    json.dumps(row)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Makes this machine ready to run ms2m testbeds, installing what is missing (idempotent):
+#   1. a running Docker engine (Debian's docker.io; dockerd started in the background),
+#   2. the testbed images, built from Debian's packages (testbeds/images/build.sh),
+#   3. the Python package with its native module (maturin, `pip install .`).
+# Needs root for apt-get and dockerd (as on the project's machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '\n== %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: '$*' is missing and installing it needs root (apt-get install $*)" >&2
+    exit 1
+  fi
+  [ -n "${MS2M_APT_UPDATED:-}" ] || { apt-get update -qq; MS2M_APT_UPDATED=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+log "Docker engine"
+if ! docker info >/dev/null 2>&1; then
+  command -v dockerd >/dev/null || apt_install docker.io
+  command -v docker >/dev/null || apt_install docker.io
+  # Started detached so it outlives this script; its log says why if it does not come up.
+  setsid nohup dockerd >/var/log/ms2m-dockerd.log 2>&1 < /dev/null &
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || {
+    echo "setup: dockerd did not start within 60 s; see /var/log/ms2m-dockerd.log" >&2
+    exit 1
+  }
+fi
+docker version --format 'engine {{.Server.Version}} (API {{.Server.APIVersion}})' >&2
+command -v debootstrap >/dev/null || apt_install debootstrap
+
+log "service binary (cargo build --release -p ms2m-service)"
+cargo build --release --locked -q -p ms2m-service
+
+log "testbed images"
+bash testbeds/images/build.sh target/release/ms2m-service
+
+log "Python package (pip install .)"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "maturin>=1.7,<2"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[test]"
+python3 -c 'import ms2m; print("ms2m", ms2m.__version__, "ready; strategies:", ", ".join(ms2m.STRATEGIES))' >&2
