@@ -23,12 +23,16 @@ from ._native import (
     __version__,
 )
 from ._native import strategies as _strategies
+from ._native import strategy_phases as _strategy_phases
 from .experiment import Comparison, compare_strategies, summarize
 from .report import REPORT_SCHEMA, InvariantViolated, Report, load_reports, to_dataframe
-from .testbed import Service, Testbed
+from .testbed import Fault, Service, Testbed
 
 STRATEGIES: tuple[str, ...] = tuple(_strategies())
 """Names of the migration strategies this build implements."""
+
+STRATEGY_PHASES: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _strategy_phases().items()}
+"""Each strategy's phases, in order (the names a :class:`Fault` can aim at)."""
 
 
 def cleanup(all: bool = False) -> dict[str, list[str]]:
@@ -49,9 +53,11 @@ def check_history(history: dict, cut_ns: int = 2**64 - 1, observed: dict | None 
 __all__ = [
     "REPORT_SCHEMA",
     "STRATEGIES",
+    "STRATEGY_PHASES",
     "BrokerError",
     "Comparison",
     "ConfigurationError",
+    "Fault",
     "InvariantViolated",
     "MigrationFailed",
     "Ms2mError",

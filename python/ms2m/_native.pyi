@@ -1,6 +1,25 @@
 """Type stubs of the native module built from rust/python (checked by mypy.stubtest)."""
 
 from collections.abc import Awaitable
+from typing import final
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "BrokerError",
+    "ConfigurationError",
+    "MigrationFailed",
+    "Ms2mError",
+    "OperationTimeout",
+    "RuntimeUnavailable",
+    "Testbed",
+    "__version__",
+    "check_history",
+    "cleanup",
+    "default_migration_options",
+    "default_testbed_config",
+    "strategies",
+    "strategy_phases",
+]
 
 __version__: str
 REPORT_SCHEMA: str
@@ -8,10 +27,14 @@ REPORT_SCHEMA: str
 class Ms2mError(Exception): ...
 class ConfigurationError(Ms2mError): ...
 class RuntimeUnavailable(Ms2mError): ...
-class MigrationFailed(Ms2mError): ...
+
+class MigrationFailed(Ms2mError):
+    report_json: str | None
+
 class BrokerError(Ms2mError): ...
 class OperationTimeout(Ms2mError): ...
 
+@final
 class Testbed:
     @staticmethod
     def start(config_json: str) -> Testbed: ...
@@ -32,6 +55,7 @@ class Testbed:
     def migrate_async(
         self, service: str, to: str, strategy: str, options_json: str
     ) -> Awaitable[str]: ...
+    def broker_queues(self) -> str: ...
     def history(self, service: str) -> str: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...
@@ -41,5 +65,6 @@ def check_history(
     history_json: str, cut_ns: int = ..., observed_json: str | None = None
 ) -> str: ...
 def strategies() -> list[str]: ...
+def strategy_phases() -> dict[str, list[str]]: ...
 def default_testbed_config() -> str: ...
 def default_migration_options() -> str: ...

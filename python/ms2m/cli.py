@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import _native
 from .experiment import Comparison, compare_strategies, describe, format_table, summarize
+from .matrix import PAPER_RATES, Matrix, format_matrix, run_matrix, table
 from .report import load_reports
 
 
@@ -43,12 +44,31 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    m = Matrix(
+        strategies=tuple(args.strategies),
+        rates=tuple(args.rates),
+        repetitions=args.repetitions,
+        processing_ms=args.processing_ms,
+        state_bytes=args.state_bytes,
+        warmup_s=args.warmup_s,
+        settle_s=args.settle_s,
+        replay_timeout_s=args.replay_timeout_s,
+        replay_max_s=args.replay_max_s,
+    )
+    reports = run_matrix(m, args.out)
+    print(format_matrix(table(reports)))
+    return 0
+
+
 def _summarize(args: argparse.Namespace) -> int:
     reports = load_reports(args.folder)
     if not reports:
         print(f"no ms2m reports under {args.folder}", file=sys.stderr)
         return 1
     print(format_table(summarize(reports)))
+    print()
+    print(format_matrix(table(reports)))
     return 0
 
 
@@ -76,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--settle-s", type=float, default=1.0)
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
     c.set_defaults(func=_compare)
+
+    x = sub.add_parser("matrix", help="the papers' evaluation matrix, resumable")
+    x.add_argument("--out", required=True, help="folder of the reports (resumes if present)")
+    x.add_argument("--strategies", nargs="+", default=list(Matrix().strategies))
+    x.add_argument("--rates", nargs="+", type=float, default=list(PAPER_RATES))
+    x.add_argument("--repetitions", type=int, default=5)
+    x.add_argument("--processing-ms", type=float, default=50.0)
+    x.add_argument("--state-bytes", type=int, default=1_000_000)
+    x.add_argument("--warmup-s", type=float, default=2.0)
+    x.add_argument("--settle-s", type=float, default=1.0)
+    x.add_argument("--replay-timeout-s", type=float, default=60.0)
+    x.add_argument("--replay-max-s", type=float, default=2.0, help="T_replay_max of the cutoff")
+    x.set_defaults(func=_matrix)
 
     s = sub.add_parser("summarize", help="summarize a folder of reports")
     s.add_argument("folder")

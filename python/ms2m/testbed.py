@@ -45,20 +45,48 @@ def _name(service: Service | str) -> str:
     return service.name if isinstance(service, Service) else service
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A fault to inject into a migration: kill (SIGKILL) the ``kill`` instance ("source" or
+    "target") when phase ``at_phase`` begins. Phases per strategy: ``STRATEGY_PHASES``."""
+
+    kill: str
+    at_phase: str
+
+
 def _options(
     reply_timeout_s: float,
     replay_timeout_s: float,
     settle_s: float,
     drain_timeout_s: float,
+    replay_max_s: float,
+    fault: Fault | None,
 ) -> str:
+    if fault is not None and fault.kill not in ("source", "target"):
+        raise _native.ConfigurationError(
+            f"Fault.kill must be 'source' or 'target', got {fault.kill!r}"
+        )
     return json.dumps(
         {
             "reply_timeout_s": reply_timeout_s,
             "replay_timeout_s": replay_timeout_s,
             "settle_s": settle_s,
             "drain_timeout_s": drain_timeout_s,
+            "replay_max_s": replay_max_s,
+            "fault": None if fault is None else {"kill": fault.kill, "at_phase": fault.at_phase},
         }
     )
+
+
+@contextmanager
+def _report_on_failure() -> Iterator[None]:
+    """Gives a MigrationFailed its report as a :class:`Report` (``e.report``)."""
+    try:
+        yield
+    except _native.MigrationFailed as e:
+        text = getattr(e, "report_json", None)
+        e.report = None if text is None else Report.from_json(text)  # type: ignore[attr-defined]
+        raise
 
 
 def _config(
@@ -246,19 +274,26 @@ class Testbed:
         replay_timeout_s: float = 60.0,
         settle_s: float = 1.0,
         drain_timeout_s: float = 60.0,
+        replay_max_s: float = 2.0,
+        fault: Fault | None = None,
     ) -> Report:
         """Migrates ``service`` to host ``to`` and returns the checked report.
 
         After the cutover the workload goes on for ``settle_s`` seconds (the "after" latencies),
         then the engine waits until every message sent so far was processed (at most
-        ``drain_timeout_s``) and checks the whole history.
+        ``drain_timeout_s``) and checks the whole history. ``replay_max_s`` is T_replay_max of
+        the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`).
 
         Raises:
             ConfigurationError: unknown strategy or host, or bad options (nothing started).
-            MigrationFailed: the migration was rolled back; the source kept serving.
+            MigrationFailed: the migration was rolled back; the source kept serving where it
+                could. Its ``report`` attribute holds the checked report of the aborted run.
         """
-        options = _options(reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s)
-        return Report.from_json(self._native.migrate(_name(service), to, strategy, options))
+        options = _options(
+            reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s, replay_max_s, fault
+        )
+        with _report_on_failure():
+            return Report.from_json(self._native.migrate(_name(service), to, strategy, options))
 
     async def migrate_async(
         self,
@@ -270,11 +305,21 @@ class Testbed:
         replay_timeout_s: float = 60.0,
         settle_s: float = 1.0,
         drain_timeout_s: float = 60.0,
+        replay_max_s: float = 2.0,
+        fault: Fault | None = None,
     ) -> Report:
         """Async twin of :meth:`migrate`."""
-        options = _options(reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s)
-        text = await self._native.migrate_async(_name(service), to, strategy, options)
+        options = _options(
+            reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s, replay_max_s, fault
+        )
+        with _report_on_failure():
+            text = await self._native.migrate_async(_name(service), to, strategy, options)
         return Report.from_json(text)
+
+    def broker_queues(self) -> dict[str, int]:
+        """The broker's queues and their ready messages (the testbed's own excluded); empty
+        when no service is deployed."""
+        return {name: n for name, n in json.loads(self._native.broker_queues())}
 
     def history(self, service: Service | str) -> dict[str, Any]:
         """The recorded history (sent messages, output events) for saving or offline checks."""

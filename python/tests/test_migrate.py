@@ -20,9 +20,10 @@ def _assert_clean(report: ms2m.Report) -> None:
     assert report.state_consistent is True, report.verdict["state"]
     report.assert_valid()
     assert report.verdict["expected"] > 0
+    assert report.to_dict()["leftovers"] == []
 
 
-@pytest.mark.parametrize("strategy", ["ms2m", "stop_and_copy"])
+@pytest.mark.parametrize("strategy", ms2m.STRATEGIES)
 def test_migration_loses_nothing(testbed: ms2m.Testbed, strategy: str, tmp_path):
     svc = testbed.deploy(
         f"py-{strategy.replace('_', '-')}", host="edge-1", processing_ms=50, state_bytes=1_000_000
@@ -81,6 +82,34 @@ def test_bad_arguments_are_refused_and_the_service_keeps_serving(testbed: ms2m.T
         testbed.remove(svc)
 
 
+def test_failed_migration_raises_with_the_report_of_the_aborted_run(testbed: ms2m.Testbed):
+    svc = testbed.deploy("py-fault", host="edge-1", processing_ms=20, state_bytes=10_000)
+    try:
+        with testbed.workload(svc, rate=20):
+            time.sleep(1.0)
+            with pytest.raises(ms2m.MigrationFailed, match="replay") as info:
+                testbed.migrate(
+                    svc,
+                    to="edge-2",
+                    strategy="ms2m",
+                    fault=ms2m.Fault(kill="target", at_phase="replay"),
+                    settle_s=0.3,
+                )
+        report = info.value.report  # type: ignore[attr-defined]
+        assert report.to_dict()["migration"]["status"] == "aborted"
+        assert report.lost == 0 and report.duplicated == 0 and report.state_consistent
+        assert testbed.service(svc.name).host == "edge-1"
+        with pytest.raises(ms2m.ConfigurationError, match="not a phase of stop_and_copy"):
+            testbed.migrate(
+                svc,
+                to="edge-2",
+                strategy="stop_and_copy",
+                fault=ms2m.Fault(kill="target", at_phase="replay"),
+            )
+    finally:
+        testbed.remove(svc)
+
+
 def test_async_twin_gives_a_valid_report():
     async def run() -> ms2m.Report:
         async with ms2m.Testbed() as tb:
@@ -108,3 +137,37 @@ def test_history_is_exported_and_checks_again_offline(testbed: ms2m.Testbed):
         assert again["expected"] == report.verdict["expected"]
     finally:
         testbed.remove(svc)
+
+
+def test_matrix_runs_resumes_and_leaves_the_broker_clean(tmp_path):
+    from ms2m.matrix import Matrix, report_name, run_matrix, table
+
+    m = Matrix(
+        strategies=("stop_and_copy", "ms2m"),
+        rates=(10.0,),
+        repetitions=1,
+        processing_ms=20,
+        state_bytes=10_000,
+        warmup_s=0.5,
+        settle_s=0.2,
+    )
+    reports = run_matrix(m, tmp_path, progress=None)
+    assert [r.strategy for r in reports] == ["stop_and_copy", "ms2m"]
+    for r in reports:
+        r.assert_valid()
+    # Resuming: a finished matrix runs nothing again; a missing report is run again.
+    (tmp_path / report_name(1, 10.0, "ms2m")).unlink()
+    again = run_matrix(m, tmp_path, progress=None)
+    assert again[0].run_id == reports[0].run_id
+    assert again[1].run_id != reports[1].run_id
+    rows = table(again)
+    assert {r["strategy"] for r in rows} == {"stop_and_copy", "ms2m"}
+    with pytest.raises(ms2m.ConfigurationError, match="other parameters"):
+        run_matrix(Matrix(rates=(1.0,)), tmp_path, progress=None)
+
+
+def test_broker_is_clean_once_services_are_removed(testbed: ms2m.Testbed):
+    svc = testbed.deploy("py-clean", host="edge-1", processing_ms=1, state_bytes=10)
+    assert "py-clean.primary" in testbed.broker_queues()
+    testbed.remove(svc)
+    assert not any(q.startswith("py-clean.") for q in testbed.broker_queues())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -32,8 +35,10 @@ def _history(n: int, drop: int | None = None) -> dict:
     return {"published": published, "events": events, "message_bytes": 8, "state_bytes": 64}
 
 
-def test_strategies_are_listed():
-    assert set(ms2m.STRATEGIES) == {"ms2m", "stop_and_copy"}
+def test_strategies_are_listed_with_their_phases():
+    assert set(ms2m.STRATEGIES) == {"ms2m", "stop_and_copy", "ms2m_cutoff", "ms2m_sequential"}
+    assert ms2m.STRATEGY_PHASES["ms2m"][-2:] == ("replay", "finalize")
+    assert ms2m.STRATEGY_PHASES["stop_and_copy"][0] == "stop"
 
 
 def test_offline_checker_accepts_a_clean_history_and_catches_a_lost_message():
@@ -106,3 +111,22 @@ def test_table_formats_rows():
     table = format_table([row])
     assert "ms2m" in table and "1.000 / 2.000" in table
     json.dumps(row)
+
+
+NO_DAEMON = """
+import ms2m
+try:
+    ms2m.Testbed().start()
+except ms2m.RuntimeUnavailable as e:
+    print(e)
+"""
+
+
+def test_no_docker_daemon_gives_a_clear_error():
+    # A separate process: the Docker connection is chosen once per process.
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    out = subprocess.run(
+        [sys.executable, "-c", NO_DAEMON], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "no Docker daemon answers at /nonexistent/docker.sock" in out.stdout, out
+    assert "apt-get install docker.io" in out.stdout

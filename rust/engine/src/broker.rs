@@ -182,6 +182,30 @@ impl Link {
         Ok(q.message_count())
     }
 
+    /// Whether a queue exists (on a channel of its own: a failed passive declare closes it).
+    pub async fn queue_exists(&self, queue: &str) -> Result<bool> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .broker("opening a probe channel")?;
+        let found = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if found {
+            let _ = ch.close(200, "probe done".into()).await;
+        }
+        Ok(found)
+    }
+
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         self.channel
             .queue_delete(queue.into(), QueueDeleteOptions::default())
@@ -319,6 +343,7 @@ impl Sent {
             return Err(Error::MigrationFailed {
                 phase: reply.kind.clone(),
                 reason: format!("{}: {e}", reply.instance),
+                report: None,
             });
         }
         Ok((reply, blob))

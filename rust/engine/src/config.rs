@@ -157,15 +157,48 @@ impl WorkloadSpec {
 pub enum Strategy {
     StopAndCopy,
     Ms2m,
+    Ms2mCutoff,
+    Ms2mSequential,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 2] = [Strategy::StopAndCopy, Strategy::Ms2m];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::StopAndCopy,
+        Strategy::Ms2m,
+        Strategy::Ms2mCutoff,
+        Strategy::Ms2mSequential,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::StopAndCopy => "stop_and_copy",
             Strategy::Ms2m => "ms2m",
+            Strategy::Ms2mCutoff => "ms2m_cutoff",
+            Strategy::Ms2mSequential => "ms2m_sequential",
+        }
+    }
+
+    /// The phases this strategy runs through, in order.
+    pub fn phases(self) -> &'static [&'static str] {
+        match self {
+            Strategy::StopAndCopy => &["stop", "checkpoint", "transfer", "restore", "finalize"],
+            Strategy::Ms2m | Strategy::Ms2mCutoff => &[
+                "prepare",
+                "checkpoint",
+                "transfer",
+                "restore",
+                "replay",
+                "finalize",
+            ],
+            Strategy::Ms2mSequential => &[
+                "prepare",
+                "checkpoint",
+                "transfer",
+                "stop",
+                "restore",
+                "replay",
+                "finalize",
+            ],
         }
     }
 }
@@ -185,8 +218,25 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// Which instance a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// A fault to inject: kill an instance (SIGKILL) when a phase begins, as a crash would. For
+/// experiments on failure handling and for the engine's own tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub kill: Role,
+    pub at_phase: String,
+}
+
 /// Knobs of one migration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct MigrationOptions {
     /// Longest wait for any one instance reply.
     pub reply_timeout_s: f64,
@@ -196,6 +246,11 @@ pub struct MigrationOptions {
     pub settle_s: f64,
     /// Longest wait for the backlog to drain before the checker runs.
     pub drain_timeout_s: f64,
+    /// ms2m_cutoff: the longest acceptable replay, T_replay_max in
+    /// T_cutoff = T_replay_max * mu / lambda.
+    pub replay_max_s: f64,
+    /// A fault to inject, if any.
+    pub fault: Option<Fault>,
 }
 
 impl Default for MigrationOptions {
@@ -205,16 +260,19 @@ impl Default for MigrationOptions {
             replay_timeout_s: 60.0,
             settle_s: 1.0,
             drain_timeout_s: 60.0,
+            replay_max_s: 2.0,
+            fault: None,
         }
     }
 }
 
 impl MigrationOptions {
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self, strategy: Strategy) -> Result<()> {
         for (name, v) in [
             ("reply_timeout_s", self.reply_timeout_s),
             ("replay_timeout_s", self.replay_timeout_s),
             ("drain_timeout_s", self.drain_timeout_s),
+            ("replay_max_s", self.replay_max_s),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return refuse(format!("{name} must be > 0, got {v}"));
@@ -222,6 +280,16 @@ impl MigrationOptions {
         }
         if !(self.settle_s.is_finite() && self.settle_s >= 0.0) {
             return refuse(format!("settle_s must be >= 0, got {}", self.settle_s));
+        }
+        if let Some(f) = &self.fault {
+            if !strategy.phases().contains(&f.at_phase.as_str()) {
+                return refuse(format!(
+                    "fault phase {:?} is not a phase of {}; its phases are {:?}",
+                    f.at_phase,
+                    strategy.name(),
+                    strategy.phases()
+                ));
+            }
         }
         Ok(())
     }
@@ -287,5 +355,24 @@ mod tests {
         let e = "warp".parse::<Strategy>().unwrap_err();
         assert!(e.to_string().contains("stop_and_copy"), "{e}");
         assert_eq!("ms2m".parse::<Strategy>().unwrap(), Strategy::Ms2m);
+        let fault = MigrationOptions {
+            fault: Some(Fault {
+                kill: Role::Target,
+                at_phase: "replay".into(),
+            }),
+            ..Default::default()
+        };
+        fault.validate(Strategy::Ms2m).unwrap();
+        let e = fault.validate(Strategy::StopAndCopy).unwrap_err();
+        assert!(
+            e.to_string().contains("not a phase of stop_and_copy"),
+            "{e}"
+        );
+        assert!(MigrationOptions {
+            replay_max_s: 0.0,
+            ..Default::default()
+        }
+        .validate(Strategy::Ms2mCutoff)
+        .is_err());
     }
 }

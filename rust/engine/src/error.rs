@@ -20,9 +20,15 @@ pub enum Error {
     /// A container operation failed.
     #[error("docker: {0}")]
     Docker(String),
-    /// A migration could not complete; the source was kept serving where possible.
+    /// A migration could not complete; it was rolled back and the source kept serving where
+    /// it could. `report` is the checked report of the aborted run, when the engine could
+    /// still make one.
     #[error("migration failed in phase {phase}: {reason}")]
-    MigrationFailed { phase: String, reason: String },
+    MigrationFailed {
+        phase: String,
+        reason: String,
+        report: Option<Box<crate::report::Report>>,
+    },
     /// An instance did not answer in time.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -57,6 +57,10 @@ impl Environment {
 /// The migration itself, as the manager saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationSummary {
+    /// "completed", or "aborted" (rolled back; see `failed_phase` and `error`).
+    pub status: String,
+    pub failed_phase: Option<String>,
+    pub error: Option<String>,
     pub t_start_ns: u64,
     pub t_end_ns: u64,
     pub total_ms: f64,
@@ -110,6 +114,9 @@ pub struct Report {
     pub metrics: Metrics,
     pub counts: Counts,
     pub verdict: Verdict,
+    /// Broker resources of the migration still present after it (replay queue, the source's
+    /// control queue): empty when the migration cleaned up after itself.
+    pub leftovers: Vec<String>,
 }
 
 impl Report {

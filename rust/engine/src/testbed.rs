@@ -14,7 +14,7 @@ use crate::report::{
     Counts, Environment, LatencyReport, Metrics, MigrationSummary, Placement, Report,
 };
 use crate::runtime::docker::{BrokerEndpoint, DockerRuntime};
-use crate::strategies::{self, Ctx, Outcome, Timeline};
+use crate::strategies::{self, Ctx, RateProbe};
 use crate::workload::Workload;
 use ms2m_wire::{control::Command, names, now_ns, Mode};
 use serde::Serialize;
@@ -85,6 +85,9 @@ pub struct Testbed {
     migrations: AtomicU64,
     closed: AtomicBool,
 }
+
+/// The drain gives up when no output event arrived for this long: nobody is serving.
+const DRAIN_STALL: Duration = Duration::from_secs(10);
 
 fn fresh_id() -> String {
     // Unique across processes and restarts without a UUID dependency.
@@ -252,8 +255,8 @@ impl Testbed {
 
     /// Migrates `service` to host `to` with `strategy`, then checks the whole history.
     ///
-    /// On failure the migration is rolled back (the source keeps serving) and the error says
-    /// in which phase it failed.
+    /// On failure the migration is rolled back (the source keeps serving where it can), the
+    /// history is still checked, and the error carries that report and the failed phase.
     pub async fn migrate(
         &self,
         service: &str,
@@ -261,7 +264,7 @@ impl Testbed {
         strategy: Strategy,
         opts: MigrationOptions,
     ) -> Result<Report> {
-        opts.validate()?;
+        opts.validate(strategy)?;
         check_host(&self.cfg, to)?;
         let s = self.service(service).await?;
         let mut d = s.lock().await;
@@ -274,58 +277,84 @@ impl Testbed {
         d.instances_started += 1;
         let source = d.current.clone();
         let target = (format!("{service}-{}", d.instances_started), to.to_string());
+        let migration_id = format!("m{n}");
         let t_start = now_ns();
-        let mut ctx = Ctx {
-            link: &self.link,
-            runtime: &self.runtime,
-            spec: &d.spec,
-            internal_url: &self.endpoint.internal_url,
-            opts: &opts,
-            migration_id: format!("m{n}"),
-            source: source.0.clone(),
-            target: target.0.clone(),
-            target_host: target.1.clone(),
-            timeline: Timeline::default(),
-            outcome: Outcome::default(),
-            source_stopped: false,
-            target_started: false,
-            replay_queue: None,
-        };
-        if let Err(e) = strategies::run(strategy, &mut ctx).await {
-            let phase = ctx.timeline.current().unwrap_or("start").to_string();
-            let problems = strategies::abort(&mut ctx).await;
-            let mut reason = e.to_string();
-            if !problems.is_empty() {
-                reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
+        let mut ctx = Ctx::new(
+            &self.link,
+            &self.runtime,
+            &d.spec,
+            &self.endpoint.internal_url,
+            &opts,
+            &*d,
+            migration_id.clone(),
+            source.0.clone(),
+            target.clone(),
+        );
+        let failure = match strategies::run(strategy, &mut ctx).await {
+            Ok(()) => None,
+            Err(e) => {
+                let (phase, mut reason) = match e {
+                    Error::MigrationFailed { phase, reason, .. } => (phase, reason),
+                    other => (
+                        ctx.timeline.current().unwrap_or("start").to_string(),
+                        other.to_string(),
+                    ),
+                };
+                let problems = strategies::abort(&mut ctx).await;
+                if !problems.is_empty() {
+                    reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
+                }
+                Some((phase, reason))
             }
-            return Err(Error::MigrationFailed { phase, reason });
-        }
+        };
         let (timeline, outcome) = (ctx.timeline, ctx.outcome);
         let t_end = now_ns();
-        d.current = target.clone();
+        if failure.is_none() {
+            d.current = target.clone();
+        }
+        let serving = d.current.0.clone();
 
         tokio::time::sleep(Duration::from_secs_f64(opts.settle_s)).await;
         let cut = now_ns();
         self.drain(&d, cut, Duration::from_secs_f64(opts.drain_timeout_s))
             .await;
-        let (r, _) = self
-            .link
-            .command(
-                service,
-                &target.0,
-                Command::Digest,
-                &[],
-                opts.reply_timeout(),
-            )
-            .await?;
-        let observed = ObservedState {
-            instance: r.instance,
-            last_seq: r.last_seq,
-            count: r.count,
-            digest: r.digest.unwrap_or_default(),
+        let observed = if self.runtime.is_running(&serving).await {
+            self.link
+                .command(
+                    service,
+                    &serving,
+                    Command::Digest,
+                    &[],
+                    opts.reply_timeout(),
+                )
+                .await
+                .ok()
+                .map(|(r, _)| ObservedState {
+                    instance: r.instance,
+                    last_seq: r.last_seq,
+                    count: r.count,
+                    digest: r.digest.unwrap_or_default(),
+                })
+        } else {
+            None
         };
+        // The instance that is no longer part of the service must have left no queue.
+        let retired = if failure.is_none() {
+            &source.0
+        } else {
+            &target.0
+        };
+        let mut leftovers = Vec::new();
+        for q in [
+            names::replay_queue(service, &migration_id),
+            names::control_queue(service, retired),
+        ] {
+            if self.link.queue_exists(&q).await? {
+                leftovers.push(format!("queue {q}"));
+            }
+        }
         let history = d.history();
-        let verdict = checker::check(&history, cut, Some(observed));
+        let verdict = checker::check(&history, cut, observed);
         let window = (t_start, t_end);
         let since = d
             .workload
@@ -343,7 +372,7 @@ impl Testbed {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
             _ => None,
         };
-        Ok(Report {
+        let report = Report {
             schema: crate::report::SCHEMA.into(),
             run_id: format!("{}-{}", self.id, n),
             strategy: strategy.name().into(),
@@ -365,6 +394,14 @@ impl Testbed {
             ),
             phases: timeline.phases().to_vec(),
             migration: MigrationSummary {
+                status: if failure.is_none() {
+                    "completed"
+                } else {
+                    "aborted"
+                }
+                .into(),
+                failed_phase: failure.as_ref().map(|f| f.0.clone()),
+                error: failure.as_ref().map(|f| f.1.clone()),
                 t_start_ns: t_start,
                 t_end_ns: t_end,
                 total_ms: (t_end - t_start) as f64 / 1e6,
@@ -392,26 +429,42 @@ impl Testbed {
                 cut_ns: cut,
             },
             verdict,
-        })
+            leftovers,
+        };
+        match failure {
+            None => Ok(report),
+            Some((phase, reason)) => Err(Error::MigrationFailed {
+                phase,
+                reason,
+                report: Some(Box::new(report)),
+            }),
+        }
     }
 
-    /// Waits until every confirmed message sent before `cut` has been processed live.
+    /// Waits until every confirmed message sent before `cut` has been processed live, at most
+    /// `timeout`, and gives up earlier when no output event arrived for [`DRAIN_STALL`].
     async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut progress = (0, tokio::time::Instant::now());
         loop {
             let published = d.published();
-            let done = d.recorder.with_events(|events| {
+            let (done, seen) = d.recorder.with_events(|events| {
                 let live: std::collections::HashSet<u64> = events
                     .iter()
                     .filter(|e| e.mode == Mode::Live)
                     .map(|e| e.seq)
                     .collect();
-                published
+                let done = published
                     .iter()
                     .filter(|p| p.t_pub_ns <= cut && p.outcome != PublishOutcome::Nacked)
-                    .all(|p| live.contains(&p.seq))
+                    .all(|p| live.contains(&p.seq));
+                (done, events.len())
             });
-            if done || tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if seen != progress.0 {
+                progress = (seen, now);
+            }
+            if done || now >= deadline || now - progress.1 >= DRAIN_STALL {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -462,6 +515,14 @@ impl Testbed {
         Ok(())
     }
 
+    /// The broker's queues (name, ready messages) other than the testbed's own reply queue.
+    /// Empty when no service is deployed: how a reused broker is checked clean between runs.
+    pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
+        let mut q = self.runtime.broker_queues().await?;
+        q.retain(|(name, _)| !name.starts_with("amq.gen-"));
+        Ok(q)
+    }
+
     /// Stops workloads and recorders and removes every container. Idempotent.
     pub async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
@@ -477,5 +538,41 @@ impl Testbed {
         }
         self.link.close().await;
         self.runtime.shutdown().await
+    }
+}
+
+impl RateProbe for Deployed {
+    fn arrival_rate(&self, window: Duration) -> f64 {
+        let now = now_ns();
+        let from = now.saturating_sub(window.as_nanos() as u64);
+        let count = |log: &[Published]| log.iter().rev().take_while(|p| p.t_pub_ns >= from).count();
+        let mut n = count(&self.past);
+        let mut since = self.past.first().map(|p| p.t_pub_ns);
+        if let Some(w) = &self.workload {
+            n += w.with_log(count);
+            since = Some(since.map_or(w.started_ns, |s| s.min(w.started_ns)));
+        }
+        // A workload younger than the window is measured over its own age.
+        let span = now.saturating_sub(since.map_or(from, |s| s.max(from)));
+        if span == 0 {
+            0.0
+        } else {
+            n as f64 / (span as f64 / 1e9)
+        }
+    }
+
+    fn service_rate(&self) -> Option<f64> {
+        const RECENT: usize = 50;
+        self.recorder.with_events(|events| {
+            let (n, total) = events
+                .iter()
+                .rev()
+                .filter(|e| e.mode == Mode::Live)
+                .take(RECENT)
+                .fold((0u64, 0u64), |(n, t), e| {
+                    (n + 1, t + e.t_end_ns.saturating_sub(e.t_start_ns))
+                });
+            (n > 0 && total > 0).then(|| n as f64 / (total as f64 / 1e9))
+        })
     }
 }

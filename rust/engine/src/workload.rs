@@ -138,6 +138,11 @@ impl Workload {
         self.log.lock().unwrap().clone()
     }
 
+    /// Runs `f` on the send log without copying it.
+    pub fn with_log<T>(&self, f: impl FnOnce(&[Published]) -> T) -> T {
+        f(&self.log.lock().unwrap())
+    }
+
     /// The next sequence number this workload would use.
     pub fn next_seq(&self) -> Option<u64> {
         self.log.lock().unwrap().last().map(|p| p.seq + 1)

@@ -56,7 +56,15 @@ fn to_py(e: engine::Error) -> PyErr {
     match e {
         engine::Error::Config(_) => ConfigurationError::new_err(msg),
         engine::Error::RuntimeUnavailable(_) => RuntimeUnavailable::new_err(msg),
-        engine::Error::MigrationFailed { .. } => MigrationFailed::new_err(msg),
+        engine::Error::MigrationFailed { report, .. } => {
+            // The checked report of the aborted run travels with the exception.
+            let err = MigrationFailed::new_err(msg);
+            let report_json = report.map(|r| r.to_json());
+            Python::attach(|py| {
+                let _ = err.value(py).setattr("report_json", report_json);
+            });
+            err
+        }
         engine::Error::Broker { .. } => BrokerError::new_err(msg),
         engine::Error::Timeout(_) => OperationTimeout::new_err(msg),
         _ => Ms2mError::new_err(msg),
@@ -224,6 +232,12 @@ impl PyTestbed {
         })
     }
 
+    /// The broker's queues as JSON `[[name, ready_messages], ...]` (the testbed's own excluded).
+    fn broker_queues(&self, py: Python<'_>) -> PyResult<String> {
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.broker_queues().await.map(|q| json(&q)) })
+    }
+
     /// The recorded history of a service (sent messages and output events) as JSON.
     fn history(&self, py: Python<'_>, service: String) -> PyResult<String> {
         let tb = self.inner.clone();
@@ -288,6 +302,15 @@ fn strategies() -> Vec<&'static str> {
     engine::Strategy::ALL.iter().map(|s| s.name()).collect()
 }
 
+/// Each strategy's phases, in order.
+#[pyfunction]
+fn strategy_phases() -> std::collections::HashMap<&'static str, Vec<&'static str>> {
+    engine::Strategy::ALL
+        .iter()
+        .map(|s| (s.name(), s.phases().to_vec()))
+        .collect()
+}
+
 /// The default testbed configuration as JSON.
 #[pyfunction]
 fn default_testbed_config() -> String {
@@ -309,6 +332,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cleanup, m)?)?;
     m.add_function(wrap_pyfunction!(check_history, m)?)?;
     m.add_function(wrap_pyfunction!(strategies, m)?)?;
+    m.add_function(wrap_pyfunction!(strategy_phases, m)?)?;
     m.add_function(wrap_pyfunction!(default_testbed_config, m)?)?;
     m.add_function(wrap_pyfunction!(default_migration_options, m)?)?;
     m.add("Ms2mError", py.get_type::<Ms2mError>())?;

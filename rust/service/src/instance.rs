@@ -68,6 +68,8 @@ struct Pending {
 struct ReplayState {
     sub: Subscription,
     paused: bool,
+    /// Never apply a message above this (from the `replay` command).
+    limit: Option<u64>,
     /// `finish_replay`: stop at this sequence number, maybe go live, then reply.
     until: Option<(u64, bool, Pending)>,
 }
@@ -278,7 +280,7 @@ impl Instance {
                 r.t_begin_ns = t_begin;
                 self.send(&reply_to, &r, &[]).await?;
             }
-            Command::Replay { queue } => {
+            Command::Replay { queue, until_seq } => {
                 let mut r = self.reply(&corr, "replay");
                 if self.replay.is_some() {
                     r.error = Some("already replaying".into());
@@ -289,6 +291,7 @@ impl Instance {
                             self.replay = Some(ReplayState {
                                 sub,
                                 paused: false,
+                                limit: until_seq,
                                 until: None,
                             })
                         }
@@ -416,11 +419,10 @@ impl Instance {
             payload,
         }) = serde_json::from_slice::<Input>(&d.data)
         {
-            beyond = self
-                .replay
-                .as_ref()
-                .and_then(|r| r.until.as_ref())
-                .is_some_and(|(until, _, _)| seq > *until);
+            beyond = self.replay.as_ref().is_some_and(|r| {
+                r.limit.is_some_and(|l| seq > l)
+                    || r.until.as_ref().is_some_and(|(until, _, _)| seq > *until)
+            });
             if seq <= self.state.last_seq {
                 self.skipped += 1;
             } else if !beyond {

@@ -33,8 +33,13 @@ pub enum Command {
     Snapshot,
     /// Replace the state with the attached snapshot.
     Restore,
-    /// Replay `queue` without side effects: skip messages at or below `last_seq`, apply the rest.
-    Replay { queue: String },
+    /// Replay `queue` without side effects: skip messages at or below `last_seq`, apply the
+    /// rest, but never one above `until_seq` when given (those are dropped).
+    Replay {
+        queue: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until_seq: Option<u64>,
+    },
     /// Stop applying replayed messages for now; replies with the position reached.
     PauseReplay,
     /// Apply replayed messages until `last_seq >= until_seq`, stop replaying, then (with

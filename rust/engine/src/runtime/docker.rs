@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::time::Duration;
 use testcontainers::bollard::{self, query_parameters as qp, Docker};
-use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::core::{ExecCommand, IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 use tokio::sync::{Mutex, OnceCell};
@@ -255,6 +255,28 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// Whether an instance's container runs; false for one never started or already removed.
+    pub async fn is_running(&self, instance: &str) -> bool {
+        match self.instances.lock().await.get(instance) {
+            Some(c) => c.is_running().await.unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Resolves once a started instance's container has stopped; pends for one not started.
+    pub async fn wait_until_exited(&self, instance: &str) {
+        loop {
+            let state = match self.instances.lock().await.get(instance) {
+                Some(c) => Some(c.is_running().await.unwrap_or(false)),
+                None => None,
+            };
+            if state == Some(false) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Removes an instance's container.
     pub async fn remove_instance(&self, instance: &str) -> Result<()> {
         let c = self.instances.lock().await.remove(instance);
@@ -264,6 +286,30 @@ impl DockerRuntime {
                 .map_err(docker_err(&format!("removing {instance}")))?;
         }
         Ok(())
+    }
+
+    /// The broker's queues with their ready message counts, as `rabbitmqctl` lists them.
+    pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
+        let guard = self.broker.lock().await;
+        let broker = guard
+            .as_ref()
+            .ok_or_else(|| Error::Docker("the broker is not running".into()))?;
+        let mut res = broker
+            .exec(ExecCommand::new([
+                "rabbitmqctl",
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ]))
+            .await
+            .map_err(docker_err("listing the broker's queues"))?;
+        let out = res
+            .stdout_to_vec()
+            .await
+            .map_err(docker_err("reading rabbitmqctl's output"))?;
+        Ok(parse_queue_list(&String::from_utf8_lossy(&out)))
     }
 
     /// Removes every container of the testbed (the network goes with the last one).
@@ -355,8 +401,26 @@ pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
     Ok(out)
 }
 
+/// Parses `rabbitmqctl list_queues name messages` output: one "name<TAB>count" per line.
+fn parse_queue_list(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?;
+            let n = it.next()?.parse().ok()?;
+            Some((name.to_string(), n))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn queue_list_is_parsed_and_headers_skipped() {
+        let q = super::parse_queue_list("name\tmessages\nsvc.primary\t3\namq.gen-x\t0\n");
+        assert_eq!(q, [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]);
+    }
+
     #[test]
     fn api_versions_compare_numerically() {
         assert!(super::api_lt("1.41", "1.52"));

@@ -13,73 +13,151 @@
 //!    processed T, stops and reports S >= T; the target replays up to S and starts consuming
 //!    the primary queue, where everything after S waits. Nothing is lost or processed live
 //!    twice, and the gap is a few broker round trips when the target was caught up.
+//!
+//! The phases are functions so that the MS2M variants (`ms2m_cutoff`, `ms2m_sequential`)
+//! compose them in their own order.
 
 use super::Ctx;
-use crate::error::{Error, Result};
+use crate::broker::Sent;
+use crate::error::Result;
 use ms2m_wire::control::Command;
 use std::time::{Duration, Instant};
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
-    let service = ctx.spec.name.clone();
-    let (source, target) = (ctx.source.clone(), ctx.target.clone());
+    let queue = prepare(ctx, true).await?;
+    let snapshot = checkpoint(ctx).await?;
+    let restored = transfer(ctx, snapshot).await?;
+    restore(ctx, restored).await?;
+    ctx.enter("replay").await?;
+    start_replay(ctx, &queue, None).await?;
+    catch_up(ctx, &queue, None).await?;
+    cutover(ctx).await
+}
 
-    ctx.timeline.begin("prepare");
-    let replay_queue = ctx
+/// Binds the replay queue (accumulation starts) and, with `start_target`, starts the target.
+pub(super) async fn prepare(ctx: &mut Ctx<'_>, start_target: bool) -> Result<String> {
+    ctx.enter("prepare").await?;
+    let queue = ctx
         .link
-        .bind_replay_queue(&service, &ctx.migration_id)
+        .bind_replay_queue(&ctx.spec.name, &ctx.migration_id)
         .await?;
-    ctx.replay_queue = Some(replay_queue.clone());
-    ctx.start_target().await?;
+    ctx.replay_queue = Some(queue.clone());
+    if start_target {
+        ctx.start_target().await?;
+    }
+    Ok(queue)
+}
 
-    ctx.timeline.begin("checkpoint");
+/// Publishes the barrier and waits for the source's checkpoint; the source keeps serving.
+pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Vec<u8>> {
+    ctx.enter("checkpoint").await?;
     let barrier = format!("barrier-{}", ctx.migration_id);
     let checkpoint = ctx.link.expect(&barrier);
-    ctx.link.publish_barrier(&service, &barrier).await?;
-    let (_, snapshot) = crate::broker::wait(
-        checkpoint,
-        ctx.opts.reply_timeout(),
-        &format!("{source} to reach the barrier and checkpoint"),
-    )
-    .await?;
-    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
-
-    ctx.timeline.begin("transfer");
-    let restored = ctx
-        .link
-        .send(&service, &target, Command::Restore, &snapshot)
+    ctx.link.publish_barrier(&ctx.spec.name, &barrier).await?;
+    let what = format!("{} to reach the barrier and checkpoint", ctx.source);
+    let timeout = ctx.opts.reply_timeout();
+    let (_, snapshot) = ctx
+        .watch(
+            &ctx.source.clone(),
+            crate::broker::wait(checkpoint, timeout, &what),
+        )
         .await?;
-    drop(snapshot);
+    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
+    Ok(snapshot)
+}
 
-    ctx.timeline.begin("restore");
-    restored.reply(ctx.opts.reply_timeout()).await?;
+/// Moves the snapshot into the target host's inbox (its control queue).
+pub(super) async fn transfer(ctx: &mut Ctx<'_>, snapshot: Vec<u8>) -> Result<Sent> {
+    ctx.enter("transfer").await?;
+    ctx.link
+        .declare_control_queue(&ctx.spec.name, &ctx.target)
+        .await?;
+    let sent = ctx
+        .link
+        .send(&ctx.spec.name, &ctx.target, Command::Restore, &snapshot)
+        .await?;
+    if ctx.target_started && !ctx.runtime.is_running(&ctx.target).await {
+        return Err(ctx.failed(format!("{} exited before the snapshot arrived", ctx.target)));
+    }
+    Ok(sent)
+}
 
-    ctx.timeline.begin("replay");
+/// Waits until the target has restored the snapshot (starting it first if it is not running).
+pub(super) async fn restore(ctx: &mut Ctx<'_>, restored: Sent) -> Result<()> {
+    ctx.enter("restore").await?;
+    if !ctx.target_started {
+        ctx.start_target().await?;
+    }
+    ctx.reply(&ctx.target.clone(), restored).await?;
+    Ok(())
+}
+
+/// Starts the target's replay of `queue`, never beyond `until_seq` when given.
+pub(super) async fn start_replay(
+    ctx: &mut Ctx<'_>,
+    queue: &str,
+    until_seq: Option<u64>,
+) -> Result<()> {
+    let target = ctx.target.clone();
     ctx.command(
         &target,
         Command::Replay {
-            queue: replay_queue.clone(),
+            queue: queue.to_string(),
+            until_seq,
         },
         &[],
     )
     .await?;
+    Ok(())
+}
+
+/// How the replay phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CatchUp {
+    /// The replay queue was drained.
+    CaughtUp,
+    /// The deadline passed first (the cutoff fired).
+    CutOff,
+}
+
+/// Waits until the target has drained the replay queue, or until `cutoff` passes. Past
+/// `replay_timeout_s` the migration fails: the target cannot keep up with the input.
+pub(super) async fn catch_up(
+    ctx: &mut Ctx<'_>,
+    queue: &str,
+    cutoff: Option<Instant>,
+) -> Result<CatchUp> {
     let started = Instant::now();
     let limit = Duration::from_secs_f64(ctx.opts.replay_timeout_s);
-    while ctx.link.queue_depth(&replay_queue).await? > 0 {
+    let target = ctx.target.clone();
+    loop {
+        if ctx.link.queue_depth(queue).await? == 0 {
+            return Ok(CatchUp::CaughtUp);
+        }
+        if cutoff.is_some_and(|c| Instant::now() >= c) {
+            return Ok(CatchUp::CutOff);
+        }
         if started.elapsed() > limit {
-            return Err(Error::MigrationFailed {
-                phase: "replay".into(),
-                reason: format!(
-                    "the target did not catch up within replay_timeout_s = {} s (messages \
-                     arrive about as fast as it replays them); the migration was aborted and \
-                     the source kept serving",
-                    ctx.opts.replay_timeout_s
-                ),
-            });
+            return Err(ctx.failed(format!(
+                "the target did not catch up within replay_timeout_s = {} s: messages arrive \
+                 about as fast as it replays them or faster (measured lambda {:.2} msg/s, mu \
+                 {:.2} msg/s); the migration was aborted and the source kept serving",
+                ctx.opts.replay_timeout_s,
+                ctx.probe.arrival_rate(Duration::from_secs(5)),
+                ctx.probe.service_rate().unwrap_or(f64::NAN),
+            )));
+        }
+        if !ctx.runtime.is_running(&target).await {
+            return Err(ctx.failed(format!("{target} exited during the replay")));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
 
-    ctx.timeline.begin("finalize");
+/// The cutover: the source hands over to the target with nothing lost or processed twice.
+pub(super) async fn cutover(ctx: &mut Ctx<'_>) -> Result<()> {
+    ctx.enter("finalize").await?;
+    let (source, target) = (ctx.source.clone(), ctx.target.clone());
     let (paused, _) = ctx.command(&target, Command::PauseReplay, &[]).await?;
     let (stopped, _) = ctx
         .command(
@@ -92,11 +170,18 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
         .await?;
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
+    finish_replay(ctx, stopped.last_seq).await?;
+    finish(ctx).await
+}
+
+/// The target replays up to `until_seq` (the source's last) and starts serving live.
+pub(super) async fn finish_replay(ctx: &mut Ctx<'_>, until_seq: u64) -> Result<()> {
+    let target = ctx.target.clone();
     let (live, _) = ctx
         .command(
             &target,
             Command::FinishReplay {
-                until_seq: stopped.last_seq,
+                until_seq,
                 go_live: true,
             },
             &[],
@@ -105,9 +190,13 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.outcome.t_target_live_ns = Some(live.t_ns);
     ctx.outcome.messages_replayed = live.replayed;
     ctx.outcome.replay_skipped = live.skipped;
-    // From here on the target serves: nothing below may roll the migration back.
-    ctx.source_stopped = false;
-    ctx.target_started = false;
+    Ok(())
+}
+
+/// Once the target serves: drop the replay queue and retire the source. Nothing from here on
+/// may roll the migration back.
+pub(super) async fn finish(ctx: &mut Ctx<'_>) -> Result<()> {
+    ctx.committed();
     if let Some(q) = ctx.replay_queue.take() {
         ctx.link.delete_queue(&q).await?;
     }

@@ -7,47 +7,38 @@ use crate::error::Result;
 use ms2m_wire::control::Command;
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
-    ctx.timeline.begin("stop");
+    let (source, target) = (ctx.source.clone(), ctx.target.clone());
+    ctx.enter("stop").await?;
     let (stopped, _) = ctx
-        .command(
-            &ctx.source.clone(),
-            Command::StopLive { after_seq: None },
-            &[],
-        )
+        .command(&source, Command::StopLive { after_seq: None }, &[])
         .await?;
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
 
-    ctx.timeline.begin("checkpoint");
-    let (_, snapshot) = ctx
-        .command(&ctx.source.clone(), Command::Snapshot, &[])
-        .await?;
+    ctx.enter("checkpoint").await?;
+    let (_, snapshot) = ctx.command(&source, Command::Snapshot, &[]).await?;
     ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
 
     // The snapshot travels to the target host's inbox (its control queue) before the target
     // exists, as a checkpoint image would be copied to the target node.
-    ctx.timeline.begin("transfer");
+    ctx.enter("transfer").await?;
     ctx.link
-        .declare_control_queue(&ctx.spec.name, &ctx.target)
+        .declare_control_queue(&ctx.spec.name, &target)
         .await?;
     let restored = ctx
         .link
-        .send(&ctx.spec.name, &ctx.target, Command::Restore, &snapshot)
+        .send(&ctx.spec.name, &target, Command::Restore, &snapshot)
         .await?;
     drop(snapshot);
 
-    ctx.timeline.begin("restore");
+    ctx.enter("restore").await?;
     ctx.start_target().await?;
-    restored.reply(ctx.opts.reply_timeout()).await?;
+    ctx.reply(&target, restored).await?;
 
-    ctx.timeline.begin("finalize");
-    let (live, _) = ctx
-        .command(&ctx.target.clone(), Command::StartLive, &[])
-        .await?;
+    ctx.enter("finalize").await?;
+    let (live, _) = ctx.command(&target, Command::StartLive, &[]).await?;
     ctx.outcome.t_target_live_ns = Some(live.t_ns);
-    // From here on the target serves: nothing below may roll the migration back.
-    ctx.source_stopped = false;
-    ctx.target_started = false;
+    ctx.committed();
     ctx.retire_source().await?;
     ctx.timeline.end();
     Ok(())

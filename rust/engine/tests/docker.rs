@@ -1,0 +1,462 @@
+//! Real migrations in Docker: one broker container, service instances as containers, an
+//! open-loop workload, and the checker's verdict on the whole history of every run.
+//!
+//! A custom harness runs the cases one after another on one testbed, so that their timings do
+//! not disturb each other, and removes the testbed at the end whatever happened. Pass words
+//! as arguments to run only the cases whose names contain one of them.
+
+use anyhow::{bail, ensure, Context, Result};
+use ms2m_engine::config::{Fault, Role};
+use ms2m_engine::{
+    Error, MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
+};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+type Case = for<'a> fn(&'a Testbed) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|tb| Box::pin($name(tb))) as Case)),*]
+    };
+}
+
+fn main() {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let all = cases![
+        every_strategy_migrates_without_loss,
+        backlog_waiting_when_the_migration_starts,
+        prefetch_larger_than_one,
+        large_state_of_64_mib,
+        several_migrations_in_a_row,
+        near_capacity_19_msg_s,
+        plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so,
+        cutoff_converges_above_capacity,
+        target_killed_during_transfer_restore_or_replay,
+        target_killed_during_stop_and_copy_restore,
+        source_killed_during_replay_is_reported,
+    ];
+    let chosen: Vec<_> = all
+        .into_iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (passed, failed) = rt.block_on(async {
+        let tb = Testbed::start(TestbedConfig::default())
+            .await
+            .expect("start the testbed (make setup builds the images)");
+        println!(
+            "\nrunning {} docker cases on testbed {}",
+            chosen.len(),
+            tb.id()
+        );
+        let (mut passed, mut failed) = (0, 0);
+        for (name, case) in &chosen {
+            let started = std::time::Instant::now();
+            match case(&tb).await {
+                Ok(()) => {
+                    passed += 1;
+                    println!(
+                        "test {name} ... ok ({:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("test {name} ... FAILED\n    {e:#}");
+                }
+            }
+        }
+        tb.close().await.expect("remove the testbed");
+        (passed, failed)
+    });
+    println!("\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out\n",
+        if failed == 0 { "ok" } else { "FAILED" });
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+fn spec(name: &str, state_bytes: u64) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        host: "edge-1".into(),
+        processing_ms: 50.0,
+        state_bytes,
+        prefetch: 1,
+    }
+}
+
+fn opts() -> MigrationOptions {
+    MigrationOptions {
+        settle_s: 0.3,
+        reply_timeout_s: 30.0,
+        replay_timeout_s: 30.0,
+        ..Default::default()
+    }
+}
+
+fn workload(rate: f64) -> WorkloadSpec {
+    WorkloadSpec {
+        rate,
+        message_bytes: 64,
+    }
+}
+
+/// The invariants every completed run must keep.
+fn clean(report: &Report) -> Result<()> {
+    let v = &report.verdict;
+    let context = || format!("{} run {}", report.strategy, report.run_id);
+    ensure!(
+        report.migration.status == "completed",
+        "{}: {:?}",
+        context(),
+        report.migration.error
+    );
+    ensure!(v.lost.count == 0, "{}: lost {:?}", context(), v.lost);
+    ensure!(
+        v.duplicated.count == 0,
+        "{}: duplicated {:?}",
+        context(),
+        v.duplicated
+    );
+    ensure!(
+        v.reordered.count == 0,
+        "{}: reordered {:?}",
+        context(),
+        v.reordered
+    );
+    ensure!(
+        v.state.consistent == Some(true),
+        "{}: state {:?}",
+        context(),
+        v.state
+    );
+    ensure!(v.is_valid(), "{}: {v:?}", context());
+    ensure!(v.expected > 0, "{}: the workload sent nothing", context());
+    ensure!(
+        report.leftovers.is_empty(),
+        "{}: left behind {:?}",
+        context(),
+        report.leftovers
+    );
+    Ok(())
+}
+
+/// Deploys, warms up under `rate`, runs `f`, and removes the service whatever happened.
+async fn with_service<F, Fut>(tb: &Testbed, s: ServiceSpec, rate: f64, f: F) -> Result<()>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let name = s.name.clone();
+    tb.deploy(s).await?;
+    let result = async {
+        tb.start_workload(&name, workload(rate)).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        f(name.clone()).await
+    }
+    .await;
+    let removed = tb.remove(&name).await;
+    result?;
+    removed.context("removing the service")
+}
+
+async fn every_strategy_migrates_without_loss(tb: &Testbed) -> Result<()> {
+    for strategy in Strategy::ALL {
+        let name = format!("every-{}", strategy.name().replace('_', "-"));
+        with_service(tb, spec(&name, 1_000_000), 10.0, |name| async move {
+            let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
+            clean(&r)?;
+            let phases: Vec<_> = r.phases.iter().map(|p| p.name.as_str()).collect();
+            ensure!(phases == strategy.phases(), "phases {phases:?}");
+            ensure!(r.target.host == "edge-2" && tb.service_info(&name).await?.host == "edge-2");
+            ensure!(r.migration.outcome.checkpoint_bytes > 1_000_000);
+            ensure!(r.migration.control_plane_downtime_ms.is_some());
+            ensure!(
+                (r.migration.outcome.lambda - 10.0).abs() < 2.0,
+                "lambda {}",
+                r.migration.outcome.lambda
+            );
+            let mu = r.migration.outcome.mu.context("mu measured")?;
+            ensure!((15.0..=21.0).contains(&mu), "mu {mu}");
+            ensure!(r.migration.outcome.cutoff.is_some() == (strategy == Strategy::Ms2mCutoff));
+            Ok(())
+        })
+        .await
+        .with_context(|| strategy.name())?;
+    }
+    Ok(())
+}
+
+async fn backlog_waiting_when_the_migration_starts(tb: &Testbed) -> Result<()> {
+    for strategy in [Strategy::Ms2m, Strategy::StopAndCopy] {
+        let name = format!("backlog-{}", strategy.name().replace('_', "-"));
+        with_service(tb, spec(&name, 10_000), 5.0, |name| async move {
+            // A burst: about 1.5 s of work queues up in front of the barrier.
+            tb.stop_workload(&name).await?;
+            tb.start_workload(&name, workload(100.0)).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tb.stop_workload(&name).await?;
+            tb.start_workload(&name, workload(5.0)).await?;
+            let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
+            clean(&r)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn prefetch_larger_than_one(tb: &Testbed) -> Result<()> {
+    for strategy in Strategy::ALL {
+        let name = format!("prefetch-{}", strategy.name().replace('_', "-"));
+        let s = ServiceSpec {
+            prefetch: 10,
+            ..spec(&name, 10_000)
+        };
+        with_service(tb, s, 15.0, |name| async move {
+            clean(&tb.migrate(&name, "edge-2", strategy, opts()).await?)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn large_state_of_64_mib(tb: &Testbed) -> Result<()> {
+    for strategy in [Strategy::Ms2m, Strategy::StopAndCopy] {
+        let name = format!("large-{}", strategy.name().replace('_', "-"));
+        with_service(tb, spec(&name, 64 << 20), 10.0, |name| async move {
+            let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
+            clean(&r)?;
+            ensure!(r.migration.outcome.checkpoint_bytes > 64 << 20);
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn several_migrations_in_a_row(tb: &Testbed) -> Result<()> {
+    with_service(tb, spec("chain", 100_000), 10.0, |name| async move {
+        for (to, strategy) in [
+            ("edge-2", Strategy::Ms2m),
+            ("cloud", Strategy::Ms2mCutoff),
+            ("edge-1", Strategy::Ms2mSequential),
+            ("edge-2", Strategy::StopAndCopy),
+        ] {
+            let r = tb.migrate(&name, to, strategy, opts()).await?;
+            clean(&r).with_context(|| format!("to {to}"))?;
+            ensure!(tb.service_info(&name).await?.host == to);
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn near_capacity_19_msg_s(tb: &Testbed) -> Result<()> {
+    for strategy in Strategy::ALL {
+        let name = format!("r19-{}", strategy.name().replace('_', "-"));
+        with_service(tb, spec(&name, 10_000), 19.0, |name| async move {
+            let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
+            clean(&r)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so(tb: &Testbed) -> Result<()> {
+    for rate in [20.0, 25.0] {
+        let name = format!("noconv-{rate}");
+        with_service(tb, spec(&name, 10_000), rate, |name| async move {
+            let o = MigrationOptions {
+                replay_timeout_s: 3.0,
+                ..opts()
+            };
+            let started = std::time::Instant::now();
+            match tb.migrate(&name, "edge-2", Strategy::Ms2m, o).await {
+                Err(Error::MigrationFailed {
+                    phase,
+                    reason,
+                    report,
+                }) => {
+                    ensure!(phase == "replay", "failed in {phase}");
+                    ensure!(reason.contains("did not catch up"), "{reason}");
+                    let r = report.context("a failed migration still has its report")?;
+                    ensure!(r.migration.status == "aborted");
+                    ensure!(
+                        r.verdict.lost.count == 0 && r.verdict.duplicated.count == 0,
+                        "{:?}",
+                        r.verdict
+                    );
+                    ensure!(
+                        r.verdict.state.consistent == Some(true),
+                        "{:?}",
+                        r.verdict.state
+                    );
+                    ensure!(r.leftovers.is_empty(), "{:?}", r.leftovers);
+                    ensure!(
+                        tb.service_info(&name).await?.host == "edge-1",
+                        "the source keeps serving"
+                    );
+                    // Bounded: replay timeout plus the other phases, not forever.
+                    ensure!(started.elapsed() < Duration::from_secs(60));
+                    Ok(())
+                }
+                Ok(r) => bail!(
+                    "ms2m converged at {rate} msg/s (capacity 20): {:?}",
+                    r.migration
+                ),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn cutoff_converges_above_capacity(tb: &Testbed) -> Result<()> {
+    for rate in [20.0, 25.0] {
+        let name = format!("cutoff-{rate}");
+        with_service(tb, spec(&name, 10_000), rate, |name| async move {
+            let o = MigrationOptions {
+                replay_max_s: 1.0,
+                replay_timeout_s: 20.0,
+                ..opts()
+            };
+            let r = tb.migrate(&name, "edge-2", Strategy::Ms2mCutoff, o).await?;
+            clean(&r)?;
+            let c = r
+                .migration
+                .outcome
+                .cutoff
+                .clone()
+                .context("cutoff report")?;
+            ensure!(c.fired, "the cutoff did not fire at {rate} msg/s: {c:?}");
+            let t = c.t_cutoff_s.context("T_cutoff")?;
+            ensure!((t - c.replay_max_s * c.mu / c.lambda).abs() < 1e-9);
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A migration whose target dies must leave the source serving and every message processed
+/// exactly once.
+async fn assert_rolled_back(
+    tb: &Testbed,
+    name: &str,
+    strategy: Strategy,
+    fault: Fault,
+) -> Result<()> {
+    let o = MigrationOptions {
+        fault: Some(fault.clone()),
+        ..opts()
+    };
+    match tb.migrate(name, "edge-2", strategy, o).await {
+        Err(Error::MigrationFailed {
+            phase,
+            report,
+            reason,
+        }) => {
+            // The failure shows in the fault's phase or, when the target had already done that
+            // phase's work, in a later one.
+            let order = strategy.phases();
+            let at = |p: &str| order.iter().position(|x| *x == p);
+            ensure!(
+                at(&phase) >= at(&fault.at_phase),
+                "failed in {phase} before the fault: {reason}"
+            );
+            ensure!(reason.contains("exited"), "{reason}");
+            let r = report.context("report of the aborted run")?;
+            ensure!(r.migration.status == "aborted");
+            ensure!(r.migration.outcome.fault.is_some());
+            let v = &r.verdict;
+            ensure!(
+                v.lost.count == 0 && v.duplicated.count == 0 && v.reordered.count == 0,
+                "{v:?}"
+            );
+            ensure!(v.state.consistent == Some(true), "{:?}", v.state);
+            ensure!(r.leftovers.is_empty(), "{:?}", r.leftovers);
+            ensure!(tb.service_info(name).await?.host == "edge-1");
+        }
+        Ok(_) => bail!("the migration succeeded although {fault:?}"),
+        Err(e) => return Err(e.into()),
+    }
+    // The system is as it was: the next migration works.
+    clean(&tb.migrate(name, "edge-2", strategy, opts()).await?)
+}
+
+async fn target_killed_during_transfer_restore_or_replay(tb: &Testbed) -> Result<()> {
+    for phase in ["transfer", "restore", "replay"] {
+        let name = format!("kill-target-{phase}");
+        with_service(tb, spec(&name, 100_000), 10.0, |name| async move {
+            let fault = Fault {
+                kill: Role::Target,
+                at_phase: phase.into(),
+            };
+            assert_rolled_back(tb, &name, Strategy::Ms2m, fault).await
+        })
+        .await
+        .with_context(|| phase)?;
+    }
+    Ok(())
+}
+
+async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> {
+    with_service(tb, spec("kill-cold", 100_000), 10.0, |name| async move {
+        let fault = Fault {
+            kill: Role::Target,
+            at_phase: "restore".into(),
+        };
+        assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
+    })
+    .await
+}
+
+async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
+    with_service(tb, spec("kill-source", 100_000), 10.0, |name| async move {
+        let o = MigrationOptions {
+            fault: Some(Fault {
+                kill: Role::Source,
+                at_phase: "replay".into(),
+            }),
+            drain_timeout_s: 3.0,
+            ..opts()
+        };
+        match tb.migrate(&name, "edge-2", Strategy::Ms2m, o).await {
+            Err(Error::MigrationFailed { reason, report, .. }) => {
+                ensure!(
+                    reason.contains("exited") || reason.contains("source"),
+                    "{reason}"
+                );
+                let r = report.context("report of the failed run")?;
+                ensure!(r.migration.status == "aborted");
+                // Nobody serves any more: what was sent since is lost, and the report says so.
+                let unprocessed = r.counts.confirmed.saturating_sub(r.counts.processed_live);
+                ensure!(
+                    r.verdict.lost.count > 0 && r.verdict.lost.count <= unprocessed.max(1) + 1,
+                    "lost {:?}, counts {:?}",
+                    r.verdict.lost,
+                    r.counts
+                );
+                ensure!(r.verdict.result == "invalid");
+                ensure!(
+                    r.verdict.state.consistent.is_none(),
+                    "no instance to ask for its state"
+                );
+                Ok(())
+            }
+            Ok(_) => bail!("the migration succeeded with its source killed"),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
