@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 RUNS ?= 5
 
-.PHONY: help setup images demo test test-rust test-python lint fmt clean-leftovers
+.PHONY: help setup images demo test test-rust test-python lint fmt schema bench clean-leftovers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -38,6 +38,12 @@ fmt: ## format Rust and Python
 	cargo fmt --all
 	$(PY) -m ruff format python
 	$(PY) -m ruff check --fix python
+
+bench: setup ## benchmarks of the instrument (generator, recorder, pacing) against a real broker
+	cargo bench --locked -p ms2m-engine --bench instrument
+
+schema: ## regenerate python/ms2m/report.schema.json from the report types
+	MS2M_WRITE_SCHEMA=1 cargo test --release --locked -q -p ms2m-engine --lib shipped_schema_is_current
 
 clean-leftovers: ## remove containers and networks left by crashed runs
 	$(PY) -m ms2m cleanup

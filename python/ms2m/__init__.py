@@ -13,6 +13,7 @@ context managers, typed reports and the command line.
 
 import json as _json
 
+from . import profiles
 from ._native import (
     BrokerError,
     ConfigurationError,
@@ -25,7 +26,15 @@ from ._native import (
 from ._native import strategies as _strategies
 from ._native import strategy_phases as _strategy_phases
 from .experiment import Comparison, compare_strategies, summarize
-from .report import REPORT_SCHEMA, InvariantViolated, Report, load_reports, to_dataframe
+from .report import (
+    REPORT_SCHEMA,
+    InvariantViolated,
+    Report,
+    load_reports,
+    report_schema,
+    timeline_csv,
+    to_dataframe,
+)
 from .testbed import Fault, Service, Testbed
 
 STRATEGIES: tuple[str, ...] = tuple(_strategies())
@@ -71,6 +80,9 @@ __all__ = [
     "cleanup",
     "compare_strategies",
     "load_reports",
+    "profiles",
+    "report_schema",
     "summarize",
+    "timeline_csv",
     "to_dataframe",
 ]

@@ -157,7 +157,7 @@ def table(reports: Sequence[Report]) -> list[dict[str, Any]]:
     runs that lost or duplicated anything, aborted runs."""
     by: dict[tuple[str, float], list[Report]] = {}
     for r in reports:
-        rate = float((r.to_dict().get("workload") or {}).get("rate", 0.0))
+        rate = r.rate or 0.0
         by.setdefault((r.strategy, rate), []).append(r)
     cold = {
         rate: statistics.median(x.downtime_ms for x in rs)

@@ -144,14 +144,34 @@ class Report:
             raise InvariantViolated(self)
         return self
 
+    @property
+    def rate(self) -> float | None:
+        """The workload's mean rate, msg/s."""
+        r = self._d.get("workload_rate")
+        return None if r is None else float(r)
+
+    @property
+    def completed(self) -> bool:
+        """False for a migration that was aborted and rolled back."""
+        return self._d["migration"]["status"] == "completed"
+
+    def write_interval_log(self, history: dict[str, Any], path: str | Path) -> Path:
+        """Writes the latencies before, during and after this migration as an HdrHistogram
+        interval log (readable by HdrHistogram's tools), from ``Testbed.history``."""
+        m = self._d["migration"]
+        text = _native.interval_log(json.dumps(history), m["t_start_ns"], m["t_end_ns"])
+        p = Path(path)
+        p.write_text(text)
+        return p
+
     def summary(self) -> dict[str, Any]:
         """One flat row: configuration, headline metrics and verdicts."""
         d = self._d
-        w = d.get("workload") or {}
         row: dict[str, Any] = {
             "run_id": self.run_id,
             "strategy": self.strategy,
-            "rate": w.get("rate"),
+            "status": d["migration"]["status"],
+            "rate": self.rate,
             "processing_ms": d["service"]["processing_ms"],
             "state_bytes": d["service"]["state_bytes"],
             "source_host": d["source"]["host"],
@@ -170,6 +190,7 @@ class Report:
         }
         for name, ms in self.phases.items():
             row[f"phase_{name}_ms"] = ms
+        row["pacing_p99_us"] = d["metrics"]["pacing_error"]["p99_us"]
         for when in ("before", "during", "after"):
             lat = d["metrics"]["latency"][when]
             row[f"latency_{when}_p50_ms"] = lat["p50_ms"]
@@ -182,6 +203,21 @@ class Report:
             f"lost {self.lost}, duplicated {self.duplicated}, "
             f"state_consistent {self.state_consistent}>"
         )
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema every report validates against (also shipped as report.schema.json)."""
+    return dict(json.loads(_native.report_schema()))
+
+
+def timeline_csv(history: dict[str, Any], path: str | Path | None = None) -> str:
+    """The per-message timeline of a history (``Testbed.history``) as CSV: one row per
+    processing (live or replay) and one per message nobody processed; written to ``path``
+    when given."""
+    text = _native.timeline_csv(json.dumps(history))
+    if path is not None:
+        Path(path).write_text(text)
+    return text
 
 
 def load_reports(paths: str | Path | Iterable[str | Path]) -> list[Report]:

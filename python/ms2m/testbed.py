@@ -11,9 +11,11 @@ import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import _native
+from .profiles import Profile, constant
 from .report import Report
 
 DEFAULT_HOSTS = ("edge-1", "edge-2", "cloud")
@@ -232,11 +234,26 @@ class Testbed:
     # -- workload --------------------------------------------------------------------------
 
     def start_workload(
-        self, service: Service | str, *, rate: float, message_bytes: int = 64
+        self,
+        service: Service | str,
+        *,
+        rate: float | None = None,
+        profile: Profile | None = None,
+        message_bytes: int = 64,
+        seed: int = 0,
     ) -> None:
-        """Starts an open-loop workload of ``rate`` messages per second (absolute schedule)."""
-        _check_ints(message_bytes=message_bytes)
-        spec = json.dumps({"rate": rate, "message_bytes": message_bytes})
+        """Starts an open-loop workload: ``rate`` messages per second, or a rate ``profile``
+        from :mod:`ms2m.profiles` (Poisson, steps, bursts). ``seed`` fixes the random parts."""
+        _check_ints(message_bytes=message_bytes, seed=seed)
+        if (rate is None) == (profile is None):
+            raise _native.ConfigurationError("give either rate= or profile=, not both or neither")
+        spec = json.dumps(
+            {
+                "profile": constant(rate) if rate is not None else profile,
+                "message_bytes": message_bytes,
+                "seed": seed,
+            }
+        )
         self._native.start_workload(_name(service), spec)
 
     def stop_workload(self, service: Service | str) -> None:
@@ -245,10 +262,18 @@ class Testbed:
 
     @contextmanager
     def workload(
-        self, service: Service | str, *, rate: float, message_bytes: int = 64
+        self,
+        service: Service | str,
+        *,
+        rate: float | None = None,
+        profile: Profile | None = None,
+        message_bytes: int = 64,
+        seed: int = 0,
     ) -> Iterator[None]:
-        """Runs a workload for the duration of a ``with`` block."""
-        self.start_workload(service, rate=rate, message_bytes=message_bytes)
+        """Runs a workload (see :meth:`start_workload`) for the duration of a ``with`` block."""
+        self.start_workload(
+            service, rate=rate, profile=profile, message_bytes=message_bytes, seed=seed
+        )
         try:
             yield
         finally:
@@ -256,10 +281,18 @@ class Testbed:
 
     @asynccontextmanager
     async def workload_async(
-        self, service: Service | str, *, rate: float, message_bytes: int = 64
+        self,
+        service: Service | str,
+        *,
+        rate: float | None = None,
+        profile: Profile | None = None,
+        message_bytes: int = 64,
+        seed: int = 0,
     ) -> AsyncIterator[None]:
         """Async twin of :meth:`workload` (starting and stopping are quick calls)."""
-        with self.workload(service, rate=rate, message_bytes=message_bytes):
+        with self.workload(
+            service, rate=rate, profile=profile, message_bytes=message_bytes, seed=seed
+        ):
             yield
 
     # -- migration -------------------------------------------------------------------------
@@ -324,6 +357,13 @@ class Testbed:
     def history(self, service: Service | str) -> dict[str, Any]:
         """The recorded history (sent messages, output events) for saving or offline checks."""
         return json.loads(self._native.history(_name(service)))
+
+    def save_history(self, service: Service | str, path: str | Path) -> Path:
+        """Writes the recorded history as JSON (``ms2m.check_history`` reads it back)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self._native.history(_name(service)))
+        return p
 
 
 def _check_ints(**values: object) -> None:

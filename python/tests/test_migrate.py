@@ -171,3 +171,32 @@ def test_broker_is_clean_once_services_are_removed(testbed: ms2m.Testbed):
     assert "py-clean.primary" in testbed.broker_queues()
     testbed.remove(svc)
     assert not any(q.startswith("py-clean.") for q in testbed.broker_queues())
+
+
+def test_report_validates_against_the_schema_and_exports(testbed: ms2m.Testbed, tmp_path):
+    import jsonschema
+
+    svc = testbed.deploy("py-export", host="edge-1", processing_ms=5, state_bytes=1000)
+    try:
+        with testbed.workload(svc, profile=ms2m.profiles.poisson(50), seed=7):
+            time.sleep(1.0)
+            report = testbed.migrate(svc, to="cloud", settle_s=0.3)
+        _assert_clean(report)
+        jsonschema.validate(report.to_dict(), ms2m.report_schema())
+        d = report.to_dict()
+        assert d["workload"]["profile"] == {"kind": "poisson", "rate": 50}
+        assert d["workload"]["seed"] == 7
+        assert d["metrics"]["pacing_error"]["count"] > 0
+        assert d["environment"]["broker_version"]
+        assert "lapin" in d["environment"]["crates"]
+        history = testbed.history(svc)
+        csv = ms2m.timeline_csv(history, tmp_path / "timeline.csv").splitlines()
+        assert len(csv) > d["counts"]["processed_live"]
+        hlog = report.write_interval_log(history, tmp_path / "latency.hlog").read_text()
+        assert hlog.startswith("#") and "Tag=during" in hlog
+        with pytest.raises(ms2m.ConfigurationError, match="either rate= or profile="):
+            testbed.start_workload(svc, rate=1, profile=ms2m.profiles.constant(1))
+        with pytest.raises(ms2m.ConfigurationError, match="first step"):
+            testbed.start_workload(svc, profile=ms2m.profiles.steps([(1, 5)]))
+    finally:
+        testbed.remove(svc)

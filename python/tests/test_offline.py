@@ -130,3 +130,24 @@ def test_no_docker_daemon_gives_a_clear_error():
     )
     assert "no Docker daemon answers at /nonexistent/docker.sock" in out.stdout, out
     assert "apt-get install docker.io" in out.stdout
+
+
+def test_timeline_csv_has_a_row_per_processing_and_per_unprocessed_message(tmp_path):
+    h = _history(4, drop=2)
+    text = ms2m.timeline_csv(h, tmp_path / "t.csv")
+    rows = text.splitlines()
+    assert rows[0].startswith("seq,outcome,t_sched_ns,t_pub_ns,instance,mode")
+    assert len(rows) == 1 + 4
+    assert rows[2] == "2,confirmed,200,200,,,,,"
+    assert (tmp_path / "t.csv").read_text() == text
+
+
+def test_report_schema_is_a_json_schema():
+    schema = ms2m.report_schema()
+    assert schema["title"] == "Report"
+    assert "verdict" in schema["required"]
+
+
+def test_profiles_build_what_the_engine_reads():
+    assert ms2m.profiles.steps([(0, 1), (5, 10)])["steps"][1] == {"at_s": 5, "rate": 10}
+    assert ms2m.profiles.poisson(3)["kind"] == "poisson"

@@ -255,8 +255,8 @@ impl Link {
             .await
             .broker(format!("confirm of a publish to {exchange}{key}"))?;
         if confirm.is_nack() {
-            return Err(Error::Docker(format!(
-                "the broker refused a message to {exchange}{key}"
+            return Err(Error::BrokerRefused(format!(
+                "a message to {exchange}{key} was negatively confirmed"
             )));
         }
         Ok(())
@@ -293,7 +293,7 @@ impl Link {
             .to_string();
         let rx = self.expect(&corr);
         let env = Envelope {
-            corr,
+            corr: corr.clone(),
             reply_to: self.reply_queue.clone(),
             command,
         };
@@ -306,6 +306,8 @@ impl Link {
         Ok(Sent {
             rx,
             what: format!("{instance} to answer {what}"),
+            corr,
+            waiters: self.waiters.clone(),
         })
     }
 
@@ -333,12 +335,19 @@ impl Link {
 pub struct Sent {
     rx: oneshot::Receiver<Answer>,
     what: String,
+    corr: String,
+    waiters: Waiters,
 }
 
 impl Sent {
     /// Waits for the reply; a reply that carries an error becomes `Err`.
     pub async fn reply(self, timeout: Duration) -> Result<Answer> {
-        let (reply, blob) = wait(self.rx, timeout, &self.what).await?;
+        let answer = wait(self.rx, timeout, &self.what).await;
+        if answer.is_err() {
+            // Nobody waits any more: a late reply must not find a stale entry.
+            self.waiters.lock().unwrap().remove(&self.corr);
+        }
+        let (reply, blob) = answer?;
         if let Some(e) = &reply.error {
             return Err(Error::MigrationFailed {
                 phase: reply.kind.clone(),

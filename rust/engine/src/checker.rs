@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 const EXAMPLES: usize = 10;
 
 /// A count with a few of the offending sequence numbers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Finding {
     pub count: u64,
     pub examples: Vec<u64>,
@@ -27,7 +27,7 @@ impl Finding {
 }
 
 /// What the final instance reported of its state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ObservedState {
     pub instance: String,
     pub last_seq: u64,
@@ -36,7 +36,7 @@ pub struct ObservedState {
 }
 
 /// The state verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateVerdict {
     /// None when no final state was observed (verdict unknown).
     pub consistent: Option<bool>,
@@ -46,7 +46,7 @@ pub struct StateVerdict {
 }
 
 /// The checker's verdict: valid only if every sub-verdict holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Verdict {
     /// "valid", "invalid" or "unknown" (the state could not be observed).
     pub result: String,

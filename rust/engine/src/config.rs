@@ -2,6 +2,7 @@
 //! anything starts.
 
 use crate::error::{Error, Result};
+use crate::workload::Profile;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T> {
 }
 
 /// Where the broker and the instances run, and which images they use.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TestbedConfig {
     /// Host names instances can be placed on. A host is a name the testbed maps to where an
     /// instance runs; in the docker runtime every host is a container on the testbed network.
@@ -79,7 +80,7 @@ pub(crate) fn valid_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// A service to deploy: the reference service's parameters.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ServiceSpec {
     pub name: String,
     pub host: String,
@@ -125,25 +126,28 @@ pub(crate) fn check_host(tb: &TestbedConfig, host: &str) -> Result<()> {
 }
 
 /// An open-loop workload: messages sent on an absolute schedule.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct WorkloadSpec {
-    /// Messages per second; 0 sends nothing.
-    pub rate: f64,
+    pub profile: Profile,
     /// Payload bytes per message.
     pub message_bytes: usize,
+    /// Seed of the random parts (Poisson gaps); the same seed gives the same schedule.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl WorkloadSpec {
+    /// `rate` messages per second, evenly spaced, 64-byte payloads.
+    pub fn constant(rate: f64) -> Self {
+        WorkloadSpec {
+            profile: Profile::Constant { rate },
+            message_bytes: 64,
+            seed: 0,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
-        if !(self.rate.is_finite() && self.rate >= 0.0) {
-            return refuse(format!(
-                "rate must be a finite number of messages per second >= 0, got {}",
-                self.rate
-            ));
-        }
-        if self.rate > 1_000_000.0 {
-            return refuse(format!("rate {} exceeds 1,000,000 msg/s", self.rate));
-        }
+        self.profile.validate()?;
         if self.message_bytes > 16 << 20 {
             return refuse("message_bytes must be at most 16 MiB");
         }
@@ -152,13 +156,17 @@ impl WorkloadSpec {
 }
 
 /// The migration strategies this engine implements, one file each under `strategies/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     StopAndCopy,
     Ms2m,
     Ms2mCutoff,
     Ms2mSequential,
+    /// Deliberately broken MS2M without the barrier, built only with the `test-strategies`
+    /// feature: it exists to prove that the checker catches the state it loses.
+    #[cfg(feature = "test-strategies")]
+    BrokenNoBarrier,
 }
 
 impl Strategy {
@@ -175,6 +183,8 @@ impl Strategy {
             Strategy::Ms2m => "ms2m",
             Strategy::Ms2mCutoff => "ms2m_cutoff",
             Strategy::Ms2mSequential => "ms2m_sequential",
+            #[cfg(feature = "test-strategies")]
+            Strategy::BrokenNoBarrier => "broken_no_barrier",
         }
     }
 
@@ -199,6 +209,15 @@ impl Strategy {
                 "replay",
                 "finalize",
             ],
+            #[cfg(feature = "test-strategies")]
+            Strategy::BrokenNoBarrier => &[
+                "checkpoint",
+                "prepare",
+                "transfer",
+                "restore",
+                "replay",
+                "finalize",
+            ],
         }
     }
 }
@@ -219,7 +238,7 @@ impl std::str::FromStr for Strategy {
 }
 
 /// Which instance a fault hits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
@@ -228,14 +247,14 @@ pub enum Role {
 
 /// A fault to inject: kill an instance (SIGKILL) when a phase begins, as a crash would. For
 /// experiments on failure handling and for the engine's own tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fault {
     pub kill: Role,
     pub at_phase: String,
 }
 
 /// Knobs of one migration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default)]
 pub struct MigrationOptions {
     /// Longest wait for any one instance reply.
@@ -340,18 +359,8 @@ mod tests {
         }
         .validate(&tb)
         .is_err());
-        assert!(WorkloadSpec {
-            rate: -2.0,
-            message_bytes: 0
-        }
-        .validate()
-        .is_err());
-        assert!(WorkloadSpec {
-            rate: f64::NAN,
-            message_bytes: 0
-        }
-        .validate()
-        .is_err());
+        assert!(WorkloadSpec::constant(-2.0).validate().is_err());
+        assert!(WorkloadSpec::constant(f64::NAN).validate().is_err());
         let e = "warp".parse::<Strategy>().unwrap_err();
         assert!(e.to_string().contains("stop_and_copy"), "{e}");
         assert_eq!("ms2m".parse::<Strategy>().unwrap(), Strategy::Ms2m);

@@ -17,6 +17,9 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// The broker answered a publish with a negative confirm.
+    #[error("broker refused: {0}")]
+    BrokerRefused(String),
     /// A container operation failed.
     #[error("docker: {0}")]
     Docker(String),

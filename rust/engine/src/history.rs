@@ -5,7 +5,7 @@ use ms2m_wire::OutputEvent;
 use serde::{Deserialize, Serialize};
 
 /// What the broker said of one publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PublishOutcome {
     /// Not answered yet.
@@ -19,7 +19,7 @@ pub enum PublishOutcome {
 }
 
 /// One message the workload sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Published {
     pub seq: u64,
     /// When the open-loop schedule said to send it.

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod checker;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod history;
 pub mod metrics;
 pub mod recorder;

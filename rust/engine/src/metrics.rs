@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub type Span = (u64, u64);
 
 /// The longest stretch of a window in which a message waited and no instance processed one.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Downtime {
     pub ms: f64,
     /// Where the longest stretch lies (absent when there was none).
@@ -93,13 +93,42 @@ pub fn downtime(history: &History, window: Span, t_cut_ns: u64) -> Downtime {
 }
 
 /// Percentiles of one latency histogram, milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LatencySummary {
     pub count: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+}
+
+/// How late the workload sent its messages (actual minus scheduled send time), microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PacingSummary {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// Pacing error of every message sent up to `t_cut_ns`.
+pub fn pacing(history: &History, t_cut_ns: u64) -> PacingSummary {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds");
+    for p in history.published.iter().filter(|p| p.t_pub_ns <= t_cut_ns) {
+        h.saturating_record(p.t_pub_ns.saturating_sub(p.t_sched_ns).max(1));
+    }
+    if h.is_empty() {
+        return PacingSummary::default();
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    PacingSummary {
+        count: h.len(),
+        p50_us: us(h.value_at_quantile(0.5)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    }
 }
 
 /// End-to-end latency (t_end - t_pub) of live messages, before, during and after a migration.

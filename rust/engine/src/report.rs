@@ -3,7 +3,7 @@
 
 use crate::checker::Verdict;
 use crate::config::{MigrationOptions, ServiceSpec, WorkloadSpec};
-use crate::metrics::{Downtime, LatencySummary};
+use crate::metrics::{Downtime, LatencySummary, PacingSummary};
 use crate::strategies::{Outcome, Phase};
 use serde::{Deserialize, Serialize};
 
@@ -11,18 +11,22 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA: &str = "ms2m.report/1";
 
 /// Where an instance ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Placement {
     pub instance: String,
     pub host: String,
 }
 
 /// The machine and software that produced a report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Environment {
     pub ms2m_version: String,
+    /// Versions of the crates the engine is built on (from Cargo.lock).
+    pub crates: std::collections::BTreeMap<String, String>,
     pub runtime: String,
     pub broker_image: String,
+    /// As `rabbitmqctl version` reports it.
+    pub broker_version: Option<String>,
     pub service_image: String,
     pub docker_version: Option<String>,
     pub kernel: Option<String>,
@@ -33,6 +37,7 @@ pub struct Environment {
 impl Environment {
     pub fn collect(
         broker_image: &str,
+        broker_version: Option<String>,
         service_image: &str,
         docker_version: Option<String>,
     ) -> Self {
@@ -43,8 +48,14 @@ impl Environment {
         };
         Environment {
             ms2m_version: env!("CARGO_PKG_VERSION").to_string(),
+            crates: env!("MS2M_CRATE_VERSIONS")
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             runtime: "docker".into(),
             broker_image: broker_image.into(),
+            broker_version,
             service_image: service_image.into(),
             docker_version,
             kernel: read("/proc/sys/kernel/osrelease"),
@@ -55,7 +66,7 @@ impl Environment {
 }
 
 /// The migration itself, as the manager saw it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigrationSummary {
     /// "completed", or "aborted" (rolled back; see `failed_phase` and `error`).
     pub status: String,
@@ -71,15 +82,17 @@ pub struct MigrationSummary {
 }
 
 /// Latency percentiles by when the message was sent relative to the migration.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LatencyReport {
     pub before: LatencySummary,
     pub during: LatencySummary,
     pub after: LatencySummary,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Metrics {
+    /// How late the workload sent its messages: the instrument's own error.
+    pub pacing_error: PacingSummary,
     /// Longest gap in the migration window while a message waited and no instance served.
     pub downtime: Downtime,
     /// The same figure over an equal window before the migration: the testbed's noise floor.
@@ -87,7 +100,7 @@ pub struct Metrics {
     pub latency: LatencyReport,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Counts {
     pub published: u64,
     pub confirmed: u64,
@@ -98,13 +111,15 @@ pub struct Counts {
 }
 
 /// The report of one migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Report {
     pub schema: String,
     pub run_id: String,
     pub strategy: String,
     pub service: ServiceSpec,
     pub workload: Option<WorkloadSpec>,
+    /// The workload's long-run mean rate, msg/s.
+    pub workload_rate: Option<f64>,
     pub options: MigrationOptions,
     pub source: Placement,
     pub target: Placement,
@@ -119,6 +134,11 @@ pub struct Report {
     pub leftovers: Vec<String>,
 }
 
+/// The JSON Schema of [`Report`], generated from the types themselves.
+pub fn schema_json() -> String {
+    serde_json::to_string_pretty(&schemars::schema_for!(Report)).expect("schemas serialize") + "\n"
+}
+
 impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("reports serialize")
@@ -126,5 +146,27 @@ impl Report {
 
     pub fn from_json(s: &str) -> serde_json::Result<Report> {
         serde_json::from_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The schema shipped with the Python package must match the types; `make schema` (or
+    /// `MS2M_WRITE_SCHEMA=1 cargo test`) rewrites it.
+    #[test]
+    fn shipped_schema_is_current() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../python/ms2m/report.schema.json"
+        );
+        let schema = super::schema_json();
+        if std::env::var_os("MS2M_WRITE_SCHEMA").is_some() {
+            std::fs::write(path, &schema).unwrap();
+        }
+        let shipped = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            shipped == schema,
+            "python/ms2m/report.schema.json is out of date: run `make schema`"
+        );
     }
 }

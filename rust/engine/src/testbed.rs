@@ -81,6 +81,7 @@ pub struct Testbed {
     endpoint: BrokerEndpoint,
     link: Link,
     docker_version: Option<String>,
+    broker_version: Option<String>,
     services: Mutex<HashMap<String, Arc<Mutex<Deployed>>>>,
     migrations: AtomicU64,
     closed: AtomicBool,
@@ -112,6 +113,7 @@ impl Testbed {
                 return Err(e);
             }
         };
+        let broker_version = runtime.broker_version().await;
         Ok(Testbed {
             id,
             cfg,
@@ -119,6 +121,7 @@ impl Testbed {
             endpoint,
             link,
             docker_version: crate::runtime::docker::daemon_version().await,
+            broker_version,
             services: Mutex::new(HashMap::new()),
             migrations: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -378,6 +381,7 @@ impl Testbed {
             strategy: strategy.name().into(),
             service: d.spec.clone(),
             workload: d.workload.as_ref().map(|w| w.spec().clone()),
+            workload_rate: d.workload.as_ref().map(|w| w.spec().profile.mean_rate()),
             options: opts,
             source: Placement {
                 instance: source.0,
@@ -389,6 +393,7 @@ impl Testbed {
             },
             environment: Environment::collect(
                 &self.cfg.broker_image,
+                self.broker_version.clone(),
                 &self.cfg.service_image,
                 self.docker_version.clone(),
             ),
@@ -409,6 +414,7 @@ impl Testbed {
                 outcome,
             },
             metrics: Metrics {
+                pacing_error: metrics::pacing(&history, cut),
                 downtime: metrics::downtime(&history, window, cut),
                 baseline_downtime: metrics::downtime(&history, baseline, cut),
                 latency: LatencyReport {

@@ -39,6 +39,7 @@ fn main() {
         target_killed_during_transfer_restore_or_replay,
         target_killed_during_stop_and_copy_restore,
         source_killed_during_replay_is_reported,
+        checker_catches_a_migration_without_barrier,
     ];
     let chosen: Vec<_> = all
         .into_iter()
@@ -103,10 +104,7 @@ fn opts() -> MigrationOptions {
 }
 
 fn workload(rate: f64) -> WorkloadSpec {
-    WorkloadSpec {
-        rate,
-        message_bytes: 64,
-    }
+    WorkloadSpec::constant(rate)
 }
 
 /// The invariants every completed run must keep.
@@ -457,6 +455,25 @@ async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
             Ok(_) => bail!("the migration succeeded with its source killed"),
             Err(e) => Err(e.into()),
         }
+    })
+    .await
+}
+
+async fn checker_catches_a_migration_without_barrier(tb: &Testbed) -> Result<()> {
+    with_service(tb, spec("broken", 10_000), 10.0, |name| async move {
+        let r = tb
+            .migrate(&name, "edge-2", Strategy::BrokenNoBarrier, opts())
+            .await?;
+        let v = &r.verdict;
+        ensure!(r.migration.status == "completed");
+        // Every message was processed live once: only the state shows what was lost.
+        ensure!(v.lost.count == 0 && v.duplicated.count == 0, "{v:?}");
+        ensure!(
+            v.state.consistent == Some(false),
+            "the checker missed the lost state: {v:?}"
+        );
+        ensure!(v.result == "invalid");
+        Ok(())
     })
     .await
 }

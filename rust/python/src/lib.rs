@@ -65,7 +65,7 @@ fn to_py(e: engine::Error) -> PyErr {
             });
             err
         }
-        engine::Error::Broker { .. } => BrokerError::new_err(msg),
+        engine::Error::Broker { .. } | engine::Error::BrokerRefused(_) => BrokerError::new_err(msg),
         engine::Error::Timeout(_) => OperationTimeout::new_err(msg),
         _ => Ms2mError::new_err(msg),
     }
@@ -235,7 +235,10 @@ impl PyTestbed {
     /// The broker's queues as JSON `[[name, ready_messages], ...]` (the testbed's own excluded).
     fn broker_queues(&self, py: Python<'_>) -> PyResult<String> {
         let tb = self.inner.clone();
-        block_on(py, async move { tb.broker_queues().await.map(|q| json(&q)) })
+        block_on(
+            py,
+            async move { tb.broker_queues().await.map(|q| json(&q)) },
+        )
     }
 
     /// The recorded history of a service (sent messages and output events) as JSON.
@@ -296,6 +299,32 @@ fn check_history(history_json: &str, cut_ns: u64, observed_json: Option<&str>) -
     Ok(json(&engine::checker::check(&history, cut_ns, observed)))
 }
 
+/// The per-message timeline of a history (as `Testbed.history` returns it) as CSV.
+#[pyfunction]
+fn timeline_csv(history_json: &str) -> PyResult<String> {
+    let history: engine::history::History = parse("history", history_json)?;
+    Ok(engine::export::timeline_csv(&history))
+}
+
+/// The latencies of a history before, during and after `[start_ns, end_ns)` as an
+/// HdrHistogram interval log.
+#[pyfunction]
+fn interval_log(history_json: &str, start_ns: u64, end_ns: u64) -> PyResult<String> {
+    let history: engine::history::History = parse("history", history_json)?;
+    if end_ns < start_ns {
+        return Err(ConfigurationError::new_err(
+            "end_ns must not precede start_ns",
+        ));
+    }
+    Ok(engine::export::interval_log(&history, (start_ns, end_ns)))
+}
+
+/// The JSON Schema of reports.
+#[pyfunction]
+fn report_schema() -> String {
+    engine::report::schema_json()
+}
+
 /// Names of the strategies this build implements.
 #[pyfunction]
 fn strategies() -> Vec<&'static str> {
@@ -333,6 +362,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_history, m)?)?;
     m.add_function(wrap_pyfunction!(strategies, m)?)?;
     m.add_function(wrap_pyfunction!(strategy_phases, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_csv, m)?)?;
+    m.add_function(wrap_pyfunction!(interval_log, m)?)?;
+    m.add_function(wrap_pyfunction!(report_schema, m)?)?;
     m.add_function(wrap_pyfunction!(default_testbed_config, m)?)?;
     m.add_function(wrap_pyfunction!(default_migration_options, m)?)?;
     m.add("Ms2mError", py.get_type::<Ms2mError>())?;

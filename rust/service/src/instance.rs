@@ -268,15 +268,19 @@ impl Instance {
                 self.send(&reply_to, &r, &snap).await?;
             }
             Command::Restore => {
-                let mut r = self.reply(&corr, "restore");
-                match ServiceState::from_snapshot(attachment) {
-                    Ok(s) if self.live.is_none() => {
-                        self.state = s;
-                        r = self.reply(&corr, "restore");
+                let error = match ServiceState::from_snapshot(attachment) {
+                    Ok(_) if self.live.is_some() => {
+                        Some("cannot restore while serving live".into())
                     }
-                    Ok(_) => r.error = Some("cannot restore while serving live".into()),
-                    Err(e) => r.error = Some(e.to_string()),
-                }
+                    Ok(s) => {
+                        self.state = s;
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                };
+                // Built after the restore, so that it reports the restored position.
+                let mut r = self.reply(&corr, "restore");
+                r.error = error;
                 r.t_begin_ns = t_begin;
                 self.send(&reply_to, &r, &[]).await?;
             }

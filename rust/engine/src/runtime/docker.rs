@@ -288,28 +288,43 @@ impl DockerRuntime {
         Ok(())
     }
 
-    /// The broker's queues with their ready message counts, as `rabbitmqctl` lists them.
-    pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
+    /// Runs `rabbitmqctl` in the broker container; returns its standard output.
+    async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
         let guard = self.broker.lock().await;
         let broker = guard
             .as_ref()
             .ok_or_else(|| Error::Docker("the broker is not running".into()))?;
+        let mut cmd = vec!["rabbitmqctl"];
+        cmd.extend_from_slice(args);
         let mut res = broker
-            .exec(ExecCommand::new([
-                "rabbitmqctl",
+            .exec(ExecCommand::new(cmd))
+            .await
+            .map_err(docker_err("running rabbitmqctl in the broker"))?;
+        let out = res
+            .stdout_to_vec()
+            .await
+            .map_err(docker_err("reading rabbitmqctl's output"))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The broker's queues with their ready message counts, as `rabbitmqctl` lists them.
+    pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
+        let out = self
+            .rabbitmqctl(&[
                 "list_queues",
                 "-q",
                 "--no-table-headers",
                 "name",
                 "messages",
-            ]))
-            .await
-            .map_err(docker_err("listing the broker's queues"))?;
-        let out = res
-            .stdout_to_vec()
-            .await
-            .map_err(docker_err("reading rabbitmqctl's output"))?;
-        Ok(parse_queue_list(&String::from_utf8_lossy(&out)))
+            ])
+            .await?;
+        Ok(parse_queue_list(&out))
+    }
+
+    /// The broker's version (RabbitMQ's own, not the image tag).
+    pub async fn broker_version(&self) -> Option<String> {
+        let v = self.rabbitmqctl(&["version"]).await.ok()?;
+        Some(v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     /// Removes every container of the testbed (the network goes with the last one).
@@ -418,7 +433,10 @@ mod tests {
     #[test]
     fn queue_list_is_parsed_and_headers_skipped() {
         let q = super::parse_queue_list("name\tmessages\nsvc.primary\t3\namq.gen-x\t0\n");
-        assert_eq!(q, [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]);
+        assert_eq!(
+            q,
+            [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]
+        );
     }
 
     #[test]

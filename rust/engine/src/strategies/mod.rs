@@ -4,6 +4,8 @@
 //! What the strategies share lives here: the context they act through, the phase bookkeeping
 //! and the rollback that leaves the source serving when a migration fails.
 
+#[cfg(feature = "test-strategies")]
+mod broken_no_barrier;
 mod ms2m;
 pub mod ms2m_cutoff;
 mod ms2m_sequential;
@@ -28,7 +30,7 @@ pub trait RateProbe: Sync {
 }
 
 /// What the cutoff strategy decided, and from which measurements.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CutoffReport {
     pub replay_max_s: f64,
     /// Arrival rate measured when the replay began, msg/s.
@@ -44,7 +46,7 @@ pub struct CutoffReport {
 }
 
 /// One phase of a migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Phase {
     pub name: String,
     pub start_ns: u64,
@@ -96,7 +98,7 @@ impl Timeline {
 }
 
 /// What a strategy found out while it ran.
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Outcome {
     pub checkpoint_bytes: u64,
     /// Messages the target applied in replay mode.
@@ -289,6 +291,8 @@ pub(crate) async fn run(strategy: Strategy, ctx: &mut Ctx<'_>) -> Result<()> {
         Strategy::Ms2m => ms2m::run(ctx).await,
         Strategy::Ms2mCutoff => ms2m_cutoff::run(ctx).await,
         Strategy::Ms2mSequential => ms2m_sequential::run(ctx).await,
+        #[cfg(feature = "test-strategies")]
+        Strategy::BrokenNoBarrier => broken_no_barrier::run(ctx).await,
     }
 }
 

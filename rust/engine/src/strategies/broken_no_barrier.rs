@@ -1,0 +1,26 @@
+//! Deliberately broken, for the checker's own tests (feature `test-strategies`): MS2M without
+//! the barrier. The checkpoint is a plain snapshot taken while the source serves, and the
+//! replay queue is bound only afterwards, so the messages the source processes in between are
+//! in neither the snapshot nor the replay queue: the target's state silently misses them.
+//! Every message is still processed live exactly once; only the state check can tell.
+
+use super::{ms2m, Ctx};
+use crate::error::Result;
+use ms2m_wire::control::Command;
+use std::time::Duration;
+
+pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
+    ctx.enter("checkpoint").await?;
+    let source = ctx.source.clone();
+    let (_, snapshot) = ctx.command(&source, Command::Snapshot, &[]).await?;
+    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
+    // Widen the gap so that some messages surely fall into it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queue = ms2m::prepare(ctx, true).await?;
+    let restored = ms2m::transfer(ctx, snapshot).await?;
+    ms2m::restore(ctx, restored).await?;
+    ctx.enter("replay").await?;
+    ms2m::start_replay(ctx, &queue, None).await?;
+    ms2m::catch_up(ctx, &queue, None).await?;
+    ms2m::cutover(ctx).await
+}
