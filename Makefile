@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 RUNS ?= 5
 
-.PHONY: help setup images demo test test-rust test-python lint fmt schema bench clean-leftovers
+.PHONY: help setup images demo test test-rust test-python lint fmt notebooks schema bench clean-leftovers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -24,7 +24,7 @@ test-rust:
 	cargo test --release --locked --workspace --exclude ms2m-py
 
 test-python:
-	$(PY) -m pytest -q -p no:cacheprovider python/tests
+	$(PY) -m pytest -q -p no:cacheprovider --ms2m-require python/tests testbeds/experiments
 
 lint: ## rustfmt, clippy (warnings are errors), ruff, stub check
 	cargo fmt --all -- --check
@@ -41,6 +41,11 @@ fmt: ## format Rust and Python
 
 bench: setup ## benchmarks of the instrument (generator, recorder, pacing) against a real broker
 	cargo bench --locked -p ms2m-engine --bench instrument
+
+notebooks: setup ## execute the notebooks in place with full parameters (refreshes their outputs)
+	$(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[notebooks]"
+	cd notebooks && $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=3600 *.ipynb
 
 schema: ## regenerate python/ms2m/report.schema.json from the report types
 	MS2M_WRITE_SCHEMA=1 cargo test --release --locked -q -p ms2m-engine --lib shipped_schema_is_current

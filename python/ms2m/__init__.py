@@ -35,6 +35,7 @@ from .report import (
     timeline_csv,
     to_dataframe,
 )
+from .sweeps import sweep
 from .testbed import Fault, Service, Testbed
 
 STRATEGIES: tuple[str, ...] = tuple(_strategies())
@@ -83,6 +84,7 @@ __all__ = [
     "profiles",
     "report_schema",
     "summarize",
+    "sweep",
     "timeline_csv",
     "to_dataframe",
 ]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from . import _native
 from .experiment import Comparison, compare_strategies, describe, format_table, summarize
-from .matrix import PAPER_RATES, Matrix, format_matrix, run_matrix, table
+from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
+from .sweeps import run_grid
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -45,20 +46,28 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    m = Matrix(
+    grid = paper_grid(
+        repetitions=args.repetitions,
         strategies=tuple(args.strategies),
         rates=tuple(args.rates),
-        repetitions=args.repetitions,
-        processing_ms=args.processing_ms,
-        state_bytes=args.state_bytes,
+        processing_ms=(args.processing_ms,),
+        state_bytes=(args.state_bytes,),
         warmup_s=args.warmup_s,
         settle_s=args.settle_s,
         replay_timeout_s=args.replay_timeout_s,
         replay_max_s=args.replay_max_s,
     )
-    reports = run_matrix(m, args.out)
+    reports = run_grid(grid, args.out)
     print(format_matrix(table(reports)))
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .testbed_file import run
+
+    reports = run(args.file, args.out)
+    print(format_table(summarize(reports)))
+    return 0 if all(r.valid for r in reports) else 1
 
 
 def _summarize(args: argparse.Namespace) -> int:
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     x = sub.add_parser("matrix", help="the papers' evaluation matrix, resumable")
     x.add_argument("--out", required=True, help="folder of the reports (resumes if present)")
-    x.add_argument("--strategies", nargs="+", default=list(Matrix().strategies))
+    x.add_argument("--strategies", nargs="+", default=list(PAPER_STRATEGIES))
     x.add_argument("--rates", nargs="+", type=float, default=list(PAPER_RATES))
     x.add_argument("--repetitions", type=int, default=5)
     x.add_argument("--processing-ms", type=float, default=50.0)
@@ -109,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--replay-timeout-s", type=float, default=60.0)
     x.add_argument("--replay-max-s", type=float, default=2.0, help="T_replay_max of the cutoff")
     x.set_defaults(func=_matrix)
+
+    r = sub.add_parser("run", help="run a testbed file (TOML)")
+    r.add_argument("file")
+    r.add_argument("--out", help="folder for the reports (default results/<file>-<time>)")
+    r.set_defaults(func=_run)
 
     s = sub.add_parser("summarize", help="summarize a folder of reports")
     s.add_argument("folder")

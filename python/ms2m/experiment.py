@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from . import _native
 from .report import Report
-from .testbed import Testbed
+from .sweeps import Grid, run_grid
 
 
 @dataclass(frozen=True)
@@ -51,48 +51,24 @@ def compare_strategies(
     progress: TextIO | None = sys.stderr,
 ) -> list[Report]:
     """Runs ``params.runs`` migrations per strategy, interleaved, each of a freshly deployed
-    service from edge-1 to edge-2 under the same open-loop workload; returns the reports and,
-    with ``out_dir``, writes each one there as JSON as soon as it is done."""
+    service from edge-1 to edge-2 under the same open-loop workload, on one broker; returns
+    the reports. With ``out_dir`` each report is written there as soon as it is done, and an
+    interrupted comparison resumes."""
     params.validate()
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    reports: list[Report] = []
-    total = params.runs * len(params.strategies)
-    started = time.monotonic()
-    with Testbed() as tb:
-        for i in range(params.runs):
-            for strategy in params.strategies:
-                name = f"svc-{strategy.replace('_', '-')}-{i + 1}"
-                svc = tb.deploy(
-                    name,
-                    host="edge-1",
-                    processing_ms=params.processing_ms,
-                    state_bytes=params.state_bytes,
-                )
-                try:
-                    with tb.workload(svc, rate=params.rate, message_bytes=params.message_bytes):
-                        time.sleep(params.warmup_s)
-                        report = tb.migrate(
-                            svc, to="edge-2", strategy=strategy, settle_s=params.settle_s
-                        )
-                finally:
-                    tb.remove(svc)
-                reports.append(report)
-                if out is not None:
-                    report.save(out)
-                if progress is not None:
-                    done = len(reports)
-                    elapsed = time.monotonic() - started
-                    print(
-                        f"[{done}/{total}] {strategy:<14} downtime {report.downtime_ms:9.3f} ms"
-                        f"  lost {report.lost}  duplicated {report.duplicated}"
-                        f"  state {'ok' if report.state_consistent else 'MISMATCH'}"
-                        f"  ({elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left)",
-                        file=progress,
-                        flush=True,
-                    )
-    return reports
+    grid = Grid(
+        strategies=params.strategies,
+        rates=(params.rate,),
+        repetitions=params.runs,
+        processing_ms=(params.processing_ms,),
+        state_bytes=(params.state_bytes,),
+        message_bytes=(params.message_bytes,),
+        warmup_s=params.warmup_s,
+        settle_s=params.settle_s,
+    )
+    if out_dir is not None:
+        return run_grid(grid, out_dir, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="ms2m-compare-") as tmp:
+        return run_grid(grid, tmp, progress=progress)
 
 
 def summarize(reports: Sequence[Report]) -> list[dict[str, Any]]:

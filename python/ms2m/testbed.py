@@ -155,6 +155,12 @@ class Testbed:
         if self._tb is not None:
             self._tb.close()
 
+    def keep(self) -> None:
+        """Leaves the containers running after this process (for debugging); effective when
+        ``TESTCONTAINERS_COMMAND=keep`` was set before the testbed started. Remove them later
+        with ``python -m ms2m cleanup --all``."""
+        self._native.keep()
+
     async def close_async(self) -> None:
         if self._tb is not None:
             await self._tb.close_async()
@@ -353,6 +359,11 @@ class Testbed:
         """The broker's queues and their ready messages (the testbed's own excluded); empty
         when no service is deployed."""
         return {name: n for name, n in json.loads(self._native.broker_queues())}
+
+    def wait_processed(self, service: Service | str, timeout_s: float = 60.0) -> bool:
+        """Waits until every message sent to the service so far was processed live (at most
+        ``timeout_s``; less when nothing is processed for 10 s). Returns whether it was."""
+        return self._native.wait_processed(_name(service), timeout_s)
 
     def history(self, service: Service | str) -> dict[str, Any]:
         """The recorded history (sent messages, output events) for saving or offline checks."""

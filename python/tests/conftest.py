@@ -1,4 +1,4 @@
-"""Shared fixtures: one testbed for the whole session (a broker takes seconds to start)."""
+"""The suite runs on the ms2m pytest plugin's session testbed (``ms2m_testbed``)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,24 @@ import pytest
 
 import ms2m
 
-
-def _leftover_containers(testbed_id: str) -> list[str]:
-    out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=ms2m.testbed={testbed_id}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.split()
+_testbed_ids: list[str] = []
 
 
 @pytest.fixture(scope="session")
-def testbed() -> Iterator[ms2m.Testbed]:
-    with ms2m.Testbed() as tb:
-        yield tb
-    assert _leftover_containers(tb.id) == [], "the testbed left containers behind"
+def testbed(ms2m_testbed: ms2m.Testbed) -> Iterator[ms2m.Testbed]:
+    _testbed_ids.append(ms2m_testbed.id)
+    yield ms2m_testbed
 
 
-@pytest.fixture
-def leftovers():
-    """Lists the containers of a testbed id still present."""
-    return _leftover_containers
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Nothing left behind: no container of the session's testbeds may survive it."""
+    for tb in _testbed_ids:
+        out = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=ms2m.testbed={tb}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.stdout.split():
+            print(f"\nms2m: testbed {tb} left containers behind: {out.stdout.split()}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

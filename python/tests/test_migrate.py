@@ -139,31 +139,35 @@ def test_history_is_exported_and_checks_again_offline(testbed: ms2m.Testbed):
         testbed.remove(svc)
 
 
-def test_matrix_runs_resumes_and_leaves_the_broker_clean(tmp_path):
-    from ms2m.matrix import Matrix, report_name, run_matrix, table
+def test_sweep_runs_resumes_and_leaves_the_broker_clean(tmp_path):
+    from ms2m.matrix import format_matrix, table
+    from ms2m.sweeps import Grid, run_grid
 
-    m = Matrix(
+    grid = Grid(
         strategies=("stop_and_copy", "ms2m"),
         rates=(10.0,),
         repetitions=1,
-        processing_ms=20,
-        state_bytes=10_000,
+        processing_ms=(20.0,),
+        state_bytes=(1_000, 10_000),
         warmup_s=0.5,
         settle_s=0.2,
     )
-    reports = run_matrix(m, tmp_path, progress=None)
-    assert [r.strategy for r in reports] == ["stop_and_copy", "ms2m"]
+    reports = run_grid(grid, tmp_path, progress=None)
+    assert [r.strategy for r in reports] == ["stop_and_copy", "ms2m"] * 2
+    assert (
+        sorted(r.to_dict()["service"]["state_bytes"] for r in reports) == [1000] * 2 + [10_000] * 2
+    )
     for r in reports:
         r.assert_valid()
-    # Resuming: a finished matrix runs nothing again; a missing report is run again.
-    (tmp_path / report_name(1, 10.0, "ms2m")).unlink()
-    again = run_matrix(m, tmp_path, progress=None)
+    # Resuming: a finished sweep runs nothing again; a missing report is run again.
+    runs = list(grid.runs())
+    (tmp_path / grid.report_name(runs[1])).unlink()
+    again = run_grid(grid, tmp_path, progress=None)
     assert again[0].run_id == reports[0].run_id
     assert again[1].run_id != reports[1].run_id
-    rows = table(again)
-    assert {r["strategy"] for r in rows} == {"stop_and_copy", "ms2m"}
+    assert "| 10 | ms2m |" in format_matrix(table(again))
     with pytest.raises(ms2m.ConfigurationError, match="other parameters"):
-        run_matrix(Matrix(rates=(1.0,)), tmp_path, progress=None)
+        run_grid(Grid(strategies=("ms2m",), rates=(1.0,)), tmp_path, progress=None)
 
 
 def test_broker_is_clean_once_services_are_removed(testbed: ms2m.Testbed):
@@ -200,3 +204,17 @@ def test_report_validates_against_the_schema_and_exports(testbed: ms2m.Testbed, 
             testbed.start_workload(svc, profile=ms2m.profiles.steps([(1, 5)]))
     finally:
         testbed.remove(svc)
+
+
+def test_quickstart_testbed_file_runs_from_the_command_line(tmp_path):
+    from pathlib import Path
+
+    from ms2m.cli import main
+
+    toml = Path(__file__).parents[2] / "testbeds" / "quickstart.toml"
+    assert main(["run", str(toml), "--out", str(tmp_path)]) == 0
+    reports = ms2m.load_reports(tmp_path)
+    assert [r.strategy for r in reports] == ["ms2m", "stop_and_copy", "ms2m_cutoff"]
+    assert (tmp_path / "history.json").exists()
+    again = ms2m.check_history(json.loads((tmp_path / "history.json").read_text()))
+    assert again["lost"]["count"] == 0 and again["duplicated"]["count"] == 0

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,21 @@ def test_report_schema_is_a_json_schema():
 def test_profiles_build_what_the_engine_reads():
     assert ms2m.profiles.steps([(0, 1), (5, 10)])["steps"][1] == {"at_s": 5, "rate": 10}
     assert ms2m.profiles.poisson(3)["kind"] == "poisson"
+
+
+def test_testbed_files_are_checked_before_anything_starts(tmp_path):
+    from ms2m.testbed_file import load
+
+    root = Path(__file__).parents[2] / "testbeds"
+    assert load(root / "quickstart.toml")["service"]["name"] == "counter"
+    assert load(root / "paper-2025.toml")["sweep"]["repetitions"] == 5
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[service]\nname = "x"\nprocesing_ms = 5\n[workload]\nrate = 1\n')
+    with pytest.raises(ms2m.ConfigurationError, match=r"\[service\] has unknown keys"):
+        load(bad)
+    bad.write_text('[service]\nname = "x"\n[workload]\nrate = 1\n')
+    with pytest.raises(ms2m.ConfigurationError, match="either"):
+        load(bad)
+    bad.write_text("[service\n")
+    with pytest.raises(ms2m.ConfigurationError, match="not valid TOML"):
+        load(bad)

@@ -449,7 +449,7 @@ impl Testbed {
 
     /// Waits until every confirmed message sent before `cut` has been processed live, at most
     /// `timeout`, and gives up earlier when no output event arrived for [`DRAIN_STALL`].
-    async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration) {
+    async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut progress = (0, tokio::time::Instant::now());
         loop {
@@ -471,10 +471,18 @@ impl Testbed {
                 progress = (seen, now);
             }
             if done || now >= deadline || now - progress.1 >= DRAIN_STALL {
-                return;
+                return done;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until every message sent to `service` so far has been processed live (at most
+    /// `timeout`, less if nothing is processed for 10 s); returns whether it was.
+    pub async fn wait_processed(&self, service: &str, timeout: Duration) -> Result<bool> {
+        let s = self.service(service).await?;
+        let d = s.lock().await;
+        Ok(self.drain(&d, now_ns(), timeout).await)
     }
 
     /// The history recorded so far for a service (for saving and checking offline).
@@ -527,6 +535,13 @@ impl Testbed {
         let mut q = self.runtime.broker_queues().await?;
         q.retain(|(name, _)| !name.starts_with("amq.gen-"));
         Ok(q)
+    }
+
+    /// Leaves the containers running when the testbed goes (for debugging): `close` becomes a
+    /// no-op. Their `Drop` keeps them too when `TESTCONTAINERS_COMMAND=keep` was set before
+    /// the first container started; `python -m ms2m cleanup --all` removes them later.
+    pub fn keep(&self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     /// Stops workloads and recorders and removes every container. Idempotent.

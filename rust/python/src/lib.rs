@@ -241,6 +241,20 @@ impl PyTestbed {
         )
     }
 
+    /// Waits until every message sent so far was processed live; returns whether it was.
+    fn wait_processed(&self, py: Python<'_>, service: String, timeout_s: f64) -> PyResult<bool> {
+        if !(timeout_s.is_finite() && timeout_s >= 0.0) {
+            return Err(ConfigurationError::new_err(
+                "timeout_s must be a number >= 0",
+            ));
+        }
+        let tb = self.inner.clone();
+        block_on(py, async move {
+            tb.wait_processed(&service, Duration::from_secs_f64(timeout_s))
+                .await
+        })
+    }
+
     /// The recorded history of a service (sent messages and output events) as JSON.
     fn history(&self, py: Python<'_>, service: String) -> PyResult<String> {
         let tb = self.inner.clone();
@@ -248,6 +262,11 @@ impl PyTestbed {
             py,
             async move { tb.history(&service).await.map(|h| json(&h)) },
         )
+    }
+
+    /// Leaves the containers running for debugging (see the engine's `Testbed::keep`).
+    fn keep(&self) {
+        self.inner.keep();
     }
 
     /// Stops workloads and removes every container of the testbed. Idempotent.

@@ -1,0 +1,170 @@
+"""Standard figures (matplotlib; ``pip install 'ms2m[analysis]'``).
+
+- :func:`downtime_vs_rate`: a metric against the message rate, one line per strategy, median
+  with the interquartile range shaded and min/max as whiskers.
+- :func:`phase_breakdown`: median duration of every phase, stacked, one bar per strategy.
+- :func:`latency_cdf`: distribution of end-to-end latency before, during and after a migration.
+- :func:`timeline`: the per-message timeline of one migration, its phases and its downtime.
+
+Every function takes an optional ``ax`` and returns the Axes it drew on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .report import Report, to_dataframe
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+
+
+def _axes(ax: Axes | None) -> Axes:
+    if ax is not None:
+        return ax
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ms2m.plot needs matplotlib: pip install 'ms2m[analysis]'") from e
+    return plt.subplots(figsize=(7, 4))[1]
+
+
+def _frame(data: pd.DataFrame | Iterable[Report]) -> pd.DataFrame:
+    import pandas as pd
+
+    return data if isinstance(data, pd.DataFrame) else to_dataframe(list(data))
+
+
+def downtime_vs_rate(
+    data: pd.DataFrame | Iterable[Report],
+    *,
+    metric: str = "downtime_ms",
+    ax: Axes | None = None,
+    log: bool = True,
+) -> Axes:
+    """``metric`` (a column of :meth:`Report.summary`) against the rate, per strategy."""
+    df = _frame(data)
+    ax = _axes(ax)
+    for strategy, g in df.groupby("strategy", sort=False):
+        s = g.groupby("rate")[metric]
+        q = s.quantile([0.0, 0.25, 0.5, 0.75, 1.0]).unstack()
+        (line,) = ax.plot(q.index, q[0.5], marker="o", label=str(strategy))
+        ax.fill_between(q.index, q[0.25], q[0.75], alpha=0.2, color=line.get_color())
+        ax.vlines(q.index, q[0.0], q[1.0], color=line.get_color(), alpha=0.5, linewidth=1)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("message rate (msg/s)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"{metric.replace('_', ' ')}: median, IQR and range per strategy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def phase_breakdown(data: pd.DataFrame | Iterable[Report], *, ax: Axes | None = None) -> Axes:
+    """Median duration of each phase, stacked, one bar per strategy."""
+    df = _frame(data)
+    ax = _axes(ax)
+    cols = [c for c in df.columns if c.startswith("phase_") and c.endswith("_ms")]
+    med = df.groupby("strategy", sort=False)[cols].median().fillna(0.0)
+    order = [c for c in _phase_order(cols) if c in med.columns]
+    bottom = None
+    for c in order:
+        values = med[c]
+        ax.bar(med.index, values, bottom=bottom, label=c[len("phase_") : -len("_ms")])
+        bottom = values if bottom is None else bottom + values
+    ax.set_ylabel("median duration (ms)")
+    ax.set_title("migration phases")
+    ax.legend(title="phase", fontsize="small")
+    return ax
+
+
+def _phase_order(cols: Sequence[str]) -> list[str]:
+    known = ["stop", "prepare", "checkpoint", "transfer", "restore", "replay", "finalize", "abort"]
+    rank = {f"phase_{p}_ms": i for i, p in enumerate(known)}
+    return sorted(cols, key=lambda c: rank.get(c, len(known)))
+
+
+def _latencies(history: dict[str, Any], report: Report) -> dict[str, list[float]]:
+    m = report.to_dict()["migration"]
+    start, end = m["t_start_ns"], m["t_end_ns"]
+    first: dict[int, dict[str, Any]] = {}
+    for e in history["events"]:
+        if e["mode"] == "live" and (
+            e["seq"] not in first or e["t_start_ns"] < first[e["seq"]]["t_start_ns"]
+        ):
+            first[e["seq"]] = e
+    out: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    for e in first.values():
+        when = "before" if e["t_pub_ns"] < start else "during" if e["t_pub_ns"] < end else "after"
+        out[when].append((e["t_end_ns"] - e["t_pub_ns"]) / 1e6)
+    return out
+
+
+def latency_cdf(history: dict[str, Any], report: Report, *, ax: Axes | None = None) -> Axes:
+    """CDF of end-to-end latency (ms, log scale) of messages sent before, during and after the
+    migration of ``report``; ``history`` from ``Testbed.history``."""
+    ax = _axes(ax)
+    for when, values in _latencies(history, report).items():
+        if not values:
+            continue
+        xs = sorted(values)
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.step(xs, ys, where="post", label=f"{when} (n={len(xs)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms)")
+    ax.set_ylabel("fraction of messages")
+    ax.set_title(f"latency, {report.strategy}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def timeline(history: dict[str, Any], report: Report, *, ax: Axes | None = None) -> Axes:
+    """Every message of one migration: when it was sent and when each instance processed it
+    (live: dots, replay: crosses), over the shaded phases and the measured downtime (red)."""
+    ax = _axes(ax)
+    d = report.to_dict()
+    t0 = d["migration"]["t_start_ns"]
+
+    def s(ns: int) -> float:
+        return (ns - t0) / 1e9
+
+    for i, p in enumerate(d["phases"]):
+        ax.axvspan(s(p["start_ns"]), s(p["end_ns"]), alpha=0.12, color=f"C{i % 10}")
+        ax.text(
+            s(p["start_ns"]),
+            1.0,
+            p["name"],
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            fontsize="x-small",
+        )
+    interval = d["metrics"]["downtime"]["interval_ns"]
+    if interval:
+        ax.axvspan(s(interval[0]), s(interval[1]), color="red", alpha=0.35, label="downtime")
+    pub = history["published"]
+    ax.scatter(
+        [s(p["t_pub_ns"]) for p in pub], [p["seq"] for p in pub], s=4, c="grey", label="sent"
+    )
+    instances = sorted({e["instance"] for e in history["events"]})
+    for i, inst in enumerate(instances):
+        for mode, marker in (("live", "o"), ("replay", "x")):
+            ev = [e for e in history["events"] if e["instance"] == inst and e["mode"] == mode]
+            if ev:
+                ax.scatter(
+                    [s(e["t_start_ns"]) for e in ev],
+                    [e["seq"] for e in ev],
+                    s=10,
+                    marker=marker,
+                    color=f"C{(i + 3) % 10}",
+                    label=f"{inst} {mode}",
+                )
+    ax.set_xlabel("seconds since the migration started")
+    ax.set_ylabel("message sequence number")
+    ax.set_title(f"{report.strategy}: {report.downtime_ms:.3f} ms downtime")
+    ax.legend(fontsize="x-small", loc="upper left")
+    return ax

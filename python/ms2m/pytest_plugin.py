@@ -1,0 +1,94 @@
+"""pytest plugin (registered through the ``pytest11`` entry point): experiments as tests.
+
+Fixtures:
+    ms2m_testbed   one testbed (broker and hosts) for the whole session
+    ms2m_service   a freshly deployed reference service per test, removed afterwards; its
+                   parameters come from the ``ms2m`` marker:
+                   ``@pytest.mark.ms2m(processing_ms=50, state_bytes=1_000_000, host="edge-1")``
+
+Options:
+    --ms2m-hosts edge-1,edge-2,cloud   the testbed's hosts
+    --ms2m-keep                         keep the testbed's containers after the session
+    --ms2m-require                      fail, rather than skip, when no Docker engine or image
+                                        is available (CI uses it: nothing real is skipped there)
+
+A test that uses the fixtures on a machine without the runtime is skipped with the reason
+(what is missing and the command that provides it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from . import _native
+from .testbed import Service, Testbed
+
+SERVICE_PARAMS = ("host", "processing_ms", "state_bytes", "prefetch")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("ms2m", "ms2m migration testbed")
+    g.addoption("--ms2m-hosts", default="edge-1,edge-2,cloud", help="the testbed's hosts")
+    g.addoption(
+        "--ms2m-keep",
+        action="store_true",
+        help="keep the testbed's containers after the session, for debugging",
+    )
+    g.addoption(
+        "--ms2m-require",
+        action="store_true",
+        help="fail instead of skipping when the runtime (Docker, images) is unavailable",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "ms2m(host=, processing_ms=, state_bytes=, prefetch=): parameters of the service "
+        "the ms2m_service fixture deploys",
+    )
+
+
+@pytest.fixture(scope="session")
+def ms2m_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """One testbed for the session; skipped (or failed with --ms2m-require) without Docker."""
+    config = request.config
+    keep = bool(config.getoption("--ms2m-keep"))
+    if keep:
+        # testcontainers reads it when its client is created: before the first container.
+        os.environ["TESTCONTAINERS_COMMAND"] = "keep"
+    hosts = [h for h in str(config.getoption("--ms2m-hosts")).split(",") if h]
+    try:
+        tb = Testbed(hosts=hosts).start()
+    except _native.RuntimeUnavailable as e:
+        if config.getoption("--ms2m-require"):
+            pytest.fail(f"ms2m runtime required but unavailable: {e}", pytrace=False)
+        pytest.skip(f"ms2m: {e}")
+    yield tb
+    if keep:
+        tb.keep()
+        print(f"\nms2m: kept testbed {tb.id} (remove it with `python -m ms2m cleanup --all`)")
+    else:
+        tb.close()
+
+
+@pytest.fixture
+def ms2m_service(ms2m_testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[Service]:
+    """A reference service deployed for this test (``ms2m`` marker for its parameters)."""
+    marker = request.node.get_closest_marker("ms2m")
+    params: dict = {"host": "edge-1", "processing_ms": 50.0, "state_bytes": 1_000_000}
+    if marker is not None:
+        unknown = set(marker.kwargs) - set(SERVICE_PARAMS)
+        if unknown:
+            raise _native.ConfigurationError(
+                f"unknown ms2m marker arguments {sorted(unknown)}; known: {SERVICE_PARAMS}"
+            )
+        params.update(marker.kwargs)
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")[-40:] or "svc"
+    svc = ms2m_testbed.deploy(name, **params)
+    yield svc
+    ms2m_testbed.remove(svc)

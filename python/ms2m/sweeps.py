@@ -1,0 +1,255 @@
+"""Sweeps: run a grid of migrations (strategies x rates x repetitions x service parameters) on
+one reused broker, resumable from its output folder, as a pandas DataFrame with one row per run.
+
+Every run deploys a fresh service, warms it up under an open-loop workload, migrates it between
+two hosts, removes it, and checks that the broker holds no queue any more before the next run.
+Each report is written to the folder as soon as its run ends (atomically), so an interrupted
+sweep resumes where it stopped: runs whose report exists are not run again. The folder also
+keeps ``sweep.json``, the parameters, and refuses to resume with other ones.
+
+    df = ms2m.sweep("results/prefetch", strategies=["ms2m", "stop_and_copy"],
+                    rates=[5, 10, 15], prefetch=[1, 10], repetitions=3)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from . import _native
+from .report import Report, to_dataframe
+from .testbed import Testbed
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SERVICE_AXES = ("processing_ms", "state_bytes", "prefetch", "message_bytes")
+"""Service parameters a sweep can vary besides strategy and rate."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a sweep runs: every combination of the axes, ``repetitions`` times."""
+
+    strategies: tuple[str, ...]
+    rates: tuple[float, ...]
+    repetitions: int = 1
+    processing_ms: tuple[float, ...] = (50.0,)
+    state_bytes: tuple[int, ...] = (1_000_000,)
+    prefetch: tuple[int, ...] = (1,)
+    message_bytes: tuple[int, ...] = (64,)
+    warmup_s: float = 2.0
+    settle_s: float = 1.0
+    replay_timeout_s: float = 60.0
+    replay_max_s: float = 2.0
+    hosts: tuple[str, str] = field(default=("edge-1", "edge-2"))
+
+    def validate(self) -> None:
+        known = set(_native.strategies())
+        bad = [s for s in self.strategies if s not in known]
+        if bad or not self.strategies:
+            raise _native.ConfigurationError(
+                f"unknown or no strategies {bad}; choose from {sorted(known)}"
+            )
+        if self.repetitions < 1:
+            raise _native.ConfigurationError("repetitions must be at least 1")
+        if not self.rates or any(not r >= 0 for r in self.rates):
+            raise _native.ConfigurationError(f"rates must be >= 0, got {self.rates}")
+        for axis in SERVICE_AXES:
+            values = getattr(self, axis)
+            if not values or any(v < 0 for v in values):
+                raise _native.ConfigurationError(f"{axis} needs values >= 0, got {values}")
+        if len(self.hosts) != 2 or self.hosts[0] == self.hosts[1]:
+            raise _native.ConfigurationError(f"hosts must be two different names: {self.hosts}")
+
+    def runs(self) -> Iterator[dict[str, Any]]:
+        """Every run's parameters, repetition-major so that a partial sweep is balanced."""
+        axes = [getattr(self, a) for a in SERVICE_AXES]
+        for rep in range(1, self.repetitions + 1):
+            for values in itertools.product(*axes):
+                for rate in self.rates:
+                    for strategy in self.strategies:
+                        yield {
+                            "repetition": rep,
+                            "rate": rate,
+                            "strategy": strategy,
+                            **dict(zip(SERVICE_AXES, values)),
+                        }
+
+    def report_name(self, run: dict[str, Any]) -> str:
+        """File name of a run's report: the axes that vary, then the repetition."""
+        parts = [run["strategy"], f"r{run['rate']:g}"]
+        for axis in SERVICE_AXES:
+            if len(getattr(self, axis)) > 1:
+                parts.append(f"{axis}{run[axis]:g}")
+        parts.append(str(run["repetition"]))
+        return "-".join(parts) + ".json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_folder(out: Path, grid: Grid) -> None:
+    spec = out / "sweep.json"
+    mine = json.dumps(asdict(grid), sort_keys=True)
+    if spec.exists():
+        if json.dumps(json.loads(spec.read_text()), sort_keys=True) != mine:
+            raise _native.ConfigurationError(
+                f"{out} holds a sweep with other parameters ({spec}); resume it with the same "
+                "parameters or choose another folder"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomically(spec, json.dumps(asdict(grid), indent=2, sort_keys=True))
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm when installed), plain lines elsewhere."""
+
+    def __init__(self, total: int, done: int, stream: TextIO | None) -> None:
+        self.stream, self.total, self.done = stream, total, done
+        self.started = time.monotonic()
+        self.new = 0
+        self.bar: Any = None
+        if stream is not None:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=done, file=stream, unit="run")
+            except ImportError:
+                self.bar = None
+
+    def update(self, run: dict[str, Any], report: Report) -> None:
+        self.done += 1
+        self.new += 1
+        if self.stream is None:
+            return
+        status = "ok" if report.valid else "INVALID"
+        if not report.completed:
+            status = "aborted"
+        line = (
+            f"{run['strategy']} {run['rate']:g} msg/s rep {run['repetition']}: {status}, "
+            f"downtime {report.downtime_ms:.3f} ms"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(line)
+            self.bar.update(1)
+            return
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.new * (self.total - self.done)
+        print(
+            f"[{self.done}/{self.total}] {line}  ({elapsed:.0f} s, ~{eta:.0f} s left)",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_grid(
+    grid: Grid, out_dir: str | Path, *, progress: TextIO | None = sys.stderr
+) -> list[Report]:
+    """Runs (or resumes) a grid; returns every report of the grid, old and new."""
+    grid.validate()
+    out = Path(out_dir)
+    _check_folder(out, grid)
+    runs = list(grid.runs())
+    todo = [r for r in runs if not (out / grid.report_name(r)).exists()]
+    bar = _Progress(len(runs), len(runs) - len(todo), progress)
+    try:
+        if todo:
+            with Testbed(hosts=grid.hosts) as tb:
+                for run in todo:
+                    report = _one_run(tb, grid, run)
+                    _write_atomically(out / grid.report_name(run), report.to_json())
+                    left = tb.broker_queues()
+                    if left:
+                        raise _native.Ms2mError(
+                            f"the broker is not clean after run {report.run_id}: {left}"
+                        )
+                    bar.update(run, report)
+    finally:
+        bar.close()
+    return [Report.load(out / grid.report_name(r)) for r in runs]
+
+
+def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
+    name = "sw-" + grid.report_name(run)[: -len(".json")].replace("_", "-").replace(".", "p")
+    svc = tb.deploy(
+        name[:48],
+        host=grid.hosts[0],
+        processing_ms=run["processing_ms"],
+        state_bytes=int(run["state_bytes"]),
+        prefetch=int(run["prefetch"]),
+    )
+    try:
+        with tb.workload(svc, rate=run["rate"], message_bytes=int(run["message_bytes"])):
+            time.sleep(grid.warmup_s)
+            try:
+                return tb.migrate(
+                    svc,
+                    to=grid.hosts[1],
+                    strategy=run["strategy"],
+                    settle_s=grid.settle_s,
+                    replay_timeout_s=grid.replay_timeout_s,
+                    replay_max_s=grid.replay_max_s,
+                )
+            except _native.MigrationFailed as e:
+                # An aborted migration is a result too: its report says what happened.
+                report: Report | None = getattr(e, "report", None)
+                if report is None:
+                    raise
+                return report
+    finally:
+        tb.remove(svc)
+
+
+def _tuple(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else (v,)
+
+
+def sweep(
+    out_dir: str | Path,
+    *,
+    strategies: Sequence[str],
+    rates: Sequence[float],
+    repetitions: int = 1,
+    processing_ms: float | Sequence[float] = 50.0,
+    state_bytes: int | Sequence[int] = 1_000_000,
+    prefetch: int | Sequence[int] = 1,
+    message_bytes: int | Sequence[int] = 64,
+    warmup_s: float = 2.0,
+    settle_s: float = 1.0,
+    replay_timeout_s: float = 60.0,
+    replay_max_s: float = 2.0,
+    progress: TextIO | None = sys.stderr,
+) -> pd.DataFrame:
+    """Runs every combination of ``strategies`` x ``rates`` x the service parameters given as
+    lists, ``repetitions`` times; returns one row per run (needs pandas). Resumable: call it
+    again with the same arguments after an interruption."""
+    grid = Grid(
+        strategies=tuple(strategies),
+        rates=tuple(float(r) for r in rates),
+        repetitions=repetitions,
+        processing_ms=tuple(float(v) for v in _tuple(processing_ms)),
+        state_bytes=tuple(int(v) for v in _tuple(state_bytes)),
+        prefetch=tuple(int(v) for v in _tuple(prefetch)),
+        message_bytes=tuple(int(v) for v in _tuple(message_bytes)),
+        warmup_s=warmup_s,
+        settle_s=settle_s,
+        replay_timeout_s=replay_timeout_s,
+        replay_max_s=replay_max_s,
+    )
+    return to_dataframe(run_grid(grid, out_dir, progress=progress))
