@@ -15,6 +15,38 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// Longest wait for one broker operation: a broker that stops answering must fail the
+/// operation, never hang the testbed.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds a broker operation by [`RPC_TIMEOUT`] and describes its errors.
+pub(crate) trait Rpc<T> {
+    async fn rpc(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T, F: std::future::Future<Output = std::result::Result<T, lapin::Error>>> Rpc<T> for F {
+    async fn rpc(self, what: impl Into<String>) -> Result<T> {
+        let what = what.into();
+        match tokio::time::timeout(RPC_TIMEOUT, self).await {
+            Ok(r) => r.broker(what),
+            Err(_) => Err(Error::Timeout(format!(
+                "the broker did not answer within {} s: {what}",
+                RPC_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// Closes a connection, waiting at most a few seconds for the broker's close-ok: closing is
+/// best effort, and must not hang the caller.
+pub async fn close_quietly(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.close(200, reason.to_string().into()),
+    )
+    .await;
+}
+
 /// A reply and its attachment.
 pub type Answer = (Reply, Vec<u8>);
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>;
@@ -40,6 +72,7 @@ pub async fn connect(url: &str, deadline: Duration) -> Result<Connection> {
 pub struct Link {
     conn: Connection,
     channel: Channel,
+    probe: tokio::sync::Mutex<Option<Channel>>,
     reply_queue: String,
     waiters: Waiters,
     next: AtomicU64,
@@ -48,11 +81,11 @@ pub struct Link {
 impl Link {
     pub async fn open(url: &str, deadline: Duration) -> Result<Link> {
         let conn = connect(url, deadline).await?;
-        let channel = conn.create_channel().await.broker("opening a channel")?;
+        let channel = conn.create_channel().rpc("opening a channel").await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .broker("enabling publisher confirms")?;
+            .rpc("enabling publisher confirms")
+            .await?;
         let q = channel
             .queue_declare(
                 "".into(),
@@ -63,8 +96,8 @@ impl Link {
                 },
                 FieldTable::default(),
             )
-            .await
-            .broker("declaring the manager's reply queue")?;
+            .rpc("declaring the manager's reply queue")
+            .await?;
         let reply_queue = q.name().to_string();
         let mut consumer = channel
             .basic_consume(
@@ -76,8 +109,8 @@ impl Link {
                 },
                 FieldTable::default(),
             )
-            .await
-            .broker("consuming the reply queue")?;
+            .rpc("consuming the reply queue")
+            .await?;
         let waiters: Waiters = Arc::default();
         let w = waiters.clone();
         tokio::spawn(async move {
@@ -94,6 +127,7 @@ impl Link {
         Ok(Link {
             conn,
             channel,
+            probe: tokio::sync::Mutex::new(None),
             reply_queue,
             waiters,
             next: AtomicU64::new(1),
@@ -117,8 +151,8 @@ impl Link {
                 ExchangeDeclareOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .broker(format!("declaring exchange {ex}"))?;
+            .rpc(format!("declaring exchange {ex}"))
+            .await?;
         }
         for (q, ex) in [
             (
@@ -142,8 +176,8 @@ impl Link {
                 QueueDeclareOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .broker(format!("declaring queue {queue}"))?;
+            .rpc(format!("declaring queue {queue}"))
+            .await?;
         self.channel
             .queue_bind(
                 queue.into(),
@@ -152,8 +186,8 @@ impl Link {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
+            .rpc(format!("binding {queue} to {exchange}"))
             .await
-            .broker(format!("binding {queue} to {exchange}"))
     }
 
     /// Binds a replay queue to the service's input exchange; from now on it keeps a copy of
@@ -165,10 +199,24 @@ impl Link {
         Ok(q)
     }
 
-    /// Messages ready in a queue (not counting those fetched and unacknowledged).
-    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
-        let q = self
-            .channel
+    /// Ready messages of a queue, or None if it does not exist. Asked on a channel of its own:
+    /// the broker closes the channel of a passive declare that fails, and the control channel
+    /// must survive a queue that vanished.
+    async fn inspect(&self, queue: &str) -> Result<Option<u32>> {
+        let mut probe = self.probe.lock().await;
+        let ch = match probe.as_ref() {
+            Some(ch) if ch.status().connected() => ch.clone(),
+            _ => {
+                let ch = self
+                    .conn
+                    .create_channel()
+                    .rpc("opening a probe channel")
+                    .await?;
+                *probe = Some(ch.clone());
+                ch
+            }
+        };
+        let declared = ch
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -177,48 +225,44 @@ impl Link {
                 },
                 FieldTable::default(),
             )
-            .await
-            .broker(format!("inspecting queue {queue}"))?;
-        Ok(q.message_count())
+            .rpc(format!("inspecting queue {queue}"))
+            .await;
+        match declared {
+            Ok(q) => Ok(Some(q.message_count())),
+            // The broker answers a passive declare of a missing queue by closing the channel.
+            Err(Error::Broker { .. }) if self.conn.status().connected() => {
+                *probe = None;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Whether a queue exists (on a channel of its own: a failed passive declare closes it).
+    /// Messages ready in a queue (not counting those fetched and unacknowledged).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        self.inspect(queue)
+            .await?
+            .ok_or_else(|| Error::BrokerRefused(format!("queue {queue} does not exist")))
+    }
+
+    /// Whether a queue exists.
     pub async fn queue_exists(&self, queue: &str) -> Result<bool> {
-        let ch = self
-            .conn
-            .create_channel()
-            .await
-            .broker("opening a probe channel")?;
-        let found = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        if found {
-            let _ = ch.close(200, "probe done".into()).await;
-        }
-        Ok(found)
+        Ok(self.inspect(queue).await?.is_some())
     }
 
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         self.channel
             .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await
-            .broker(format!("deleting queue {queue}"))?;
+            .rpc(format!("deleting queue {queue}"))
+            .await?;
         Ok(())
     }
 
     pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
         self.channel
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .rpc(format!("deleting exchange {exchange}"))
             .await
-            .broker(format!("deleting exchange {exchange}"))
     }
 
     /// Registers interest in a reply before the message that causes it is sent.
@@ -250,10 +294,10 @@ impl Link {
                 body,
                 BasicProperties::default(),
             )
-            .await
-            .broker(format!("publishing to {exchange}{key}"))?
-            .await
-            .broker(format!("confirm of a publish to {exchange}{key}"))?;
+            .rpc(format!("publishing to {exchange}{key}"))
+            .await?
+            .rpc(format!("confirm of a publish to {exchange}{key}"))
+            .await?;
         if confirm.is_nack() {
             return Err(Error::BrokerRefused(format!(
                 "a message to {exchange}{key} was negatively confirmed"
@@ -271,8 +315,8 @@ impl Link {
                 QueueDeclareOptions::default(),
                 FieldTable::default(),
             )
-            .await
-            .broker(format!("declaring queue {q}"))?;
+            .rpc(format!("declaring queue {q}"))
+            .await?;
         Ok(())
     }
 
@@ -327,7 +371,7 @@ impl Link {
     }
 
     pub async fn close(&self) {
-        let _ = self.conn.close(200, "testbed closes".into()).await;
+        close_quietly(&self.conn, "testbed closes").await;
     }
 }
 

@@ -17,7 +17,7 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
-    /// The broker answered a publish with a negative confirm.
+    /// The broker refused an operation (a negative confirm, a queue that does not exist).
     #[error("broker refused: {0}")]
     BrokerRefused(String),
     /// A container operation failed.

@@ -118,17 +118,28 @@ pub fn pacing(history: &History, t_cut_ns: u64) -> PacingSummary {
     for p in history.published.iter().filter(|p| p.t_pub_ns <= t_cut_ns) {
         h.saturating_record(p.t_pub_ns.saturating_sub(p.t_sched_ns).max(1));
     }
-    if h.is_empty() {
-        return PacingSummary::default();
-    }
-    let us = |ns: u64| ns as f64 / 1000.0;
+    let [p50_us, p99_us, p999_us, max_us] = quantiles(&h, 1e-3);
     PacingSummary {
         count: h.len(),
-        p50_us: us(h.value_at_quantile(0.5)),
-        p99_us: us(h.value_at_quantile(0.99)),
-        p999_us: us(h.value_at_quantile(0.999)),
-        max_us: us(h.max()),
+        p50_us,
+        p99_us,
+        p999_us,
+        max_us,
     }
+}
+
+/// p50, p99, p99.9 and max of a histogram, each times `scale` (zeros when it is empty).
+fn quantiles(h: &Histogram<u64>, scale: f64) -> [f64; 4] {
+    if h.is_empty() {
+        return [0.0; 4];
+    }
+    [
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+    ]
+    .map(|v| v as f64 * scale)
 }
 
 /// End-to-end latency (t_end - t_pub) of live messages, before, during and after a migration.
@@ -166,17 +177,15 @@ impl Latencies {
     }
 }
 
+/// Percentiles of a latency histogram of microseconds, in milliseconds.
 pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
-    if h.is_empty() {
-        return LatencySummary::default();
-    }
-    let ms = |us: u64| us as f64 / 1000.0;
+    let [p50_ms, p99_ms, p999_ms, max_ms] = quantiles(h, 1e-3);
     LatencySummary {
         count: h.len(),
-        p50_ms: ms(h.value_at_quantile(0.5)),
-        p99_ms: ms(h.value_at_quantile(0.99)),
-        p999_ms: ms(h.value_at_quantile(0.999)),
-        max_ms: ms(h.max()),
+        p50_ms,
+        p99_ms,
+        p999_ms,
+        max_ms,
     }
 }
 

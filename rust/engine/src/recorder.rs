@@ -1,7 +1,8 @@
 //! Recorder: consumes every output event of a service into the history.
 
 use crate::broker;
-use crate::error::{BrokerContext, Result};
+use crate::broker::Rpc;
+use crate::error::Result;
 use futures_lite::StreamExt;
 use lapin::{options::*, types::FieldTable};
 use ms2m_wire::{names, OutputEvent};
@@ -23,8 +24,8 @@ impl Recorder {
         let conn = broker::connect(url, Duration::from_secs(10)).await?;
         let channel = conn
             .create_channel()
-            .await
-            .broker("opening the recorder channel")?;
+            .rpc("opening the recorder channel")
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 names::events_queue(service).into(),
@@ -35,8 +36,8 @@ impl Recorder {
                 },
                 FieldTable::default(),
             )
-            .await
-            .broker("consuming the events queue")?;
+            .rpc("consuming the events queue")
+            .await?;
         let events: Arc<Mutex<Vec<OutputEvent>>> = Arc::default();
         let malformed: Arc<Mutex<u64>> = Arc::default();
         let (ev, bad) = (events.clone(), malformed.clone());
@@ -72,7 +73,7 @@ impl Recorder {
     }
 
     pub async fn stop(&self) {
-        let _ = self.conn.close(200, "recorder stops".into()).await;
+        broker::close_quietly(&self.conn, "recorder stops").await;
         self.task.abort();
     }
 }

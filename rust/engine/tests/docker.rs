@@ -14,6 +14,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+const CASE_TIMEOUT: Duration = Duration::from_secs(300);
+
 type Case = for<'a> fn(&'a Testbed) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
 
 macro_rules! cases {
@@ -62,7 +64,11 @@ fn main() {
         let (mut passed, mut failed) = (0, 0);
         for (name, case) in &chosen {
             let started = std::time::Instant::now();
-            match case(&tb).await {
+            // A hang must fail its case, not the whole run.
+            let outcome = tokio::time::timeout(CASE_TIMEOUT, case(&tb))
+                .await
+                .unwrap_or_else(|_| bail!("did not finish within {CASE_TIMEOUT:?}"));
+            match outcome {
                 Ok(()) => {
                     passed += 1;
                     println!(

@@ -12,8 +12,9 @@ mod profile;
 pub use profile::{Profile, Schedule, Step};
 
 use crate::broker;
+use crate::broker::Rpc;
 use crate::config::WorkloadSpec;
-use crate::error::{BrokerContext, Result};
+use crate::error::Result;
 use crate::history::{PublishOutcome, Published};
 use lapin::{options::*, BasicProperties, PublisherConfirm};
 use ms2m_wire::{names, now_ns, state::workload_payload, Input};
@@ -60,12 +61,12 @@ impl Workload {
         let conn = broker::connect(url, Duration::from_secs(10)).await?;
         let channel = conn
             .create_channel()
-            .await
-            .broker("opening the workload channel")?;
+            .rpc("opening the workload channel")
+            .await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .broker("enabling publisher confirms")?;
+            .rpc("enabling publisher confirms")
+            .await?;
         let log: Arc<Mutex<Vec<Published>>> = Arc::default();
         let (confirms, mut pending) = mpsc::unbounded_channel::<(usize, PublisherConfirm)>();
         let confirm_log = log.clone();
@@ -114,20 +115,24 @@ impl Workload {
                         });
                         l.len() - 1
                     };
-                    let published = rt.block_on(channel.basic_publish(
-                        exchange.as_str().into(),
-                        "".into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default(),
-                    ));
+                    let published = rt.block_on(
+                        channel
+                            .basic_publish(
+                                exchange.as_str().into(),
+                                "".into(),
+                                BasicPublishOptions::default(),
+                                &body,
+                                BasicProperties::default(),
+                            )
+                            .rpc("publishing a workload message"),
+                    );
                     match published {
                         Ok(c) => {
                             let _ = confirms.send((index, c));
                         }
                         Err(e) => {
                             send_log.lock().unwrap()[index].outcome = PublishOutcome::Uncertain;
-                            return Err(e).broker("publishing a workload message");
+                            return Err(e);
                         }
                     }
                 }
@@ -178,7 +183,7 @@ impl Workload {
             .unwrap_or(Ok(()));
         // The sender dropped its end of the confirm queue; the confirmer ends once all are in.
         let _ = tokio::time::timeout(Duration::from_secs(30), self.confirmer).await;
-        let _ = self.conn.close(200, "workload stops".into()).await;
+        broker::close_quietly(&self.conn, "workload stops").await;
         let mut log = self.log.lock().unwrap().clone();
         for p in log
             .iter_mut()
