@@ -22,5 +22,5 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.enter("replay").await?;
     ms2m::start_replay(ctx, &queue, None).await?;
     ms2m::catch_up(ctx, &queue, None).await?;
-    ms2m::cutover(ctx).await
+    ms2m::cutover(ctx, true).await
 }

@@ -31,7 +31,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.enter("replay").await?;
     start_replay(ctx, &queue, None).await?;
     catch_up(ctx, &queue, None).await?;
-    cutover(ctx).await
+    cutover(ctx, true).await
 }
 
 /// Binds the replay queue (accumulation starts) and, with `start_target`, starts the target.
@@ -154,10 +154,29 @@ pub(super) async fn catch_up(
     }
 }
 
+/// Longest wait at the cutover for a caught-up target to draw level with the source.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
 /// The cutover: the source hands over to the target with nothing lost or processed twice.
-pub(super) async fn cutover(ctx: &mut Ctx<'_>) -> Result<()> {
+///
+/// With `level`, it first waits (at most [`HANDOVER_WAIT`]) until the target's position is not
+/// behind the source's: a caught-up target and the source leapfrog message by message, and a
+/// pause while the target trails would leave it to replay the difference while nobody serves.
+/// Paused level with the source, the target replays nothing after the source stops.
+pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
     ctx.enter("finalize").await?;
     let (source, target) = (ctx.source.clone(), ctx.target.clone());
+    if level {
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        loop {
+            let (s, _) = ctx.command(&source, Command::Status, &[]).await?;
+            let (t, _) = ctx.command(&target, Command::Status, &[]).await?;
+            if t.last_seq >= s.last_seq || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     let (paused, _) = ctx.command(&target, Command::PauseReplay, &[]).await?;
     let (stopped, _) = ctx
         .command(

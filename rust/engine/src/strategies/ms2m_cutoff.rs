@@ -43,7 +43,8 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
         fired: ended == CatchUp::CutOff,
         fired_at_ns: (ended == CatchUp::CutOff).then(now_ns),
     });
-    ms2m::cutover(ctx).await
+    // Once the cutoff fired the target trails by design: hand over at once.
+    ms2m::cutover(ctx, ended == CatchUp::CaughtUp).await
 }
 
 #[cfg(test)]
