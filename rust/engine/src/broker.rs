@@ -134,10 +134,6 @@ impl Link {
         })
     }
 
-    pub fn connection(&self) -> &Connection {
-        &self.conn
-    }
-
     /// Declares a service's exchanges and queues (idempotent).
     pub async fn declare_service(&self, service: &str) -> Result<()> {
         let ch = &self.channel;

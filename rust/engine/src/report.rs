@@ -106,6 +106,8 @@ pub struct Counts {
     pub confirmed: u64,
     pub processed_live: u64,
     pub processed_replay: u64,
+    /// Output events the recorder could not read as events (a service breaking the contract).
+    pub malformed_events: u64,
     /// Messages sent after this instant are outside the check (still in flight at its end).
     pub cut_ns: u64,
 }

@@ -432,6 +432,7 @@ impl Testbed {
                     .count() as u64,
                 processed_live: live,
                 processed_replay: history.events.len() as u64 - live,
+                malformed_events: d.recorder.malformed(),
                 cut_ns: cut,
             },
             verdict,

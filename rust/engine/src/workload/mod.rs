@@ -167,11 +167,6 @@ impl Workload {
         f(&self.log.lock().unwrap())
     }
 
-    /// The next sequence number this workload would use.
-    pub fn next_seq(&self) -> Option<u64> {
-        self.log.lock().unwrap().last().map(|p| p.seq + 1)
-    }
-
     /// Stops sending and waits for the outstanding confirms; returns the whole send log.
     pub async fn stop(self) -> Result<Vec<Published>> {
         self.stop.store(true, Ordering::Relaxed);
