@@ -50,5 +50,5 @@ notebooks: setup ## execute the notebooks in place with full parameters (refresh
 schema: ## regenerate python/ms2m/report.schema.json from the report types
 	MS2M_WRITE_SCHEMA=1 cargo test --release --locked -q -p ms2m-engine --lib shipped_schema_is_current
 
-clean-leftovers: ## remove containers and networks left by crashed runs
+clean-leftovers: ## remove containers, networks and local processes left by crashed runs
 	$(PY) -m ms2m cleanup

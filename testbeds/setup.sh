@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes this machine ready to run ms2m testbeds, installing what is missing (idempotent):
-#   1. a running Docker engine (Debian's docker.io; dockerd started in the background),
+#   1. a running Docker engine (Debian's docker.io; dockerd started in the background), and
+#      Debian's rabbitmq-server for the local runtime,
 #   2. the testbed images, built from Debian's packages (testbeds/images/build.sh),
 #   3. the Python package with its native module (maturin, `pip install .`).
 # Needs root for apt-get and dockerd (as on the project's machines).
@@ -31,6 +32,15 @@ if ! docker info >/dev/null 2>&1; then
 fi
 docker version --format 'engine {{.Server.Version}} (API {{.Server.APIVersion}})' >&2
 command -v debootstrap >/dev/null || apt_install debootstrap
+
+log "RabbitMQ for the local runtime"
+# The local runtime (no Docker) runs Debian's rabbitmq-server as a process; the tests use it.
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  # Installed, not started: the testbeds start their own on free ports.
+  policy=/usr/sbin/policy-rc.d
+  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
+  apt_install rabbitmq-server
+fi
 
 log "service binary (cargo build --release -p ms2m-service)"
 cargo build --release --locked -q -p ms2m-service

@@ -46,7 +46,8 @@ STRATEGY_PHASES: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _strategy
 
 
 def cleanup(all: bool = False) -> dict[str, list[str]]:
-    """Removes containers and networks left by crashed ms2m runs (``all``: every ms2m one)."""
+    """Removes containers, networks and local processes left by crashed ms2m runs (``all``:
+    every ms2m one); returns their names under "containers", "networks" and "processes"."""
     from ._native import cleanup as _cleanup
 
     return dict(_json.loads(_cleanup(all=all)))

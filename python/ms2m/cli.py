@@ -2,7 +2,7 @@
 
 ms2m compare [--runs N] [--rate R] ...   migrate with each strategy, print the comparison
 ms2m summarize DIR                        summarize a folder of reports
-ms2m cleanup [--all]                      remove containers left by crashed runs
+ms2m cleanup [--all]                      remove containers and processes left by crashed runs
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def _summarize(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     removed = json.loads(_native.cleanup(all=args.all))
     print(
-        f"removed {len(removed['containers'])} container(s) {removed['containers']} and "
-        f"{len(removed['networks'])} network(s) {removed['networks']}"
+        f"removed {len(removed['containers'])} container(s) {removed['containers']}, "
+        f"{len(removed['networks'])} network(s) {removed['networks']} and "
+        f"{len(removed['processes'])} local process(es) {removed['processes']}"
     )
     return 0
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("folder")
     s.set_defaults(func=_summarize)
 
-    k = sub.add_parser("cleanup", help="remove containers left by crashed runs")
+    k = sub.add_parser("cleanup", help="remove containers and processes left by crashed runs")
     k.add_argument("--all", action="store_true", help="also those of running testbeds")
     k.set_defaults(func=_cleanup)
 

@@ -7,10 +7,19 @@ Fixtures:
                    ``@pytest.mark.ms2m(processing_ms=50, state_bytes=1_000_000, host="edge-1")``
 
 Options:
-    --ms2m-hosts edge-1,edge-2,cloud   the testbed's hosts
-    --ms2m-keep                         keep the testbed's containers after the session
-    --ms2m-require                      fail, rather than skip, when no Docker engine or image
-                                        is available (CI uses it: nothing real is skipped there)
+    --ms2m-runtime auto|docker|local    where the broker and the instances run (default auto:
+                                        docker where a Docker daemon answers, else local
+                                        processes; ``$MS2M_RUNTIME``)
+    --ms2m-amqp-url URL                 use this existing broker instead of starting one
+                                        (``$MS2M_AMQP_URL``)
+    --ms2m-hosts edge-1,edge-2,cloud    the testbed's hosts
+    --ms2m-keep                         keep the testbed's containers and processes after the
+                                        session, for debugging
+    --ms2m-require                      fail, rather than skip, when the runtime is unavailable
+                                        (CI uses it: nothing real is skipped there)
+
+Markers:
+    ms2m(...)                           parameters of the service ms2m_service deploys
 
 A test that uses the fixtures on a machine without the runtime is skipped with the reason
 (what is missing and the command that provides it).
@@ -25,18 +34,30 @@ from collections.abc import Iterator
 import pytest
 
 from . import _native
-from .testbed import Service, Testbed
+from .testbed import RUNTIMES, Service, Testbed
 
 SERVICE_PARAMS = ("host", "processing_ms", "state_bytes", "prefetch")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("ms2m", "ms2m migration testbed")
+    g.addoption(
+        "--ms2m-runtime",
+        choices=RUNTIMES,
+        default=os.environ.get("MS2M_RUNTIME") or "auto",
+        help="where the broker and the instances run (default: auto, or $MS2M_RUNTIME)",
+    )
+    g.addoption(
+        "--ms2m-amqp-url",
+        default=os.environ.get("MS2M_AMQP_URL") or None,
+        metavar="URL",
+        help="use this existing broker instead of starting one (default: $MS2M_AMQP_URL)",
+    )
     g.addoption("--ms2m-hosts", default="edge-1,edge-2,cloud", help="the testbed's hosts")
     g.addoption(
         "--ms2m-keep",
         action="store_true",
-        help="keep the testbed's containers after the session, for debugging",
+        help="keep the testbed's containers and processes after the session, for debugging",
     )
     g.addoption(
         "--ms2m-require",
@@ -55,7 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def ms2m_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
-    """One testbed for the session; skipped (or failed with --ms2m-require) without Docker."""
+    """One testbed for the session; skipped (or failed with --ms2m-require) without its
+    runtime."""
     config = request.config
     keep = bool(config.getoption("--ms2m-keep"))
     if keep:
@@ -63,11 +85,17 @@ def ms2m_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
         os.environ["TESTCONTAINERS_COMMAND"] = "keep"
     hosts = [h for h in str(config.getoption("--ms2m-hosts")).split(",") if h]
     try:
-        tb = Testbed(hosts=hosts).start()
+        tb = Testbed(
+            hosts=hosts,
+            runtime=str(config.getoption("--ms2m-runtime")),
+            amqp_url=config.getoption("--ms2m-amqp-url"),
+        ).start()
     except _native.RuntimeUnavailable as e:
         if config.getoption("--ms2m-require"):
             pytest.fail(f"ms2m runtime required but unavailable: {e}", pytrace=False)
         pytest.skip(f"ms2m: {e}")
+    except _native.ConfigurationError as e:
+        pytest.fail(f"ms2m: the testbed options are invalid: {e}", pytrace=False)
     yield tb
     if keep:
         tb.keep()

@@ -1,8 +1,9 @@
 """Testbeds, services and workloads: the blocking and the asyncio API.
 
-A :class:`Testbed` starts a RabbitMQ broker container and places service instances on named
-hosts (containers on the testbed's own Docker network). Everything it started is removed when
-the ``with`` block ends, also on an exception or Ctrl-C.
+A :class:`Testbed` starts a RabbitMQ broker (or uses an external one) and places service
+instances on named hosts: containers on the testbed's own Docker network (runtime ``docker``),
+or local processes (runtime ``local``, for machines without Docker). Everything it started is
+removed when the ``with`` block ends, also on an exception or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .profiles import Profile, constant
 from .report import Report
 
 DEFAULT_HOSTS = ("edge-1", "edge-2", "cloud")
+RUNTIMES = ("auto", "docker", "local")
 
 
 @dataclass(frozen=True)
@@ -93,16 +95,24 @@ def _report_on_failure() -> Iterator[None]:
 
 def _config(
     hosts: Sequence[str],
+    runtime: str,
+    amqp_url: str | None,
     broker_image: str | None,
     service_image: str | None,
+    service_binary: str | None,
     broker_startup_timeout_s: float,
 ) -> str:
     if isinstance(hosts, str):
         raise _native.ConfigurationError(
             f"hosts must be a sequence of names, not the string {hosts!r}"
         )
+    if runtime not in RUNTIMES:
+        raise _native.ConfigurationError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     cfg: dict[str, Any] = json.loads(_native.default_testbed_config())
     cfg["hosts"] = list(hosts)
+    cfg["runtime"] = runtime
+    cfg["amqp_url"] = amqp_url or None
+    cfg["service_binary"] = service_binary
     if broker_image is not None:
         cfg["broker_image"] = broker_image
     if service_image is not None:
@@ -120,9 +130,16 @@ class Testbed:
 
     Args:
         hosts: names of the hosts instances can be placed on.
+        runtime: where the broker and the instances run: ``"docker"`` (containers),
+            ``"local"`` (Debian's ``rabbitmq-server`` and the ``ms2m-service`` binary as local
+            processes), or ``"auto"`` (docker where a Docker daemon answers, local otherwise).
+        amqp_url: an existing broker to use instead of starting one, e.g.
+            ``amqp://guest:guest@10.0.0.5:5672/%2f``; the testbed removes only what it declared.
         broker_image: broker image (default ``ms2m/rabbitmq:3.10``, or ``$MS2M_BROKER_IMAGE``);
             the official ``rabbitmq`` image works too where a registry is reachable.
         service_image: image of the reference service (default ``ms2m/service:dev``).
+        service_binary: local runtime: the ``ms2m-service`` binary (default
+            ``$MS2M_SERVICE_BIN``, ``ms2m-service`` on PATH, or this checkout's release build).
         broker_startup_timeout_s: longest wait for the broker to accept connections.
     """
 
@@ -130,11 +147,22 @@ class Testbed:
         self,
         hosts: Sequence[str] = DEFAULT_HOSTS,
         *,
+        runtime: str = "auto",
+        amqp_url: str | None = None,
         broker_image: str | None = None,
         service_image: str | None = None,
+        service_binary: str | None = None,
         broker_startup_timeout_s: float = 90.0,
     ) -> None:
-        self._config = _config(hosts, broker_image, service_image, broker_startup_timeout_s)
+        self._config = _config(
+            hosts,
+            runtime,
+            amqp_url,
+            broker_image,
+            service_image,
+            service_binary,
+            broker_startup_timeout_s,
+        )
         self._tb: _native.Testbed | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -187,12 +215,18 @@ class Testbed:
 
     @property
     def id(self) -> str:
-        """Identifier of this testbed; its containers carry it in the label ``ms2m.testbed``."""
+        """Identifier of this testbed; its containers carry it in the label ``ms2m.testbed``
+        (its local processes in the environment variable ``MS2M_TESTBED``)."""
         return self._native.id
 
     @property
+    def runtime(self) -> str:
+        """The runtime it runs on: ``"docker"`` or ``"local"`` (``"auto"`` resolved)."""
+        return self._native.runtime
+
+    @property
     def amqp_url(self) -> str:
-        """The broker's AMQP URL from this machine (published on 127.0.0.1)."""
+        """The broker's AMQP URL from this machine (the external one, if given)."""
         return self._native.amqp_url
 
     @property

@@ -25,7 +25,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SECTIONS: dict[str, set[str]] = {
-    "testbed": {"hosts", "broker_image", "service_image", "broker_startup_timeout_s"},
+    "testbed": {
+        "hosts",
+        "runtime",
+        "amqp_url",
+        "broker_image",
+        "service_image",
+        "service_binary",
+        "broker_startup_timeout_s",
+    },
     "service": {"name", "host", "processing_ms", "state_bytes", "prefetch"},
     "workload": {"rate", "profile", "message_bytes", "seed", "warmup_s"},
     "migration": {

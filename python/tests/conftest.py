@@ -9,6 +9,8 @@ import pytest
 
 import ms2m
 
+pytest_plugins = ["pytester"]
+
 _testbed_ids: list[str] = []
 
 

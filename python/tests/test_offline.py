@@ -114,23 +114,53 @@ def test_table_formats_rows():
     json.dumps(row)
 
 
-NO_DAEMON = """
+NO_RUNTIME = """
+import sys
 import ms2m
 try:
-    ms2m.Testbed().start()
+    ms2m.Testbed(runtime=sys.argv[1]).start()
 except ms2m.RuntimeUnavailable as e:
     print(e)
 """
 
 
-def test_no_docker_daemon_gives_a_clear_error():
+def _start_without(runtime: str, **env: str) -> str:
     # A separate process: the Docker connection is chosen once per process.
-    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     out = subprocess.run(
-        [sys.executable, "-c", NO_DAEMON], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", NO_RUNTIME, runtime],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert "no Docker daemon answers at /nonexistent/docker.sock" in out.stdout, out
-    assert "apt-get install docker.io" in out.stdout
+    return out.stdout + out.stderr
+
+
+def test_no_docker_daemon_gives_a_clear_error():
+    out = _start_without("docker", DOCKER_HOST="unix:///nonexistent/docker.sock")
+    assert "no Docker daemon answers at /nonexistent/docker.sock" in out, out
+    assert "apt-get install docker.io" in out
+
+
+def test_auto_without_any_runtime_says_what_each_one_misses():
+    out = _start_without(
+        "auto",
+        DOCKER_HOST="unix:///nonexistent/docker.sock",
+        MS2M_RABBITMQ_SERVER="/nonexistent/rabbitmq-server",
+    )
+    assert "no runtime can start here" in out, out
+    assert "apt-get install docker.io" in out
+    assert "/nonexistent/rabbitmq-server is not installed" in out
+    assert "apt-get install rabbitmq-server" in out
+
+
+def test_bad_runtime_and_broker_url_are_refused_before_anything_starts():
+    with pytest.raises(ms2m.ConfigurationError, match="runtime must be one of"):
+        ms2m.Testbed(runtime="kubernetes")
+    with pytest.raises(ms2m.ConfigurationError, match="must start with amqp://"):
+        ms2m.Testbed(amqp_url="http://127.0.0.1:5672").start()
+    with pytest.raises(ms2m.ConfigurationError, match="docker runtime's containers cannot reach"):
+        ms2m.Testbed(runtime="docker", amqp_url="amqp://guest:guest@localhost:5672/%2f").start()
 
 
 def test_timeline_csv_has_a_row_per_processing_and_per_unprocessed_message(tmp_path):

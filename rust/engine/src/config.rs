@@ -10,14 +10,51 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Config(msg.into()))
 }
 
+/// Where the broker and the service instances run.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// docker where a Docker daemon answers, local otherwise.
+    #[default]
+    Auto,
+    /// Containers started with testcontainers on the testbed's own Docker network.
+    Docker,
+    /// Local processes: Debian's rabbitmq-server on free ports in a temporary directory, the
+    /// `ms2m-service` binary as a subprocess per instance. For machines without Docker.
+    Local,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Auto => "auto",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Local => "local",
+        }
+    }
+}
+
 /// Where the broker and the instances run, and which images they use.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TestbedConfig {
     /// Host names instances can be placed on. A host is a name the testbed maps to where an
     /// instance runs; in the docker runtime every host is a container on the testbed network.
     pub hosts: Vec<String>,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// An existing broker (`amqp://user:pass@host:port/vhost`) to use instead of starting one.
+    /// The testbed then only removes the queues and exchanges it declared.
+    #[serde(default)]
+    pub amqp_url: Option<String>,
+    /// docker runtime: the broker and service images.
     pub broker_image: String,
     pub service_image: String,
+    /// local runtime: the `ms2m-service` binary (default: `$MS2M_SERVICE_BIN`, then
+    /// `ms2m-service` on PATH, then this checkout's `target/release/ms2m-service`).
+    #[serde(default)]
+    pub service_binary: Option<String>,
     /// Longest wait for the broker to accept AMQP connections.
     pub broker_startup_timeout_s: f64,
 }
@@ -26,6 +63,9 @@ impl Default for TestbedConfig {
     fn default() -> Self {
         TestbedConfig {
             hosts: vec!["edge-1".into(), "edge-2".into(), "cloud".into()],
+            runtime: RuntimeKind::Auto,
+            amqp_url: None,
+            service_binary: None,
             broker_image: std::env::var("MS2M_BROKER_IMAGE")
                 .unwrap_or_else(|_| "ms2m/rabbitmq:3.10".into()),
             service_image: std::env::var("MS2M_SERVICE_IMAGE")
@@ -60,8 +100,36 @@ impl TestbedConfig {
         if !(self.broker_startup_timeout_s.is_finite() && self.broker_startup_timeout_s > 0.0) {
             return refuse("broker_startup_timeout_s must be > 0");
         }
+        if let Some(url) = &self.amqp_url {
+            check_amqp_url(url, self.runtime)?;
+        }
+        if let Some(bin) = &self.service_binary {
+            if !std::path::Path::new(bin).is_file() {
+                return refuse(format!("service_binary {bin:?} is not a file"));
+            }
+        }
         Ok(())
     }
+}
+
+/// Refuses an external broker URL that cannot work before anything starts.
+fn check_amqp_url(url: &str, runtime: RuntimeKind) -> Result<()> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return refuse(format!(
+            "amqp_url {url:?} must start with amqp:// or amqps:// (e.g. \
+             amqp://guest:guest@127.0.0.1:5672/%2f)"
+        ));
+    }
+    if crate::runtime::url_host(url).is_none() {
+        return refuse(format!("amqp_url {url:?} names no host"));
+    }
+    if crate::runtime::is_loopback_url(url) && runtime == RuntimeKind::Docker {
+        return refuse(format!(
+            "amqp_url {url:?} is on this machine's loopback, which the docker runtime's \
+             containers cannot reach; use runtime \"local\", or an address the containers reach"
+        ));
+    }
+    Ok(())
 }
 
 /// Names used in broker resources and container names: letters, digits, '-' and '_'.

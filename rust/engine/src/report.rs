@@ -36,6 +36,7 @@ pub struct Environment {
 
 impl Environment {
     pub fn collect(
+        runtime: &str,
         broker_image: &str,
         broker_version: Option<String>,
         service_image: &str,
@@ -53,7 +54,7 @@ impl Environment {
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            runtime: "docker".into(),
+            runtime: runtime.into(),
             broker_image: broker_image.into(),
             broker_version,
             service_image: service_image.into(),

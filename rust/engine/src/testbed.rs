@@ -4,7 +4,7 @@
 use crate::broker::Link;
 use crate::checker::{self, ObservedState};
 use crate::config::{
-    check_host, MigrationOptions, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec,
+    check_host, MigrationOptions, RuntimeKind, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec,
 };
 use crate::error::{Error, Result};
 use crate::history::{History, PublishOutcome, Published};
@@ -13,7 +13,7 @@ use crate::recorder::Recorder;
 use crate::report::{
     Counts, Environment, LatencyReport, Metrics, MigrationSummary, Placement, Report,
 };
-use crate::runtime::docker::{BrokerEndpoint, DockerRuntime};
+use crate::runtime::{BrokerEndpoint, Runtime};
 use crate::strategies::{self, Ctx, RateProbe};
 use crate::workload::Workload;
 use ms2m_wire::{control::Command, names, now_ns, Mode};
@@ -77,12 +77,15 @@ impl Deployed {
 pub struct Testbed {
     id: String,
     cfg: TestbedConfig,
-    runtime: DockerRuntime,
+    runtime: Runtime,
     endpoint: BrokerEndpoint,
     link: Link,
     docker_version: Option<String>,
     broker_version: Option<String>,
     services: Mutex<HashMap<String, Arc<Mutex<Deployed>>>>,
+    /// Every queue name this testbed declared or had declared: what it may leave behind on
+    /// an external broker.
+    queues_used: Mutex<std::collections::BTreeSet<String>>,
     migrations: AtomicU64,
     closed: AtomicBool,
 }
@@ -104,7 +107,7 @@ impl Testbed {
     pub async fn start(cfg: TestbedConfig) -> Result<Testbed> {
         cfg.validate()?;
         let id = fresh_id();
-        let (runtime, endpoint) = DockerRuntime::start(&cfg, &id).await?;
+        let (runtime, endpoint) = Runtime::start(&cfg, &id).await?;
         let deadline = Duration::from_secs_f64(cfg.broker_startup_timeout_s);
         let link = match Link::open(&endpoint.url, deadline).await {
             Ok(l) => l,
@@ -114,15 +117,20 @@ impl Testbed {
             }
         };
         let broker_version = runtime.broker_version().await;
+        let docker_version = match runtime.kind() {
+            RuntimeKind::Docker => crate::runtime::docker::daemon_version().await,
+            _ => None,
+        };
         Ok(Testbed {
             id,
             cfg,
             runtime,
             endpoint,
             link,
-            docker_version: crate::runtime::docker::daemon_version().await,
+            docker_version,
             broker_version,
             services: Mutex::new(HashMap::new()),
+            queues_used: Mutex::new(Default::default()),
             migrations: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         })
@@ -134,6 +142,11 @@ impl Testbed {
 
     pub fn config(&self) -> &TestbedConfig {
         &self.cfg
+    }
+
+    /// The runtime it resolved to (never `Auto`).
+    pub fn runtime(&self) -> RuntimeKind {
+        self.runtime.kind()
     }
 
     /// The broker's AMQP URL from this machine.
@@ -181,9 +194,14 @@ impl Testbed {
                 spec.name
             )));
         }
+        let instance = format!("{}-1", spec.name);
+        self.queues_used.lock().await.extend([
+            names::primary_queue(&spec.name),
+            names::events_queue(&spec.name),
+            names::control_queue(&spec.name, &instance),
+        ]);
         self.link.declare_service(&spec.name).await?;
         let recorder = Recorder::start(&self.endpoint.url, &spec.name).await?;
-        let instance = format!("{}-1", spec.name);
         self.link
             .declare_control_queue(&spec.name, &instance)
             .await?;
@@ -281,6 +299,10 @@ impl Testbed {
         let source = d.current.clone();
         let target = (format!("{service}-{}", d.instances_started), to.to_string());
         let migration_id = format!("m{n}");
+        self.queues_used.lock().await.extend([
+            names::control_queue(service, &target.0),
+            names::replay_queue(service, &migration_id),
+        ]);
         let t_start = now_ns();
         let mut ctx = Ctx::new(
             &self.link,
@@ -391,12 +413,16 @@ impl Testbed {
                 instance: target.0,
                 host: target.1,
             },
-            environment: Environment::collect(
-                &self.cfg.broker_image,
-                self.broker_version.clone(),
-                &self.cfg.service_image,
-                self.docker_version.clone(),
-            ),
+            environment: {
+                let (broker, service) = self.runtime.artifacts(&self.cfg);
+                Environment::collect(
+                    self.runtime.kind().name(),
+                    &broker,
+                    self.broker_version.clone(),
+                    &service,
+                    self.docker_version.clone(),
+                )
+            },
             phases: timeline.phases().to_vec(),
             migration: MigrationSummary {
                 status: if failure.is_none() {
@@ -533,7 +559,21 @@ impl Testbed {
     /// The broker's queues (name, ready messages) other than the testbed's own reply queue.
     /// Empty when no service is deployed: how a reused broker is checked clean between runs.
     pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
-        let mut q = self.runtime.broker_queues().await?;
+        let mut q = match self.runtime.broker_queues().await? {
+            Some(q) => q,
+            // An external broker may hold anyone's queues: probe only the names this testbed
+            // used.
+            None => {
+                let used = self.queues_used.lock().await.clone();
+                let mut q = Vec::new();
+                for name in used {
+                    if self.link.queue_exists(&name).await? {
+                        q.push((name.clone(), self.link.queue_depth(&name).await?.into()));
+                    }
+                }
+                q
+            }
+        };
         q.retain(|(name, _)| !name.starts_with("amq.gen-"));
         Ok(q)
     }
@@ -543,6 +583,7 @@ impl Testbed {
     /// the first container started; `python -m ms2m cleanup --all` removes them later.
     pub fn keep(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.runtime.keep();
     }
 
     /// Stops workloads and recorders and removes every container. Idempotent.

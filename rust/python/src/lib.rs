@@ -160,6 +160,11 @@ impl PyTestbed {
     }
 
     #[getter]
+    fn runtime(&self) -> String {
+        self.inner.runtime().name().to_string()
+    }
+
+    #[getter]
     fn config_json(&self) -> String {
         json(self.inner.config())
     }
@@ -293,14 +298,13 @@ impl Drop for PyTestbed {
     }
 }
 
-/// Removes containers and networks left by crashed ms2m runs (all ms2m ones with `all`);
-/// returns what was removed as JSON.
+/// Removes containers, networks and local processes left by crashed ms2m runs (all ms2m ones
+/// with `all`); returns what was removed as JSON.
 #[pyfunction]
 #[pyo3(signature = (all = false))]
 fn cleanup(py: Python<'_>, all: bool) -> PyResult<String> {
     block_on(py, async move {
-        engine::runtime::docker::ensure_docker().await?;
-        engine::runtime::docker::cleanup_leftovers(all)
+        engine::runtime::cleanup_leftovers(all)
             .await
             .map(|c| json(&c))
     })

@@ -91,12 +91,30 @@ async fn serve(client: UnixStream, daemon: PathBuf, from: String, to: String) {
 
 /// Starts the shim on a socket in a fresh temporary directory; returns its path. The listener
 /// lives on a thread of its own so it outlives any one tokio runtime of the caller.
+const DIR_PREFIX: &str = "ms2m-docker-shim-";
+
+/// Removes the socket directories of shims whose process has ended (a process cannot remove
+/// its own on exit).
+pub(crate) fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX));
+        if pid.is_some_and(|p| !std::path::Path::new("/proc").join(p).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 pub(crate) fn start(
     daemon: PathBuf,
     client_version: &str,
     daemon_version: &str,
 ) -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("ms2m-docker-shim-{}", std::process::id()));
+    remove_stale();
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("docker.sock");
     let _ = std::fs::remove_file(&path);

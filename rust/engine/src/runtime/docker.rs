@@ -6,7 +6,7 @@
 //! [`DockerRuntime::shutdown`]; testcontainers' `Drop` is the backstop. Set
 //! `TESTCONTAINERS_COMMAND=keep` to keep the containers for debugging.
 
-use super::api_shim;
+use super::{api_shim, parse_queue_list, BrokerEndpoint};
 use crate::config::{ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -113,15 +113,6 @@ fn generic(image: &str) -> GenericImage {
     GenericImage::new(name, tag)
 }
 
-/// Where instances and clients reach the broker.
-#[derive(Debug, Clone)]
-pub struct BrokerEndpoint {
-    /// From this host (a port published on 127.0.0.1).
-    pub url: String,
-    /// From containers on the testbed network.
-    pub internal_url: String,
-}
-
 pub struct DockerRuntime {
     testbed_id: String,
     network: String,
@@ -132,11 +123,13 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
-    /// Starts the broker container and waits until it accepts AMQP connections.
+    /// Starts the broker container (unless `cfg.amqp_url` names an external broker).
     pub async fn start(cfg: &TestbedConfig, testbed_id: &str) -> Result<(Self, BrokerEndpoint)> {
         ensure_docker().await?;
         let docker = daemon().await?;
-        require_image(&docker, &cfg.broker_image).await?;
+        if cfg.amqp_url.is_none() {
+            require_image(&docker, &cfg.broker_image).await?;
+        }
         require_image(&docker, &cfg.service_image).await?;
         let network = format!("ms2m-{testbed_id}");
         let broker_name = format!("ms2m-{testbed_id}-broker");
@@ -148,6 +141,15 @@ impl DockerRuntime {
             broker: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
         };
+        if let Some(url) = &cfg.amqp_url {
+            // Instances reach the external broker from the testbed's network (testcontainers
+            // creates it with the first instance).
+            let endpoint = BrokerEndpoint {
+                url: url.clone(),
+                internal_url: url.clone(),
+            };
+            return Ok((rt, endpoint));
+        }
         let container = generic(&cfg.broker_image)
             .with_exposed_port(AMQP_PORT.tcp())
             .with_wait_for(WaitFor::Nothing)
@@ -198,26 +200,8 @@ impl DockerRuntime {
         spec: &ServiceSpec,
         instance: &str,
         host: &str,
-        internal_url: &str,
-        live: bool,
+        args: Vec<String>,
     ) -> Result<()> {
-        let mut args = vec![
-            "--amqp-url".to_string(),
-            internal_url.to_string(),
-            "--service".into(),
-            spec.name.clone(),
-            "--instance".into(),
-            instance.to_string(),
-            "--processing-ms".into(),
-            spec.processing_ms.to_string(),
-            "--state-bytes".into(),
-            spec.state_bytes.to_string(),
-            "--prefetch".into(),
-            spec.prefetch.to_string(),
-        ];
-        if live {
-            args.push("--live".into());
-        }
         let container = generic(&self.service_image)
             .with_wait_for(WaitFor::message_on_stdout("ms2m-service ready"))
             .with_cmd(args)
@@ -288,12 +272,13 @@ impl DockerRuntime {
         Ok(())
     }
 
-    /// Runs `rabbitmqctl` in the broker container; returns its standard output.
-    async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
+    /// Runs `rabbitmqctl` in the broker container; returns its standard output, or None when
+    /// this runtime did not start the broker.
+    async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
         let guard = self.broker.lock().await;
-        let broker = guard
-            .as_ref()
-            .ok_or_else(|| Error::Docker("the broker is not running".into()))?;
+        let Some(broker) = guard.as_ref() else {
+            return Ok(None);
+        };
         let mut cmd = vec!["rabbitmqctl"];
         cmd.extend_from_slice(args);
         let mut res = broker
@@ -304,11 +289,11 @@ impl DockerRuntime {
             .stdout_to_vec()
             .await
             .map_err(docker_err("reading rabbitmqctl's output"))?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        Ok(Some(String::from_utf8_lossy(&out).into_owned()))
     }
 
     /// The broker's queues with their ready message counts, as `rabbitmqctl` lists them.
-    pub async fn broker_queues(&self) -> Result<Vec<(String, u64)>> {
+    pub async fn broker_queues(&self) -> Result<Option<Vec<(String, u64)>>> {
         let out = self
             .rabbitmqctl(&[
                 "list_queues",
@@ -318,12 +303,12 @@ impl DockerRuntime {
                 "messages",
             ])
             .await?;
-        Ok(parse_queue_list(&out))
+        Ok(out.as_deref().map(parse_queue_list))
     }
 
     /// The broker's version (RabbitMQ's own, not the image tag).
     pub async fn broker_version(&self) -> Option<String> {
-        let v = self.rabbitmqctl(&["version"]).await.ok()?;
+        let v = self.rabbitmqctl(&["version"]).await.ok()??;
         Some(v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
@@ -346,16 +331,9 @@ impl DockerRuntime {
     }
 }
 
-/// What [`cleanup_leftovers`] removed.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Cleanup {
-    pub containers: Vec<String>,
-    pub networks: Vec<String>,
-}
-
 /// Removes containers and networks of ms2m testbeds whose owning process is gone (all of them
-/// with `all`).
-pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
+/// with `all`); returns the names of the containers and networks removed.
+pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> {
     let docker = daemon().await?;
     let list = docker
         .list_containers(Some(qp::ListContainersOptions {
@@ -368,7 +346,7 @@ pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
         }))
         .await
         .map_err(|e| Error::Docker(format!("listing containers: {e}")))?;
-    let mut out = Cleanup::default();
+    let (mut containers, mut networks) = (Vec::new(), Vec::new());
     for c in list {
         let labels = c.labels.unwrap_or_default();
         let owner_alive = labels
@@ -394,8 +372,7 @@ pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
             )
             .await
             .map_err(|e| Error::Docker(format!("removing {name}: {e}")))?;
-        out.containers
-            .push(name.trim_start_matches('/').to_string());
+        containers.push(name.trim_start_matches('/').to_string());
     }
     let nets = docker
         .list_networks(Some(qp::ListNetworksOptions {
@@ -410,35 +387,14 @@ pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
         let name = n.name.unwrap_or_default();
         // A network still in use belongs to a live testbed: the daemon refuses to remove it.
         if docker.remove_network(&name).await.is_ok() {
-            out.networks.push(name);
+            networks.push(name);
         }
     }
-    Ok(out)
-}
-
-/// Parses `rabbitmqctl list_queues name messages` output: one "name<TAB>count" per line.
-fn parse_queue_list(text: &str) -> Vec<(String, u64)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let name = it.next()?;
-            let n = it.next()?.parse().ok()?;
-            Some((name.to_string(), n))
-        })
-        .collect()
+    Ok((containers, networks))
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn queue_list_is_parsed_and_headers_skipped() {
-        let q = super::parse_queue_list("name\tmessages\nsvc.primary\t3\namq.gen-x\t0\n");
-        assert_eq!(
-            q,
-            [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]
-        );
-    }
-
     #[test]
     fn api_versions_compare_numerically() {
         assert!(super::api_lt("1.41", "1.52"));

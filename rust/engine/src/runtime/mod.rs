@@ -1,5 +1,302 @@
-//! Where the broker and the service instances run. The docker runtime is the one implemented;
-//! a local-process runtime and an external broker are planned beside it (DESIGN.md).
+//! Where the broker and the service instances run (DESIGN.md, "Testbed runtime"):
+//! - [`docker`]: containers on the testbed's own Docker network,
+//! - [`local`]: local processes, for machines without Docker,
+//!
+//! each either starting its own broker or using an external one (`amqp_url`). The testbed and
+//! the strategies see only [`Runtime`].
 
 mod api_shim;
 pub mod docker;
+pub mod local;
+
+use crate::config::{RuntimeKind, ServiceSpec, TestbedConfig};
+use crate::error::{Error, Result};
+use docker::DockerRuntime;
+use local::LocalRuntime;
+
+/// Where instances and clients reach the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerEndpoint {
+    /// From this machine.
+    pub url: String,
+    /// From where instances run (containers on the testbed network, or this machine).
+    pub internal_url: String,
+}
+
+/// The runtime a testbed started with.
+pub enum Runtime {
+    // Boxed: one per testbed, and their sizes differ widely.
+    Docker(Box<DockerRuntime>),
+    Local(Box<LocalRuntime>),
+}
+
+impl Runtime {
+    /// Resolves `auto`, then starts the broker (unless `cfg.amqp_url` names one) and waits
+    /// until it accepts AMQP connections.
+    pub async fn start(cfg: &TestbedConfig, testbed_id: &str) -> Result<(Runtime, BrokerEndpoint)> {
+        match resolve(cfg).await? {
+            RuntimeKind::Local => {
+                let (rt, ep) = LocalRuntime::start(cfg, testbed_id).await?;
+                Ok((Runtime::Local(Box::new(rt)), ep))
+            }
+            _ => {
+                let (rt, ep) = DockerRuntime::start(cfg, testbed_id).await?;
+                Ok((Runtime::Docker(Box::new(rt)), ep))
+            }
+        }
+    }
+
+    pub fn kind(&self) -> RuntimeKind {
+        match self {
+            Runtime::Docker(_) => RuntimeKind::Docker,
+            Runtime::Local(_) => RuntimeKind::Local,
+        }
+    }
+
+    /// Starts one instance of `spec` on `host` and waits until it is ready for commands.
+    pub async fn start_instance(
+        &self,
+        spec: &ServiceSpec,
+        instance: &str,
+        host: &str,
+        amqp_url: &str,
+        live: bool,
+    ) -> Result<()> {
+        let args = instance_args(spec, instance, amqp_url, live);
+        match self {
+            Runtime::Docker(d) => d.start_instance(spec, instance, host, args).await,
+            Runtime::Local(l) => l.start_instance(spec, instance, host, args).await,
+        }
+    }
+
+    /// Kills an instance's process at once (SIGKILL), as a crash would.
+    pub async fn kill_instance(&self, instance: &str) -> Result<()> {
+        match self {
+            Runtime::Docker(d) => d.kill_instance(instance).await,
+            Runtime::Local(l) => l.kill_instance(instance).await,
+        }
+    }
+
+    /// Whether an instance runs; false for one never started or already removed.
+    pub async fn is_running(&self, instance: &str) -> bool {
+        match self {
+            Runtime::Docker(d) => d.is_running(instance).await,
+            Runtime::Local(l) => l.is_running(instance).await,
+        }
+    }
+
+    /// Resolves once a started instance has stopped; pends for one not started.
+    pub async fn wait_until_exited(&self, instance: &str) {
+        match self {
+            Runtime::Docker(d) => d.wait_until_exited(instance).await,
+            Runtime::Local(l) => l.wait_until_exited(instance).await,
+        }
+    }
+
+    /// Removes an instance (its container or process).
+    pub async fn remove_instance(&self, instance: &str) -> Result<()> {
+        match self {
+            Runtime::Docker(d) => d.remove_instance(instance).await,
+            Runtime::Local(l) => l.remove_instance(instance).await,
+        }
+    }
+
+    /// The queues (name, ready messages) of a broker this runtime started, as `rabbitmqctl`
+    /// lists them; None for an external broker, which only the testbed's own names can probe.
+    pub async fn broker_queues(&self) -> Result<Option<Vec<(String, u64)>>> {
+        match self {
+            Runtime::Docker(d) => d.broker_queues().await,
+            Runtime::Local(l) => l.broker_queues().await,
+        }
+    }
+
+    /// The broker's version (RabbitMQ's own), when this runtime started it.
+    pub async fn broker_version(&self) -> Option<String> {
+        match self {
+            Runtime::Docker(d) => d.broker_version().await,
+            Runtime::Local(l) => l.broker_version().await,
+        }
+    }
+
+    /// What the report's environment names as the broker and the service "images".
+    pub fn artifacts(&self, cfg: &TestbedConfig) -> (String, String) {
+        let external = cfg
+            .amqp_url
+            .as_ref()
+            .map(|u| format!("external {}", redact(u)));
+        match self {
+            Runtime::Docker(_) => (
+                external.unwrap_or_else(|| cfg.broker_image.clone()),
+                cfg.service_image.clone(),
+            ),
+            Runtime::Local(l) => (
+                external.unwrap_or_else(|| l.broker_program()),
+                l.service_binary(),
+            ),
+        }
+    }
+
+    /// Leaves everything running after this process (for debugging).
+    pub fn keep(&self) {
+        if let Runtime::Local(l) = self {
+            l.keep();
+        }
+    }
+
+    /// Removes every instance and the broker it started.
+    pub async fn shutdown(&self) -> Result<()> {
+        match self {
+            Runtime::Docker(d) => d.shutdown().await,
+            Runtime::Local(l) => l.shutdown().await,
+        }
+    }
+}
+
+/// What `auto` means: docker where a daemon answers, local otherwise. An external broker on
+/// this machine's loopback is out of the containers' reach, so it means local too.
+async fn resolve(cfg: &TestbedConfig) -> Result<RuntimeKind> {
+    if cfg.runtime != RuntimeKind::Auto {
+        return Ok(cfg.runtime);
+    }
+    if cfg.amqp_url.as_deref().is_some_and(is_loopback_url) {
+        return Ok(RuntimeKind::Local);
+    }
+    match docker::ensure_docker().await {
+        Ok(()) => Ok(RuntimeKind::Docker),
+        Err(docker_err) => match local::check_available(cfg) {
+            Ok(()) => Ok(RuntimeKind::Local),
+            Err(local_err) => Err(Error::RuntimeUnavailable(format!(
+                "no runtime can start here. docker: {docker_err}. local: {local_err}"
+            ))),
+        },
+    }
+}
+
+/// The flags of `ms2m-service` for one instance (see rust/service/src/main.rs).
+fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool) -> Vec<String> {
+    let mut args = vec![
+        "--amqp-url".to_string(),
+        amqp_url.to_string(),
+        "--service".into(),
+        spec.name.clone(),
+        "--instance".into(),
+        instance.to_string(),
+        "--processing-ms".into(),
+        spec.processing_ms.to_string(),
+        "--state-bytes".into(),
+        spec.state_bytes.to_string(),
+        "--prefetch".into(),
+        spec.prefetch.to_string(),
+    ];
+    if live {
+        args.push("--live".into());
+    }
+    args
+}
+
+/// The host part of an AMQP URL.
+pub(crate) fn url_host(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .or_else(|| url.strip_prefix("amqps://"))?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => host_port.split(':').next()?,
+    };
+    Some(host).filter(|h| !h.is_empty())
+}
+
+pub(crate) fn is_loopback_url(url: &str) -> bool {
+    url_host(url).is_some_and(|h| {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
+/// The URL without its password, for reports.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What [`cleanup_leftovers`] removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Cleanup {
+    pub containers: Vec<String>,
+    pub networks: Vec<String>,
+    /// Local processes (pid and program) of the local runtime.
+    pub processes: Vec<String>,
+}
+
+/// Removes what crashed ms2m runs left (all ms2m leftovers with `all`): containers and
+/// networks where a Docker daemon answers, and local-runtime processes and directories.
+pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
+    api_shim::remove_stale();
+    let mut out = Cleanup {
+        processes: local::cleanup_leftovers(all)?,
+        ..Cleanup::default()
+    };
+    if docker::ensure_docker().await.is_ok() {
+        let (containers, networks) = docker::cleanup_leftovers(all).await?;
+        out.containers = containers;
+        out.networks = networks;
+    }
+    Ok(out)
+}
+
+/// Parses `rabbitmqctl list_queues name messages` output: one "name<TAB>count" per line.
+pub(crate) fn parse_queue_list(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?;
+            let n = it.next()?.parse().ok()?;
+            Some((name.to_string(), n))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_list_is_parsed_and_headers_skipped() {
+        let q = parse_queue_list("name\tmessages\nsvc.primary\t3\namq.gen-x\t0\n");
+        assert_eq!(
+            q,
+            [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn url_parts() {
+        assert_eq!(
+            url_host("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            url_host("amqps://rabbit.example/vh"),
+            Some("rabbit.example")
+        );
+        assert_eq!(url_host("amqp://u:p@[::1]:5672"), Some("::1"));
+        assert_eq!(url_host("amqp://"), None);
+        assert!(is_loopback_url("amqp://localhost"));
+        assert!(is_loopback_url("amqp://u:p@[::1]:1/"));
+        assert!(!is_loopback_url("amqp://10.0.0.2:5672"));
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
+    }
+}

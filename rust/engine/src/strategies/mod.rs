@@ -14,7 +14,7 @@ mod stop_and_copy;
 use crate::broker::{Answer, Link, Sent};
 use crate::config::{MigrationOptions, Role, ServiceSpec, Strategy};
 use crate::error::{Error, Result};
-use crate::runtime::docker::DockerRuntime;
+use crate::runtime::Runtime;
 use ms2m_wire::{control::Command, now_ns};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -122,7 +122,7 @@ pub struct Outcome {
 /// Everything a strategy acts through.
 pub(crate) struct Ctx<'a> {
     pub link: &'a Link,
-    pub runtime: &'a DockerRuntime,
+    pub runtime: &'a Runtime,
     pub spec: &'a ServiceSpec,
     pub internal_url: &'a str,
     pub opts: &'a MigrationOptions,
@@ -145,7 +145,7 @@ impl<'a> Ctx<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: &'a Link,
-        runtime: &'a DockerRuntime,
+        runtime: &'a Runtime,
         spec: &'a ServiceSpec,
         internal_url: &'a str,
         opts: &'a MigrationOptions,

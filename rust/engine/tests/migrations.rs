@@ -1,12 +1,14 @@
-//! Real migrations in Docker: one broker container, service instances as containers, an
-//! open-loop workload, and the checker's verdict on the whole history of every run.
+//! Real migrations: in Docker (one broker container, service instances as containers) and with
+//! local processes (rabbitmq-server and ms2m-service subprocesses, also against an external
+//! broker), under an open-loop workload, with the checker's verdict on the whole history of
+//! every run.
 //!
-//! A custom harness runs the cases one after another on one testbed, so that their timings do
-//! not disturb each other, and removes the testbed at the end whatever happened. Pass words
-//! as arguments to run only the cases whose names contain one of them.
+//! A custom harness runs the cases one after another on one testbed per runtime, so that their
+//! timings do not disturb each other, and removes the testbed at the end whatever happened.
+//! Pass words as arguments to run only the cases (or runtimes) whose names contain one of them.
 
 use anyhow::{bail, ensure, Context, Result};
-use ms2m_engine::config::{Fault, Role};
+use ms2m_engine::config::{Fault, Role, RuntimeKind};
 use ms2m_engine::{
     Error, MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
 };
@@ -29,65 +31,124 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let all = cases![
-        every_strategy_migrates_without_loss,
-        backlog_waiting_when_the_migration_starts,
-        prefetch_larger_than_one,
-        large_state_of_64_mib,
-        several_migrations_in_a_row,
-        near_capacity_19_msg_s,
-        plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so,
-        cutoff_converges_above_capacity,
-        target_killed_during_transfer_restore_or_replay,
-        target_killed_during_stop_and_copy_restore,
-        source_killed_during_replay_is_reported,
-        checker_catches_a_migration_without_barrier,
+    let suites = [
+        (
+            RuntimeKind::Docker,
+            cases![
+                every_strategy_migrates_without_loss,
+                backlog_waiting_when_the_migration_starts,
+                prefetch_larger_than_one,
+                large_state_of_64_mib,
+                several_migrations_in_a_row,
+                near_capacity_19_msg_s,
+                plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so,
+                cutoff_converges_above_capacity,
+                target_killed_during_transfer_restore_or_replay,
+                target_killed_during_stop_and_copy_restore,
+                source_killed_during_replay_is_reported,
+                checker_catches_a_migration_without_barrier,
+            ],
+        ),
+        (
+            RuntimeKind::Local,
+            cases![
+                every_strategy_migrates_without_loss,
+                several_migrations_in_a_row,
+                target_killed_during_transfer_restore_or_replay,
+                external_broker_is_used_and_left_clean,
+            ],
+        ),
     ];
-    let chosen: Vec<_> = all
-        .into_iter()
-        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
-        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let (passed, failed) = rt.block_on(async {
-        let tb = Testbed::start(TestbedConfig::default())
-            .await
-            .expect("start the testbed (make setup builds the images)");
-        println!(
-            "\nrunning {} docker cases on testbed {}",
-            chosen.len(),
-            tb.id()
-        );
-        let (mut passed, mut failed) = (0, 0);
-        for (name, case) in &chosen {
-            let started = std::time::Instant::now();
-            // A hang must fail its case, not the whole run.
-            let outcome = tokio::time::timeout(CASE_TIMEOUT, case(&tb))
-                .await
-                .unwrap_or_else(|_| bail!("did not finish within {CASE_TIMEOUT:?}"));
-            match outcome {
-                Ok(()) => {
-                    passed += 1;
-                    println!(
-                        "test {name} ... ok ({:.1} s)",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("test {name} ... FAILED\n    {e:#}");
-                }
-            }
+    let (mut passed, mut failed) = (0, 0);
+    for (kind, cases) in suites {
+        let chosen: Vec<_> = cases
+            .into_iter()
+            .filter(|(n, _)| {
+                filters.is_empty()
+                    || filters
+                        .iter()
+                        .any(|f| n.contains(f.as_str()) || kind.name() == f)
+            })
+            .collect();
+        if chosen.is_empty() {
+            continue;
         }
-        tb.close().await.expect("remove the testbed");
-        (passed, failed)
-    });
+        let (p, f) = rt.block_on(run_suite(kind, chosen));
+        passed += p;
+        failed += f;
+    }
     println!("\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out\n",
         if failed == 0 { "ok" } else { "FAILED" });
     std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+async fn run_suite(kind: RuntimeKind, cases: Vec<(&str, Case)>) -> (usize, usize) {
+    let cfg = TestbedConfig {
+        runtime: kind,
+        ..TestbedConfig::default()
+    };
+    let tb = Testbed::start(cfg)
+        .await
+        .expect("start the testbed (make setup installs the runtimes and builds the images)");
+    println!(
+        "\nrunning {} {} cases on testbed {}",
+        cases.len(),
+        kind.name(),
+        tb.id()
+    );
+    let (mut passed, mut failed) = (0, 0);
+    for (name, case) in &cases {
+        let started = std::time::Instant::now();
+        // A hang must fail its case, not the whole run.
+        let outcome = tokio::time::timeout(CASE_TIMEOUT, case(&tb))
+            .await
+            .unwrap_or_else(|_| bail!("did not finish within {CASE_TIMEOUT:?}"));
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!(
+                    "test {}::{name} ... ok ({:.1} s)",
+                    kind.name(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {}::{name} ... FAILED\n    {e:#}", kind.name());
+            }
+        }
+    }
+    tb.close().await.expect("remove the testbed");
+    let left = processes_of(tb.id());
+    if !left.is_empty() {
+        failed += 1;
+        println!(
+            "test {}::nothing_left_behind ... FAILED\n    {left:?}",
+            kind.name()
+        );
+    }
+    (passed, failed)
+}
+
+/// Processes still marked as started by testbed `id` (the local runtime marks them).
+fn processes_of(id: &str) -> Vec<String> {
+    let mark = format!("MS2M_TESTBED={id}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read(p.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
+        })
+        .map(|p| p.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 fn spec(name: &str, state_bytes: u64) -> ServiceSpec {
@@ -482,4 +543,45 @@ async fn checker_catches_a_migration_without_barrier(tb: &Testbed) -> Result<()>
         Ok(())
     })
     .await
+}
+
+/// A second testbed uses the first one's broker as an external broker: it migrates there and,
+/// once its service is removed, has left none of its queues on it.
+async fn external_broker_is_used_and_left_clean(tb: &Testbed) -> Result<()> {
+    let cfg = TestbedConfig {
+        runtime: RuntimeKind::Local,
+        amqp_url: Some(tb.amqp_url().to_string()),
+        ..TestbedConfig::default()
+    };
+    let ext = &Testbed::start(cfg).await?;
+    let result = async {
+        ensure!(ext.amqp_url() == tb.amqp_url());
+        with_service(ext, spec("external", 10_000), 10.0, |name| async move {
+            let r = ext.migrate(&name, "edge-2", Strategy::Ms2m, opts()).await?;
+            clean(&r)?;
+            ensure!(
+                r.environment
+                    .broker_image
+                    .starts_with("external amqp://guest:***@"),
+                "{}",
+                r.environment.broker_image
+            );
+            let seen = ext.broker_queues().await?;
+            ensure!(
+                seen.len() == 3,
+                "the service's queues on the broker: {seen:?}"
+            );
+            Ok(())
+        })
+        .await?;
+        let theirs = ext.broker_queues().await?;
+        ensure!(theirs.is_empty(), "left on the external broker: {theirs:?}");
+        let all = tb.broker_queues().await?;
+        ensure!(all.is_empty(), "the broker holds {all:?}");
+        Ok(())
+    }
+    .await;
+    let closed = ext.close().await;
+    result?;
+    Ok(closed?)
 }
