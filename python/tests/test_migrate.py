@@ -48,7 +48,7 @@ def test_migration_loses_nothing(testbed: ms2m.Testbed, strategy: str, tmp_path)
 def test_service_handle_lets_any_client_find_the_service(testbed: ms2m.Testbed):
     svc = testbed.deploy("py-handle", host="cloud", processing_ms=0, state_bytes=0)
     try:
-        assert svc.amqp_url.startswith("amqp://") and "127.0.0.1" in svc.amqp_url
+        assert svc.amqp_url.startswith("amqp://") and svc.amqp_url == testbed.amqp_url
         assert svc.input_exchange == "py-handle.in"
         assert svc.output_exchange == "py-handle.out"
         assert svc.host == "cloud"

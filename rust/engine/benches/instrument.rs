@@ -9,6 +9,7 @@
 //! with the machine's load, which is why they are measured here and never asserted in tests.
 
 use ms2m_engine::broker::Link;
+use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::history::PublishOutcome;
 use ms2m_engine::recorder::Recorder;
 use ms2m_engine::workload::Workload;
@@ -105,7 +106,22 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let tb = Testbed::start(TestbedConfig::default()).await?;
+        // MS2M_RUNTIME=docker|local picks the runtime (default: auto).
+        let runtime = match std::env::var("MS2M_RUNTIME").as_deref() {
+            Ok("docker") => RuntimeKind::Docker,
+            Ok("local") => RuntimeKind::Local,
+            _ => RuntimeKind::Auto,
+        };
+        let tb = Testbed::start(TestbedConfig {
+            runtime,
+            ..TestbedConfig::default()
+        })
+        .await?;
+        println!(
+            "broker: {} runtime, {}\n",
+            tb.runtime().name(),
+            tb.amqp_url()
+        );
         let url = tb.amqp_url().to_string();
         let result = async {
             let link = Link::open(&url, Duration::from_secs(30)).await?;

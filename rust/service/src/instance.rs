@@ -24,12 +24,22 @@ struct Subscription {
     consumer: Consumer,
 }
 
+/// A channel with its prefetch set, ready to consume.
+async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    Ok(channel)
+}
+
 impl Subscription {
     async fn open(conn: &Connection, queue: &str, tag: &str, prefetch: u16) -> Result<Self> {
-        let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
+        Self::on(consumer_channel(conn, prefetch).await?, queue, tag).await
+    }
+
+    /// Consumes `queue` on a channel opened beforehand.
+    async fn on(channel: Channel, queue: &str, tag: &str) -> Result<Self> {
         let consumer = channel
             .basic_consume(
                 queue.into(),
@@ -81,6 +91,9 @@ struct Instance {
     out: Channel,
     state: ServiceState,
     live: Option<Subscription>,
+    /// A channel opened ahead of going live (while replaying), so that the cutover waits for
+    /// one broker round trip (the consume) instead of three.
+    standby: Option<Channel>,
     stop_after: Option<(u64, Pending)>,
     replay: Option<ReplayState>,
     replayed: u64,
@@ -125,6 +138,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         conn,
         out,
         live: None,
+        standby: None,
         stop_after: None,
         replay: None,
         replayed: 0,
@@ -191,8 +205,12 @@ impl Instance {
         }
     }
 
+    /// Sends a reply. It waits until the frames are written, not for the broker's confirm:
+    /// the manager has the reply as soon as the broker routes it, and a reply that goes missing
+    /// shows as the manager's timeout.
     async fn send(&self, reply_to: &str, reply: &Reply, attachment: &[u8]) -> Result<()> {
-        self.out
+        let _confirm = self
+            .out
             .basic_publish(
                 "".into(),
                 reply_to.into(),
@@ -200,18 +218,39 @@ impl Instance {
                 &control::encode(reply, attachment),
                 BasicProperties::default(),
             )
-            .await?
             .await?;
         Ok(())
+    }
+
+    /// Sends a checkpoint without holding up the event loop: the state is copied here, and
+    /// writing its megabytes happens while the instance goes on serving.
+    fn send_in_background(&self, reply_to: String, reply: Reply, attachment: Vec<u8>) {
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let body = control::encode(&reply, &attachment);
+            let sent = out
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await;
+            if let Err(e) = sent {
+                eprintln!("ms2m-service: sending the checkpoint failed: {e}");
+            }
+        });
     }
 
     async fn start_live(&mut self) -> Result<()> {
         if self.live.is_none() {
             let queue = names::primary_queue(&self.cfg.service);
-            self.live = Some(
-                Subscription::open(&self.conn, &queue, &self.cfg.instance, self.cfg.prefetch)
-                    .await?,
-            );
+            let channel = match self.standby.take() {
+                Some(c) => c,
+                None => consumer_channel(&self.conn, self.cfg.prefetch).await?,
+            };
+            self.live = Some(Subscription::on(channel, &queue, &self.cfg.instance).await?);
         }
         Ok(())
     }
@@ -289,6 +328,9 @@ impl Instance {
                 if self.replay.is_some() {
                     r.error = Some("already replaying".into());
                 } else {
+                    if self.standby.is_none() {
+                        self.standby = Some(consumer_channel(&self.conn, self.cfg.prefetch).await?);
+                    }
                     match Subscription::open(&self.conn, &queue, "replay", self.cfg.prefetch).await
                     {
                         Ok(sub) => {
@@ -350,14 +392,17 @@ impl Instance {
     }
 
     async fn finish_replay(&mut self, go_live: bool, p: Pending) -> Result<()> {
-        if let Some(r) = self.replay.take() {
-            r.sub.close().await?;
-        }
+        // Serving first: closing the replay channel is one more round trip nobody waits for.
+        let replay = self.replay.take();
         if go_live {
             self.start_live().await?;
         }
         self.send(&p.reply_to, &self.reply(&p.corr, p.kind), &[])
-            .await
+            .await?;
+        if let Some(r) = replay {
+            r.sub.close().await?;
+        }
+        Ok(())
     }
 
     /// Applies a data message and reports it on the output exchange.
@@ -401,7 +446,7 @@ impl Instance {
                 let snap = self.state.to_snapshot();
                 let mut r = self.reply(&id, "checkpoint");
                 r.t_begin_ns = t_begin;
-                self.send(&reply_to, &r, &snap).await?;
+                self.send_in_background(reply_to, r, snap);
             }
             Err(e) => eprintln!("ms2m-service: dropping malformed input: {e}"),
         }

@@ -94,6 +94,17 @@ fn api_lt(a: &str, b: &str) -> bool {
     parse(a) < parse(b)
 }
 
+/// Whether this host routes to a container address: a connection is accepted or refused
+/// (nothing listens yet) rather than timing out.
+async fn reachable(ip: std::net::IpAddr) -> bool {
+    let connect = tokio::net::TcpStream::connect((ip, AMQP_PORT));
+    match tokio::time::timeout(Duration::from_secs(1), connect).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
+    }
+}
+
 /// Refuses to start when an image is missing, with the command that builds it.
 async fn require_image(docker: &Docker, image: &str) -> Result<()> {
     docker.inspect_image(image).await.map(|_| ()).map_err(|_| {
@@ -174,9 +185,20 @@ impl DockerRuntime {
             .get_host_port_ipv4(AMQP_PORT.tcp())
             .await
             .map_err(docker_err("reading the broker's published port"))?;
+        // Where the host reaches the container's bridge address (Linux), it talks to the broker
+        // directly: the published port goes through docker-proxy, a user-space copy of every
+        // byte that costs latency and CPU under load.
+        let direct = match container.get_bridge_ip_address().await {
+            Ok(ip) if reachable(ip).await => Some(ip),
+            _ => None,
+        };
         *rt.broker.lock().await = Some(container);
+        let url = match direct {
+            Some(ip) => format!("amqp://guest:guest@{ip}:{AMQP_PORT}/%2f"),
+            None => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        };
         let endpoint = BrokerEndpoint {
-            url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            url,
             internal_url: format!("amqp://guest:guest@{broker_name}:{AMQP_PORT}/%2f"),
         };
         Ok((rt, endpoint))

@@ -3,9 +3,11 @@
 //! Message `k` is due at an absolute time given by the rate [`Profile`]: a slow broker delays
 //! sends but never thins the schedule, so latency cannot hide (no coordinated omission). The
 //! sender is a thread of its own that sleeps with the OS timer (tokio's timer wheel has 1 ms
-//! resolution, too coarse for high rates), and publishes are pipelined: a separate task collects
-//! publisher confirms, so waiting for them never holds the schedule back. Every message's
-//! scheduled and actual send times are logged: their difference is the pacing error.
+//! resolution, too coarse for high rates) with the smallest timer slack, and publishes are
+//! pipelined: the sender only enqueues a message's frames on the connection (one poll of the
+//! publish future) and a separate task waits for the frames to be written and for the
+//! publisher confirm, so neither holds the schedule back. Every message's scheduled and actual
+//! send times are logged: their difference is the pacing error.
 
 mod profile;
 
@@ -18,8 +20,11 @@ use crate::error::Result;
 use crate::history::{PublishOutcome, Published};
 use lapin::{options::*, BasicProperties, PublisherConfirm};
 use ms2m_wire::{names, now_ns, state::workload_payload, Input};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,11 +33,44 @@ use tokio::task::JoinHandle;
 pub struct Workload {
     spec: WorkloadSpec,
     log: Arc<Mutex<Vec<Published>>>,
+    /// The confirm of the i-th publish, filled in order by the confirmer. Apart from `log`, so
+    /// that the sender never waits for a lock the confirmer holds.
+    outcomes: Arc<Mutex<Vec<PublishOutcome>>>,
     stop: Arc<AtomicBool>,
     sender: std::thread::JoinHandle<Result<()>>,
     confirmer: JoinHandle<()>,
     conn: lapin::Connection,
     pub started_ns: u64,
+}
+
+/// A publish whose frames are enqueued, until they are written and the confirm is back.
+type InFlight = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// Asks the OS to wake this thread on time: the smallest timer slack (the default, 50 us,
+/// would add up to that much to every send) and, where allowed (root or CAP_SYS_NICE), the
+/// lowest real-time priority, so that the broker sharing the cores cannot delay the schedule
+/// (as load generators and cyclictest do). The thread sleeps between sends and takes little
+/// CPU; the kernel's real-time throttling bounds it even if it could not keep up.
+fn precise_timers() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) and sched_setscheduler(0, ..) change only the calling
+    // thread's scheduling; failure (no permission) leaves it as it was.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+        let param = libc::sched_param { sched_priority: 1 };
+        libc::sched_setscheduler(0, libc::SCHED_FIFO, &param);
+    }
+}
+
+/// The send log with the confirms received so far.
+fn merged(log: &Mutex<Vec<Published>>, outcomes: &Mutex<Vec<PublishOutcome>>) -> Vec<Published> {
+    let mut log = log.lock().unwrap().clone();
+    let outcomes = outcomes.lock().unwrap();
+    for (p, o) in log.iter_mut().zip(outcomes.iter()) {
+        if p.outcome == PublishOutcome::Pending {
+            p.outcome = *o;
+        }
+    }
+    log
 }
 
 /// Sleeps until `deadline` on the OS timer, waking every 50 ms to honour `stop`.
@@ -68,17 +106,22 @@ impl Workload {
             .rpc("enabling publisher confirms")
             .await?;
         let log: Arc<Mutex<Vec<Published>>> = Arc::default();
-        let (confirms, mut pending) = mpsc::unbounded_channel::<(usize, PublisherConfirm)>();
-        let confirm_log = log.clone();
+        let (confirms, mut pending) = mpsc::unbounded_channel::<InFlight>();
+        let outcomes: Arc<Mutex<Vec<PublishOutcome>>> = Arc::default();
+        let confirm_log = outcomes.clone();
         let confirmer = tokio::spawn(async move {
-            // Confirms arrive in publish order; awaiting them in order costs nothing.
-            while let Some((i, c)) = pending.recv().await {
-                let outcome = match c.await {
-                    Ok(c) if c.is_ack() => PublishOutcome::Confirmed,
-                    Ok(_) => PublishOutcome::Nacked,
+            // Frames are written and confirms arrive in publish order; awaiting them in order
+            // costs nothing.
+            while let Some(publish) = pending.recv().await {
+                let outcome = match publish.await {
+                    Ok(confirm) => match confirm.await {
+                        Ok(c) if c.is_ack() => PublishOutcome::Confirmed,
+                        Ok(_) => PublishOutcome::Nacked,
+                        Err(_) => PublishOutcome::Uncertain,
+                    },
                     Err(_) => PublishOutcome::Uncertain,
                 };
-                confirm_log.lock().unwrap()[i].outcome = outcome;
+                confirm_log.lock().unwrap().push(outcome);
             }
         });
         let exchange = names::input_exchange(service);
@@ -92,6 +135,9 @@ impl Workload {
         let sender = std::thread::Builder::new()
             .name(format!("ms2m-workload-{service}"))
             .spawn(move || -> Result<()> {
+                let _runtime = rt.enter();
+                precise_timers();
+                let mut cx = Context::from_waker(Waker::noop());
                 for (k, due_s) in schedule.enumerate() {
                     let due = Duration::from_secs_f64(due_s);
                     if !sleep_until(start + due, &send_stop) {
@@ -115,26 +161,32 @@ impl Workload {
                         });
                         l.len() - 1
                     };
-                    let published = rt.block_on(
-                        channel
-                            .basic_publish(
-                                exchange.as_str().into(),
-                                "".into(),
-                                BasicPublishOptions::default(),
-                                &body,
-                                BasicProperties::default(),
-                            )
-                            .rpc("publishing a workload message"),
-                    );
-                    match published {
-                        Ok(c) => {
-                            let _ = confirms.send((index, c));
-                        }
-                        Err(e) => {
+                    let (ch, ex) = (channel.clone(), exchange.clone());
+                    let mut publish: InFlight = Box::pin(async move {
+                        ch.basic_publish(
+                            ex.as_str().into(),
+                            "".into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default(),
+                        )
+                        .await
+                    });
+                    // The first poll enqueues the frames, in seq order; the confirmer's await
+                    // does the rest.
+                    let in_flight: InFlight = match publish.as_mut().poll(&mut cx) {
+                        Poll::Pending => publish,
+                        // A finished future must not be polled again: hand over its result.
+                        Poll::Ready(Ok(c)) => Box::pin(std::future::ready(Ok(c))),
+                        Poll::Ready(Err(e)) => {
                             send_log.lock().unwrap()[index].outcome = PublishOutcome::Uncertain;
-                            return Err(e);
+                            return Err(crate::error::Error::Broker {
+                                context: "publishing a workload message".into(),
+                                source: e,
+                            });
                         }
-                    }
+                    };
+                    let _ = confirms.send(in_flight);
                 }
                 Ok(())
             })
@@ -145,6 +197,7 @@ impl Workload {
         Ok(Workload {
             spec,
             log,
+            outcomes,
             stop,
             sender,
             confirmer,
@@ -157,9 +210,9 @@ impl Workload {
         &self.spec
     }
 
-    /// A copy of the send log so far.
+    /// A copy of the send log so far, with the confirms received.
     pub fn published(&self) -> Vec<Published> {
-        self.log.lock().unwrap().clone()
+        merged(&self.log, &self.outcomes)
     }
 
     /// Runs `f` on the send log without copying it.
@@ -179,7 +232,7 @@ impl Workload {
         // The sender dropped its end of the confirm queue; the confirmer ends once all are in.
         let _ = tokio::time::timeout(Duration::from_secs(30), self.confirmer).await;
         broker::close_quietly(&self.conn, "workload stops").await;
-        let mut log = self.log.lock().unwrap().clone();
+        let mut log = merged(&self.log, &self.outcomes);
         for p in log
             .iter_mut()
             .filter(|p| p.outcome == PublishOutcome::Pending)
