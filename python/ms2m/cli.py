@@ -18,6 +18,7 @@ from .experiment import Comparison, compare_strategies, describe, format_table, 
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
 from .sweeps import run_grid
+from .testbed import RUNTIMES
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -30,12 +31,13 @@ def _compare(args: argparse.Namespace) -> int:
         message_bytes=args.message_bytes,
         warmup_s=args.warmup_s,
         settle_s=args.settle_s,
+        runtime=args.runtime,
     )
     params.validate()
     out = Path(args.out) if args.out else Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
     print(f"comparing strategies: {describe(params)}", file=sys.stderr)
     print(f"reports go to {out}/", file=sys.stderr)
-    reports = compare_strategies(params, out_dir=out)
+    reports = compare_strategies(params, out_dir=out, amqp_url=args.amqp_url)
     print()
     print(format_table(summarize(reports)))
     bad = [r for r in reports if not r.valid]
@@ -56,8 +58,9 @@ def _matrix(args: argparse.Namespace) -> int:
         settle_s=args.settle_s,
         replay_timeout_s=args.replay_timeout_s,
         replay_max_s=args.replay_max_s,
+        runtime=args.runtime,
     )
-    reports = run_grid(grid, args.out)
+    reports = run_grid(grid, args.out, amqp_url=args.amqp_url)
     print(format_matrix(table(reports)))
     return 0
 
@@ -91,6 +94,17 @@ def _cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _testbed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="where the broker and the instances run (default auto: docker where a daemon "
+        "answers, else local processes)",
+    )
+    p.add_argument("--amqp-url", help="use this existing broker instead of starting one")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms2m", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--warmup-s", type=float, default=2.0)
     c.add_argument("--settle-s", type=float, default=1.0)
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
+    _testbed_options(c)
     c.set_defaults(func=_compare)
 
     x = sub.add_parser("matrix", help="the papers' evaluation matrix, resumable")
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--settle-s", type=float, default=1.0)
     x.add_argument("--replay-timeout-s", type=float, default=60.0)
     x.add_argument("--replay-max-s", type=float, default=2.0, help="T_replay_max of the cutoff")
+    _testbed_options(x)
     x.set_defaults(func=_matrix)
 
     r = sub.add_parser("run", help="run a testbed file (TOML)")

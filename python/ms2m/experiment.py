@@ -28,6 +28,7 @@ class Comparison:
     message_bytes: int = 64
     warmup_s: float = 2.0
     settle_s: float = 1.0
+    runtime: str = "auto"
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -49,6 +50,7 @@ def compare_strategies(
     *,
     out_dir: str | Path | None = None,
     progress: TextIO | None = sys.stderr,
+    amqp_url: str | None = None,
 ) -> list[Report]:
     """Runs ``params.runs`` migrations per strategy, interleaved, each of a freshly deployed
     service from edge-1 to edge-2 under the same open-loop workload, on one broker; returns
@@ -64,11 +66,12 @@ def compare_strategies(
         message_bytes=(params.message_bytes,),
         warmup_s=params.warmup_s,
         settle_s=params.settle_s,
+        runtime=params.runtime,
     )
     if out_dir is not None:
-        return run_grid(grid, out_dir, progress=progress)
+        return run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url)
     with tempfile.TemporaryDirectory(prefix="ms2m-compare-") as tmp:
-        return run_grid(grid, tmp, progress=progress)
+        return run_grid(grid, tmp, progress=progress, amqp_url=amqp_url)
 
 
 def summarize(reports: Sequence[Report]) -> list[dict[str, Any]]:

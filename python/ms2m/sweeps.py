@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _native
 from .report import Report, to_dataframe
-from .testbed import Testbed
+from .testbed import RUNTIMES, Testbed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +50,8 @@ class Grid:
     replay_timeout_s: float = 60.0
     replay_max_s: float = 2.0
     hosts: tuple[str, str] = field(default=("edge-1", "edge-2"))
+    #: "auto", "docker" or "local" (see :class:`~ms2m.Testbed`); part of what a folder holds.
+    runtime: str = "auto"
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -66,6 +68,10 @@ class Grid:
             values = getattr(self, axis)
             if not values or any(v < 0 for v in values):
                 raise _native.ConfigurationError(f"{axis} needs values >= 0, got {values}")
+        if self.runtime not in RUNTIMES:
+            raise _native.ConfigurationError(
+                f"runtime must be one of {RUNTIMES}, got {self.runtime!r}"
+            )
         if len(self.hosts) != 2 or self.hosts[0] == self.hosts[1]:
             raise _native.ConfigurationError(f"hosts must be two different names: {self.hosts}")
 
@@ -103,7 +109,9 @@ def _check_folder(out: Path, grid: Grid) -> None:
     spec = out / "sweep.json"
     mine = json.dumps(asdict(grid), sort_keys=True)
     if spec.exists():
-        if json.dumps(json.loads(spec.read_text()), sort_keys=True) != mine:
+        # Folders written before a field existed hold its default.
+        held = {**asdict(Grid(strategies=(), rates=())), **json.loads(spec.read_text())}
+        if json.dumps(held, sort_keys=True) != mine:
             raise _native.ConfigurationError(
                 f"{out} holds a sweep with other parameters ({spec}); resume it with the same "
                 "parameters or choose another folder"
@@ -159,9 +167,14 @@ class _Progress:
 
 
 def run_grid(
-    grid: Grid, out_dir: str | Path, *, progress: TextIO | None = sys.stderr
+    grid: Grid,
+    out_dir: str | Path,
+    *,
+    progress: TextIO | None = sys.stderr,
+    amqp_url: str | None = None,
 ) -> list[Report]:
-    """Runs (or resumes) a grid; returns every report of the grid, old and new."""
+    """Runs (or resumes) a grid; returns every report of the grid, old and new. ``amqp_url``
+    runs it on an existing broker (see :class:`~ms2m.Testbed`)."""
     grid.validate()
     out = Path(out_dir)
     _check_folder(out, grid)
@@ -170,7 +183,7 @@ def run_grid(
     bar = _Progress(len(runs), len(runs) - len(todo), progress)
     try:
         if todo:
-            with Testbed(hosts=grid.hosts) as tb:
+            with Testbed(hosts=grid.hosts, runtime=grid.runtime, amqp_url=amqp_url) as tb:
                 for run in todo:
                     report = _one_run(tb, grid, run)
                     _write_atomically(out / grid.report_name(run), report.to_json())
@@ -234,6 +247,8 @@ def sweep(
     settle_s: float = 1.0,
     replay_timeout_s: float = 60.0,
     replay_max_s: float = 2.0,
+    runtime: str = "auto",
+    amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,
 ) -> pd.DataFrame:
     """Runs every combination of ``strategies`` x ``rates`` x the service parameters given as
@@ -251,5 +266,6 @@ def sweep(
         settle_s=settle_s,
         replay_timeout_s=replay_timeout_s,
         replay_max_s=replay_max_s,
+        runtime=runtime,
     )
-    return to_dataframe(run_grid(grid, out_dir, progress=progress))
+    return to_dataframe(run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url))
