@@ -104,7 +104,8 @@ def run(
     data = load(p)
     out = Path(out_dir) if out_dir else Path("results") / time.strftime(f"{p.stem}-%Y%m%d-%H%M%S")
     if "sweep" in data:
-        return run_grid(_grid(p, data), out, progress=progress)
+        url = data.get("testbed", {}).get("amqp_url")
+        return run_grid(_grid(p, data), out, progress=progress, amqp_url=url)
     return _run_migrations(data, out, progress)
 
 
@@ -130,6 +131,7 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         replay_timeout_s=float(sw.get("replay_timeout_s", 60.0)),
         replay_max_s=float(sw.get("replay_max_s", 2.0)),
         hosts=(svc.get("host", "edge-1"), sw.get("to", "edge-2")),
+        runtime=data.get("testbed", {}).get("runtime", "auto"),
     )
 
 

@@ -200,3 +200,19 @@ def test_testbed_files_are_checked_before_anything_starts(tmp_path):
     bad.write_text("[service\n")
     with pytest.raises(ms2m.ConfigurationError, match="not valid TOML"):
         load(bad)
+
+
+def test_sweep_runtime_is_checked_and_old_folders_still_resume(tmp_path):
+    from dataclasses import asdict
+
+    from ms2m.sweeps import Grid, _check_folder
+
+    with pytest.raises(ms2m.ConfigurationError, match="runtime must be one of"):
+        Grid(strategies=("ms2m",), rates=(1.0,), runtime="kubernetes").validate()
+    grid = Grid(strategies=("ms2m",), rates=(1.0,))
+    # A folder written before the runtime was part of a sweep holds the default.
+    old = {k: v for k, v in asdict(grid).items() if k != "runtime"}
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    _check_folder(tmp_path, grid)
+    with pytest.raises(ms2m.ConfigurationError, match="other parameters"):
+        _check_folder(tmp_path, Grid(strategies=("ms2m",), rates=(1.0,), runtime="local"))
