@@ -129,6 +129,10 @@ fn generic(image: &str) -> GenericImage {
 const CGROUP_PARENT: &str = "ms2m";
 const CPU_SHARES_V1: &str = "8192";
 const CPU_WEIGHT_V2: &str = "800";
+/// Within that cgroup: a migration target while it starts, and any instance (Docker's
+/// default) once it is ready.
+const TARGET_CPU_SHARES: i64 = 2;
+const INSTANCE_CPU_SHARES: i64 = 1024;
 
 /// Gives the testbed's containers precedence for CPU over the container engine's own work.
 ///
@@ -265,6 +269,9 @@ impl DockerRuntime {
         host: &str,
         args: Vec<String>,
     ) -> Result<()> {
+        // A target starts on "another host": its start-up must not take CPU from the source.
+        // Once it is ready it gets the weight of any instance.
+        let shares = (!args.iter().any(|a| a == "--live")).then_some(TARGET_CPU_SHARES);
         let container = generic(&self.service_image)
             .with_wait_for(WaitFor::message_on_stdout("ms2m-service ready"))
             .with_cmd(args)
@@ -282,18 +289,38 @@ impl DockerRuntime {
             .with_startup_timeout(Duration::from_secs(60))
             .with_host_config_modifier({
                 let parent = self.cgroup_parent.clone();
-                move |hc| hc.cgroup_parent = parent.clone()
+                move |hc| {
+                    hc.cgroup_parent = parent.clone();
+                    hc.cpu_shares = shares;
+                }
             })
             .start()
             .await
             .map_err(docker_err(&format!(
                 "starting instance {instance} on {host}"
             )))?;
+        let id = container.id().to_string();
         self.instances
             .lock()
             .await
             .insert(instance.to_string(), container);
+        if shares.is_some() {
+            self.set_cpu_shares(instance, &id, INSTANCE_CPU_SHARES)
+                .await?;
+        }
         Ok(())
+    }
+
+    async fn set_cpu_shares(&self, instance: &str, id: &str, shares: i64) -> Result<()> {
+        let body = bollard::models::ContainerUpdateBody {
+            cpu_shares: Some(shares),
+            ..Default::default()
+        };
+        daemon()
+            .await?
+            .update_container(id, body)
+            .await
+            .map_err(|e| Error::Docker(format!("setting the CPU weight of {instance}: {e}")))
     }
 
     /// Kills an instance's process at once (SIGKILL), as a crash would.
