@@ -6,7 +6,7 @@
 //! [`DockerRuntime::shutdown`]; testcontainers' `Drop` is the backstop. Set
 //! `TESTCONTAINERS_COMMAND=keep` to keep the containers for debugging.
 
-use super::{api_shim, parse_queue_list, BrokerEndpoint};
+use super::{api_shim, BrokerEndpoint};
 use crate::config::{ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -368,7 +368,7 @@ impl DockerRuntime {
 
     /// Runs `rabbitmqctl` in the broker container; returns its standard output, or None when
     /// this runtime did not start the broker.
-    async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
         let guard = self.broker.lock().await;
         let Some(broker) = guard.as_ref() else {
             return Ok(None);
@@ -384,26 +384,6 @@ impl DockerRuntime {
             .await
             .map_err(docker_err("reading rabbitmqctl's output"))?;
         Ok(Some(String::from_utf8_lossy(&out).into_owned()))
-    }
-
-    /// The broker's queues with their ready message counts, as `rabbitmqctl` lists them.
-    pub async fn broker_queues(&self) -> Result<Option<Vec<(String, u64)>>> {
-        let out = self
-            .rabbitmqctl(&[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages",
-            ])
-            .await?;
-        Ok(out.as_deref().map(parse_queue_list))
-    }
-
-    /// The broker's version (RabbitMQ's own, not the image tag).
-    pub async fn broker_version(&self) -> Option<String> {
-        let v = self.rabbitmqctl(&["version"]).await.ok()??;
-        Some(v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     /// Removes every container of the testbed (the network goes with the last one).

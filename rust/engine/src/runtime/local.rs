@@ -6,7 +6,7 @@
 //! that [`cleanup_leftovers`] can find what a crashed run left. Processes are killed explicitly
 //! by [`LocalRuntime::shutdown`]; `kill_on_drop` is the backstop.
 
-use super::{parse_queue_list, BrokerEndpoint};
+use super::BrokerEndpoint;
 use crate::config::TestbedConfig;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -62,16 +62,17 @@ pub fn service_binary(cfg: &TestbedConfig) -> Result<PathBuf> {
         })
 }
 
-/// Whether the local runtime can start here; the error says what is missing.
-pub fn check_available(cfg: &TestbedConfig) -> Result<()> {
-    service_binary(cfg)?;
+/// Whether the local runtime can start here (the error says what is missing); the service
+/// binary it would run.
+pub fn check_available(cfg: &TestbedConfig) -> Result<PathBuf> {
+    let binary = service_binary(cfg)?;
     if cfg.amqp_url.is_none() && !rabbitmq_server().is_file() {
         return Err(Error::RuntimeUnavailable(format!(
             "{} is not installed; {HOW_TO_GET_RABBITMQ}",
             rabbitmq_server().display()
         )));
     }
-    Ok(())
+    Ok(binary)
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -126,7 +127,7 @@ impl LocalRuntime {
     /// Starts the broker process (unless `cfg.amqp_url` names an external broker) and waits
     /// until it listens.
     pub async fn start(cfg: &TestbedConfig, testbed_id: &str) -> Result<(Self, BrokerEndpoint)> {
-        check_available(cfg)?;
+        let service_binary = check_available(cfg)?;
         let dir = std::env::temp_dir().join(format!("ms2m-{testbed_id}"));
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         std::fs::write(dir.join("owner"), std::process::id().to_string())
@@ -134,7 +135,7 @@ impl LocalRuntime {
         let rt = LocalRuntime {
             testbed_id: testbed_id.to_string(),
             dir,
-            service_binary: service_binary(cfg)?,
+            service_binary,
             broker_program: rabbitmq_server().display().to_string(),
             broker: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
@@ -355,7 +356,9 @@ impl LocalRuntime {
         Ok(())
     }
 
-    async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
+    /// Runs `rabbitmqctl` against the local broker; returns its standard output, or None when
+    /// this runtime did not start the broker.
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
         let guard = self.broker.lock().await;
         let Some(b) = guard.as_ref() else {
             return Ok(None);
@@ -375,24 +378,6 @@ impl LocalRuntime {
             )));
         }
         Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
-    }
-
-    pub async fn broker_queues(&self) -> Result<Option<Vec<(String, u64)>>> {
-        let out = self
-            .rabbitmqctl(&[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages",
-            ])
-            .await?;
-        Ok(out.as_deref().map(parse_queue_list))
-    }
-
-    pub async fn broker_version(&self) -> Option<String> {
-        let v = self.rabbitmqctl(&["version"]).await.ok()??;
-        Some(v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     pub fn broker_program(&self) -> String {

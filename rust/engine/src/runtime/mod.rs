@@ -104,17 +104,32 @@ impl Runtime {
     /// The queues (name, ready messages) of a broker this runtime started, as `rabbitmqctl`
     /// lists them; None for an external broker, which only the testbed's own names can probe.
     pub async fn broker_queues(&self) -> Result<Option<Vec<(String, u64)>>> {
-        match self {
-            Runtime::Docker(d) => d.broker_queues().await,
-            Runtime::Local(l) => l.broker_queues().await,
-        }
+        let args = [
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ];
+        Ok(self
+            .rabbitmqctl(&args)
+            .await?
+            .as_deref()
+            .map(parse_queue_list))
     }
 
     /// The broker's version (RabbitMQ's own), when this runtime started it.
     pub async fn broker_version(&self) -> Option<String> {
+        let v = self.rabbitmqctl(&["version"]).await.ok()??;
+        Some(v.trim().to_string()).filter(|v| !v.is_empty())
+    }
+
+    /// Runs `rabbitmqctl` against the broker this runtime started; its standard output, or
+    /// None for an external broker.
+    async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
         match self {
-            Runtime::Docker(d) => d.broker_version().await,
-            Runtime::Local(l) => l.broker_version().await,
+            Runtime::Docker(d) => d.rabbitmqctl(args).await,
+            Runtime::Local(l) => l.rabbitmqctl(args).await,
         }
     }
 
@@ -164,7 +179,7 @@ async fn resolve(cfg: &TestbedConfig) -> Result<RuntimeKind> {
     match docker::ensure_docker().await {
         Ok(()) => Ok(RuntimeKind::Docker),
         Err(docker_err) => match local::check_available(cfg) {
-            Ok(()) => Ok(RuntimeKind::Local),
+            Ok(_) => Ok(RuntimeKind::Local),
             Err(local_err) => Err(Error::RuntimeUnavailable(format!(
                 "no runtime can start here. docker: {docker_err}. local: {local_err}"
             ))),
