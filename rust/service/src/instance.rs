@@ -60,6 +60,25 @@ impl Subscription {
     }
 }
 
+/// Publishes a reply (header and attachment) to the manager's queue; resolves once the frames
+/// are written (the confirm is not awaited).
+async fn publish_reply(
+    out: &Channel,
+    reply_to: &str,
+    reply: &Reply,
+    attachment: &[u8],
+) -> lapin::Result<()> {
+    out.basic_publish(
+        "".into(),
+        reply_to.into(),
+        BasicPublishOptions::default(),
+        &control::encode(reply, attachment),
+        BasicProperties::default(),
+    )
+    .await
+    .map(drop)
+}
+
 /// Waits for the next delivery of an optional subscription; pends forever when there is none.
 async fn next_of(sub: &mut Option<Subscription>) -> Option<lapin::Result<Delivery>> {
     match sub {
@@ -209,16 +228,7 @@ impl Instance {
     /// the manager has the reply as soon as the broker routes it, and a reply that goes missing
     /// shows as the manager's timeout.
     async fn send(&self, reply_to: &str, reply: &Reply, attachment: &[u8]) -> Result<()> {
-        let _confirm = self
-            .out
-            .basic_publish(
-                "".into(),
-                reply_to.into(),
-                BasicPublishOptions::default(),
-                &control::encode(reply, attachment),
-                BasicProperties::default(),
-            )
-            .await?;
+        publish_reply(&self.out, reply_to, reply, attachment).await?;
         Ok(())
     }
 
@@ -227,17 +237,7 @@ impl Instance {
     fn send_in_background(&self, reply_to: String, reply: Reply, attachment: Vec<u8>) {
         let out = self.out.clone();
         tokio::spawn(async move {
-            let body = control::encode(&reply, &attachment);
-            let sent = out
-                .basic_publish(
-                    "".into(),
-                    reply_to.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default(),
-                )
-                .await;
-            if let Err(e) = sent {
+            if let Err(e) = publish_reply(&out, &reply_to, &reply, &attachment).await {
                 eprintln!("ms2m-service: sending the checkpoint failed: {e}");
             }
         });
