@@ -7,6 +7,9 @@ __all__ = [
     "REPORT_SCHEMA",
     "BrokerError",
     "ConfigurationError",
+    "DockerError",
+    "HostError",
+    "InstanceError",
     "MigrationFailed",
     "Ms2mError",
     "OperationTimeout",
@@ -36,6 +39,9 @@ class MigrationFailed(Ms2mError):
 
 class BrokerError(Ms2mError): ...
 class OperationTimeout(Ms2mError): ...
+class DockerError(Ms2mError): ...
+class InstanceError(Ms2mError): ...
+class HostError(Ms2mError): ...
 
 @final
 class Testbed:

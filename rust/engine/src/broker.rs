@@ -325,12 +325,7 @@ impl Link {
         attachment: &[u8],
     ) -> Result<Sent> {
         let corr = self.next.fetch_add(1, Ordering::Relaxed).to_string();
-        let what = format!("{command:?}");
-        let what = what
-            .split([' ', '{'])
-            .next()
-            .unwrap_or("command")
-            .to_string();
+        let what = command.name();
         let rx = self.expect(&corr);
         let env = Envelope {
             corr: corr.clone(),
@@ -388,11 +383,11 @@ impl Sent {
             self.waiters.lock().unwrap().remove(&self.corr);
         }
         let (reply, blob) = answer?;
-        if let Some(e) = &reply.error {
-            return Err(Error::MigrationFailed {
-                phase: reply.kind.clone(),
-                reason: format!("{}: {e}", reply.instance),
-                report: None,
+        if let Some(e) = reply.error {
+            return Err(Error::Instance {
+                instance: reply.instance,
+                command: reply.kind.name(),
+                reason: e,
             });
         }
         Ok((reply, blob))

@@ -1,8 +1,9 @@
 //! The invariant checker: a pure function of a history.
 //!
-//! Invariants (DESIGN.md): every confirmed message is processed live exactly once; live
-//! processing follows sequence order (reorderings are counted); the final instance's state
-//! digest equals the digest of the confirmed log folded through the same transition function.
+//! Invariants (ARCHITECTURE.md, "Invariants"): every confirmed message is processed live
+//! exactly once; live processing follows sequence order (reorderings are counted, and any one
+//! makes the run invalid); the final instance's state digest equals the digest of the confirmed
+//! log folded through the same transition function.
 
 use crate::history::{History, PublishOutcome};
 use ms2m_wire::state::{workload_payload, ServiceState};
@@ -45,11 +46,22 @@ pub struct StateVerdict {
     pub expected_digest: Option<String>,
 }
 
+/// The overall result of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckResult {
+    /// Every invariant holds.
+    Valid,
+    /// At least one invariant is broken (lost, duplicated, reordered, or the state differs).
+    Invalid,
+    /// Nothing is broken, but the final state could not be observed.
+    Unknown,
+}
+
 /// The checker's verdict: valid only if every sub-verdict holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Verdict {
-    /// "valid", "invalid" or "unknown" (the state could not be observed).
-    pub result: String,
+    pub result: CheckResult,
     /// Messages the checker expected (confirmed, sent before the cut).
     pub expected: u64,
     pub lost: Finding,
@@ -64,7 +76,7 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn is_valid(&self) -> bool {
-        self.result == "valid"
+        self.result == CheckResult::Valid
     }
 }
 
@@ -113,14 +125,14 @@ pub fn check(history: &History, t_cut_ns: u64, observed: Option<ObservedState>) 
     let broken =
         lost.count + duplicated.count + reordered.count > 0 || state.consistent == Some(false);
     let result = if broken {
-        "invalid"
+        CheckResult::Invalid
     } else if state.consistent.is_none() {
-        "unknown"
+        CheckResult::Unknown
     } else {
-        "valid"
+        CheckResult::Valid
     };
     Verdict {
-        result: result.into(),
+        result,
         expected,
         lost,
         duplicated,
@@ -233,7 +245,7 @@ pub(crate) mod tests {
         let mut h = good(20);
         h.events.retain(|e| e.seq != 7);
         let v = check(&h, u64::MAX, None);
-        assert_eq!(v.result, "invalid");
+        assert_eq!(v.result, CheckResult::Invalid);
         assert_eq!(
             v.lost,
             Finding {
@@ -284,7 +296,7 @@ pub(crate) mod tests {
                 examples: vec![3]
             }
         );
-        assert_eq!(v.result, "invalid");
+        assert_eq!(v.result, CheckResult::Invalid);
     }
 
     #[test]
@@ -294,7 +306,7 @@ pub(crate) mod tests {
         obs.digest = "00".into();
         let v = check(&h, u64::MAX, Some(obs));
         assert_eq!(v.state.consistent, Some(false));
-        assert_eq!(v.result, "invalid");
+        assert_eq!(v.result, CheckResult::Invalid);
         // A state that skipped a message differs too.
         let mut s = ServiceState::new(64);
         for seq in (1..=10).filter(|s| *s != 5) {
@@ -312,7 +324,7 @@ pub(crate) mod tests {
     #[test]
     fn unobserved_state_is_unknown_not_valid() {
         let h = good(5);
-        assert_eq!(check(&h, u64::MAX, None).result, "unknown");
+        assert_eq!(check(&h, u64::MAX, None).result, CheckResult::Unknown);
     }
 
     #[test]

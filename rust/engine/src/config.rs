@@ -2,9 +2,7 @@
 //! anything starts.
 
 use crate::error::{Error, Result};
-use crate::workload::Profile;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 fn refuse<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Config(msg.into()))
@@ -120,10 +118,10 @@ fn check_amqp_url(url: &str, runtime: RuntimeKind) -> Result<()> {
              amqp://guest:guest@127.0.0.1:5672/%2f)"
         ));
     }
-    if crate::runtime::url_host(url).is_none() {
+    if crate::amqp_url::url_host(url).is_none() {
         return refuse(format!("amqp_url {url:?} names no host"));
     }
-    if crate::runtime::is_loopback_url(url) && runtime == RuntimeKind::Docker {
+    if crate::amqp_url::is_loopback_url(url) && runtime == RuntimeKind::Docker {
         return refuse(format!(
             "amqp_url {url:?} is on this machine's loopback, which the docker runtime's \
              containers cannot reach; use runtime \"local\", or an address the containers reach"
@@ -193,199 +191,6 @@ pub(crate) fn check_host(tb: &TestbedConfig, host: &str) -> Result<()> {
     Ok(())
 }
 
-/// An open-loop workload: messages sent on an absolute schedule.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
-pub struct WorkloadSpec {
-    pub profile: Profile,
-    /// Payload bytes per message.
-    pub message_bytes: usize,
-    /// Seed of the random parts (Poisson gaps); the same seed gives the same schedule.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-impl WorkloadSpec {
-    /// `rate` messages per second, evenly spaced, 64-byte payloads.
-    pub fn constant(rate: f64) -> Self {
-        WorkloadSpec {
-            profile: Profile::Constant { rate },
-            message_bytes: 64,
-            seed: 0,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.profile.validate()?;
-        if self.message_bytes > 16 << 20 {
-            return refuse("message_bytes must be at most 16 MiB");
-        }
-        Ok(())
-    }
-}
-
-/// The migration strategies this engine implements, one file each under `strategies/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    StopAndCopy,
-    Ms2m,
-    Ms2mCutoff,
-    Ms2mSequential,
-    /// Deliberately broken MS2M without the barrier, built only with the `test-strategies`
-    /// feature: it exists to prove that the checker catches the state it loses.
-    #[cfg(feature = "test-strategies")]
-    BrokenNoBarrier,
-}
-
-impl Strategy {
-    pub const ALL: [Strategy; 4] = [
-        Strategy::StopAndCopy,
-        Strategy::Ms2m,
-        Strategy::Ms2mCutoff,
-        Strategy::Ms2mSequential,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::StopAndCopy => "stop_and_copy",
-            Strategy::Ms2m => "ms2m",
-            Strategy::Ms2mCutoff => "ms2m_cutoff",
-            Strategy::Ms2mSequential => "ms2m_sequential",
-            #[cfg(feature = "test-strategies")]
-            Strategy::BrokenNoBarrier => "broken_no_barrier",
-        }
-    }
-
-    /// The phases this strategy runs through, in order.
-    pub fn phases(self) -> &'static [&'static str] {
-        match self {
-            Strategy::StopAndCopy => &["stop", "checkpoint", "transfer", "restore", "finalize"],
-            Strategy::Ms2m | Strategy::Ms2mCutoff => &[
-                "prepare",
-                "checkpoint",
-                "transfer",
-                "restore",
-                "replay",
-                "finalize",
-            ],
-            Strategy::Ms2mSequential => &[
-                "prepare",
-                "checkpoint",
-                "transfer",
-                "stop",
-                "restore",
-                "replay",
-                "finalize",
-            ],
-            #[cfg(feature = "test-strategies")]
-            Strategy::BrokenNoBarrier => &[
-                "checkpoint",
-                "prepare",
-                "transfer",
-                "restore",
-                "replay",
-                "finalize",
-            ],
-        }
-    }
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Strategy::ALL
-            .into_iter()
-            .find(|st| st.name() == s)
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "unknown strategy {s:?}; choose one of {:?}",
-                    Strategy::ALL.map(|s| s.name())
-                ))
-            })
-    }
-}
-
-/// Which instance a fault hits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Source,
-    Target,
-}
-
-/// A fault to inject: kill an instance (SIGKILL) when a phase begins, as a crash would. For
-/// experiments on failure handling and for the engine's own tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Fault {
-    pub kill: Role,
-    pub at_phase: String,
-}
-
-/// Knobs of one migration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
-#[serde(default)]
-pub struct MigrationOptions {
-    /// Longest wait for any one instance reply.
-    pub reply_timeout_s: f64,
-    /// Longest replay phase before the migration is aborted (ms2m cannot always converge).
-    pub replay_timeout_s: f64,
-    /// Observation after the cutover, for the "after" latencies.
-    pub settle_s: f64,
-    /// Longest wait for the backlog to drain before the checker runs.
-    pub drain_timeout_s: f64,
-    /// ms2m_cutoff: the longest acceptable replay, T_replay_max in
-    /// T_cutoff = T_replay_max * mu / lambda.
-    pub replay_max_s: f64,
-    /// A fault to inject, if any.
-    pub fault: Option<Fault>,
-}
-
-impl Default for MigrationOptions {
-    fn default() -> Self {
-        MigrationOptions {
-            reply_timeout_s: 60.0,
-            replay_timeout_s: 60.0,
-            settle_s: 1.0,
-            drain_timeout_s: 60.0,
-            replay_max_s: 2.0,
-            fault: None,
-        }
-    }
-}
-
-impl MigrationOptions {
-    pub fn validate(&self, strategy: Strategy) -> Result<()> {
-        for (name, v) in [
-            ("reply_timeout_s", self.reply_timeout_s),
-            ("replay_timeout_s", self.replay_timeout_s),
-            ("drain_timeout_s", self.drain_timeout_s),
-            ("replay_max_s", self.replay_max_s),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return refuse(format!("{name} must be > 0, got {v}"));
-            }
-        }
-        if !(self.settle_s.is_finite() && self.settle_s >= 0.0) {
-            return refuse(format!("settle_s must be >= 0, got {}", self.settle_s));
-        }
-        if let Some(f) = &self.fault {
-            if !strategy.phases().contains(&f.at_phase.as_str()) {
-                return refuse(format!(
-                    "fault phase {:?} is not a phase of {}; its phases are {:?}",
-                    f.at_phase,
-                    strategy.name(),
-                    strategy.phases()
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    pub(crate) fn reply_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.reply_timeout_s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,30 +231,6 @@ mod tests {
             ..spec()
         }
         .validate(&tb)
-        .is_err());
-        assert!(WorkloadSpec::constant(-2.0).validate().is_err());
-        assert!(WorkloadSpec::constant(f64::NAN).validate().is_err());
-        let e = "warp".parse::<Strategy>().unwrap_err();
-        assert!(e.to_string().contains("stop_and_copy"), "{e}");
-        assert_eq!("ms2m".parse::<Strategy>().unwrap(), Strategy::Ms2m);
-        let fault = MigrationOptions {
-            fault: Some(Fault {
-                kill: Role::Target,
-                at_phase: "replay".into(),
-            }),
-            ..Default::default()
-        };
-        fault.validate(Strategy::Ms2m).unwrap();
-        let e = fault.validate(Strategy::StopAndCopy).unwrap_err();
-        assert!(
-            e.to_string().contains("not a phase of stop_and_copy"),
-            "{e}"
-        );
-        assert!(MigrationOptions {
-            replay_max_s: 0.0,
-            ..Default::default()
-        }
-        .validate(Strategy::Ms2mCutoff)
         .is_err());
     }
 }

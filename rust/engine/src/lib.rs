@@ -6,6 +6,7 @@
 //! and turns the recorded [`history`] into a [`report::Report`] through the [`metrics`] and
 //! the [`checker`]. The wire contract with instances lives in the `ms2m-wire` crate.
 
+pub mod amqp_url;
 pub mod broker;
 pub mod checker;
 pub mod config;
@@ -20,7 +21,9 @@ pub mod strategies;
 pub mod testbed;
 pub mod workload;
 
-pub use config::{MigrationOptions, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec};
+pub use config::{ServiceSpec, TestbedConfig};
 pub use error::{Error, Result};
 pub use report::Report;
+pub use strategies::{MigrationOptions, PhaseName, Strategy};
 pub use testbed::{ServiceInfo, Testbed};
+pub use workload::WorkloadSpec;

@@ -1,4 +1,4 @@
-//! Metrics computed from a history (DESIGN.md, "Metrics").
+//! Metrics computed from a history (ARCHITECTURE.md, "Metrics").
 
 use crate::history::{History, PublishOutcome};
 use hdrhistogram::Histogram;

@@ -1,21 +1,19 @@
 //! One versioned JSON document per migration: configuration, environment, phase timeline,
 //! metrics, latency summaries and the checker's verdict.
 
-use crate::checker::Verdict;
-use crate::config::{MigrationOptions, ServiceSpec, WorkloadSpec};
-use crate::metrics::{Downtime, LatencySummary, PacingSummary};
-use crate::strategies::{Outcome, Phase};
+use crate::checker::{self, ObservedState, Verdict};
+use crate::config::ServiceSpec;
+use crate::history::{History, PublishOutcome};
+use crate::metrics::{self, Downtime, Latencies, LatencySummary, PacingSummary};
+use crate::strategies::{
+    Failure, MigrationOptions, Outcome, Phase, PhaseName, Placement, Strategy,
+};
+use crate::workload::WorkloadSpec;
+use ms2m_wire::Mode;
 use serde::{Deserialize, Serialize};
 
 /// Version of the report format; bumped on any incompatible change.
 pub const SCHEMA: &str = "ms2m.report/1";
-
-/// Where an instance ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Placement {
-    pub instance: String,
-    pub host: String,
-}
 
 /// The machine and software that produced a report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -66,12 +64,21 @@ impl Environment {
     }
 }
 
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStatus {
+    /// The target serves; the source is gone.
+    Completed,
+    /// Rolled back: the source serves again (see `failed_phase` and `error`).
+    Aborted,
+}
+
 /// The migration itself, as the manager saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigrationSummary {
-    /// "completed", or "aborted" (rolled back; see `failed_phase` and `error`).
-    pub status: String,
-    pub failed_phase: Option<String>,
+    pub status: MigrationStatus,
+    pub failed_phase: Option<PhaseName>,
     pub error: Option<String>,
     pub t_start_ns: u64,
     pub t_end_ns: u64,
@@ -118,7 +125,9 @@ pub struct Counts {
 pub struct Report {
     pub schema: String,
     pub run_id: String,
-    pub strategy: String,
+    /// A strategy's name (a string in the schema: test builds know one strategy more).
+    #[schemars(with = "String")]
+    pub strategy: Strategy,
     pub service: ServiceSpec,
     pub workload: Option<WorkloadSpec>,
     /// The workload's long-run mean rate, msg/s.
@@ -135,6 +144,114 @@ pub struct Report {
     /// Broker resources of the migration still present after it (replay queue, the source's
     /// control queue): empty when the migration cleaned up after itself.
     pub leftovers: Vec<String>,
+}
+
+/// Everything a migration run left for its report: what was asked, what the strategy did, and
+/// the recorded history with the final instance's state.
+pub(crate) struct RunRecord<'a> {
+    pub run_id: String,
+    pub strategy: Strategy,
+    pub service: ServiceSpec,
+    pub workload: Option<WorkloadSpec>,
+    pub options: MigrationOptions,
+    pub source: Placement,
+    pub target: Placement,
+    pub environment: Environment,
+    pub phases: Vec<Phase>,
+    pub outcome: Outcome,
+    /// Why the migration was aborted, if it was.
+    pub failure: Option<Failure>,
+    /// From the first phase's start to the last one's end, host clock ns.
+    pub window: (u64, u64),
+    /// Since when the service has been under its current workload: the baseline window ends
+    /// at the migration's start and reaches back no further.
+    pub steady_since_ns: u64,
+    pub history: &'a History,
+    /// Messages sent after this instant are outside the check.
+    pub cut_ns: u64,
+    pub observed: Option<ObservedState>,
+    pub malformed_events: u64,
+    pub leftovers: Vec<String>,
+}
+
+impl Report {
+    /// Measures and checks a run's history and puts the report together.
+    pub(crate) fn assemble(run: RunRecord<'_>) -> Report {
+        let RunRecord {
+            history,
+            window: (t_start, t_end),
+            cut_ns,
+            ..
+        } = run;
+        let verdict = checker::check(history, cut_ns, run.observed);
+        let baseline = (
+            t_start
+                .saturating_sub(t_end - t_start)
+                .max(run.steady_since_ns),
+            t_start,
+        );
+        let lat = Latencies::compute(history, (t_start, t_end));
+        let live = history
+            .events
+            .iter()
+            .filter(|e| e.mode == Mode::Live)
+            .count() as u64;
+        let control_plane = match (run.outcome.t_source_stop_ns, run.outcome.t_target_live_ns) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
+        let (status, failed_phase, error) = match run.failure {
+            None => (MigrationStatus::Completed, None, None),
+            Some(f) => (MigrationStatus::Aborted, f.phase, Some(f.reason)),
+        };
+        Report {
+            schema: SCHEMA.into(),
+            run_id: run.run_id,
+            strategy: run.strategy,
+            service: run.service,
+            workload_rate: run.workload.as_ref().map(|w| w.profile.mean_rate()),
+            workload: run.workload,
+            options: run.options,
+            source: run.source,
+            target: run.target,
+            environment: run.environment,
+            phases: run.phases,
+            migration: MigrationSummary {
+                status,
+                failed_phase,
+                error,
+                t_start_ns: t_start,
+                t_end_ns: t_end,
+                total_ms: (t_end - t_start) as f64 / 1e6,
+                control_plane_downtime_ms: control_plane,
+                outcome: run.outcome,
+            },
+            metrics: Metrics {
+                pacing_error: metrics::pacing(history, cut_ns),
+                downtime: metrics::downtime(history, (t_start, t_end), cut_ns),
+                baseline_downtime: metrics::downtime(history, baseline, cut_ns),
+                latency: LatencyReport {
+                    before: metrics::summarize(&lat.before),
+                    during: metrics::summarize(&lat.during),
+                    after: metrics::summarize(&lat.after),
+                },
+            },
+            counts: Counts {
+                published: history.published.len() as u64,
+                confirmed: history
+                    .published
+                    .iter()
+                    .filter(|p| p.outcome == PublishOutcome::Confirmed)
+                    .count() as u64,
+                processed_live: live,
+                processed_replay: history.events.len() as u64 - live,
+                malformed_events: run.malformed_events,
+                cut_ns,
+            },
+            verdict,
+            leftovers: run.leftovers,
+        }
+    }
 }
 
 /// The JSON Schema of [`Report`], generated from the types themselves.

@@ -2,20 +2,15 @@
 //! migrations between hosts. This is the engine's entry point; the Python module wraps it.
 
 use crate::broker::Link;
-use crate::checker::{self, ObservedState};
-use crate::config::{
-    check_host, MigrationOptions, RuntimeKind, ServiceSpec, Strategy, TestbedConfig, WorkloadSpec,
-};
+use crate::checker::ObservedState;
+use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use crate::history::{History, PublishOutcome, Published};
-use crate::metrics::{self, Latencies};
 use crate::recorder::Recorder;
-use crate::report::{
-    Counts, Environment, LatencyReport, Metrics, MigrationSummary, Placement, Report,
-};
+use crate::report::{Environment, Report, RunRecord};
 use crate::runtime::{BrokerEndpoint, Runtime};
-use crate::strategies::{self, Ctx, RateProbe};
-use crate::workload::Workload;
+use crate::strategies::{self, Ctx, MigrationOptions, Placement, RateProbe, Strategy};
+use crate::workload::{Workload, WorkloadSpec};
 use ms2m_wire::{control::Command, names, now_ns, Mode};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -40,8 +35,8 @@ pub struct ServiceInfo {
 
 struct Deployed {
     spec: ServiceSpec,
-    /// (instance id, host) of the instance serving now.
-    current: (String, String),
+    /// The instance serving now.
+    current: Placement,
     deployed_ns: u64,
     recorder: Recorder,
     workload: Option<Workload>,
@@ -90,6 +85,44 @@ pub struct Testbed {
     closed: AtomicBool,
 }
 
+/// A migration that did not complete. It was rolled back (the source serves again where it
+/// could); `report` is the checked report of the run when the engine could still make one.
+#[derive(Debug)]
+pub struct MigrationError {
+    pub error: Error,
+    pub report: Option<Box<Report>>,
+}
+
+impl From<Error> for MigrationError {
+    fn from(error: Error) -> Self {
+        MigrationError {
+            error,
+            report: None,
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for MigrationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+/// Names of one migration, fixed before it starts.
+struct MigrationPlan {
+    /// The testbed's migration counter.
+    number: u64,
+    migration_id: String,
+    source: Placement,
+    target: Placement,
+}
+
 /// The drain gives up when no output event arrived for this long: nobody is serving.
 const DRAIN_STALL: Duration = Duration::from_secs(10);
 
@@ -117,10 +150,7 @@ impl Testbed {
             }
         };
         let broker_version = runtime.broker_version().await;
-        let docker_version = match runtime.kind() {
-            RuntimeKind::Docker => crate::runtime::docker::daemon_version().await,
-            _ => None,
-        };
+        let docker_version = runtime.docker_version().await;
         Ok(Testbed {
             id,
             cfg,
@@ -170,8 +200,8 @@ impl Testbed {
     fn info(&self, d: &Deployed) -> ServiceInfo {
         ServiceInfo {
             name: d.spec.name.clone(),
-            host: d.current.1.clone(),
-            instance: d.current.0.clone(),
+            host: d.current.host.clone(),
+            instance: d.current.instance.clone(),
             amqp_url: self.endpoint.url.clone(),
             input_exchange: names::input_exchange(&d.spec.name),
             output_exchange: names::output_exchange(&d.spec.name),
@@ -220,7 +250,10 @@ impl Testbed {
             return Err(e);
         }
         let d = Deployed {
-            current: (instance, spec.host.clone()),
+            current: Placement {
+                instance,
+                host: spec.host.clone(),
+            },
             spec: spec.clone(),
             deployed_ns: now_ns(),
             recorder,
@@ -277,32 +310,20 @@ impl Testbed {
     /// Migrates `service` to host `to` with `strategy`, then checks the whole history.
     ///
     /// On failure the migration is rolled back (the source keeps serving where it can), the
-    /// history is still checked, and the error carries that report and the failed phase.
+    /// history is still checked, and the error carries that report beside the failed phase.
     pub async fn migrate(
         &self,
         service: &str,
         to: &str,
         strategy: Strategy,
         opts: MigrationOptions,
-    ) -> Result<Report> {
+    ) -> Result<Report, MigrationError> {
         opts.validate(strategy)?;
         check_host(&self.cfg, to)?;
         let s = self.service(service).await?;
         let mut d = s.lock().await;
-        if d.current.1 == to {
-            return Err(Error::Config(format!(
-                "{service:?} already runs on {to:?}; migrate it to another host"
-            )));
-        }
-        let n = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
-        d.instances_started += 1;
-        let source = d.current.clone();
-        let target = (format!("{service}-{}", d.instances_started), to.to_string());
-        let migration_id = format!("m{n}");
-        self.queues_used.lock().await.extend([
-            names::control_queue(service, &target.0),
-            names::replay_queue(service, &migration_id),
-        ]);
+        let plan = self.plan(&mut d, to).await?;
+
         let t_start = now_ns();
         let mut ctx = Ctx::new(
             &self.link,
@@ -311,167 +332,150 @@ impl Testbed {
             &self.endpoint.internal_url,
             &opts,
             &*d,
-            migration_id.clone(),
-            source.0.clone(),
-            target.clone(),
+            plan.migration_id.clone(),
+            plan.source.instance.clone(),
+            plan.target.clone(),
         );
-        let failure = match strategies::run(strategy, &mut ctx).await {
-            Ok(()) => None,
-            Err(e) => {
-                let (phase, mut reason) = match e {
-                    Error::MigrationFailed { phase, reason, .. } => (phase, reason),
-                    other => (
-                        ctx.timeline.current().unwrap_or("start").to_string(),
-                        other.to_string(),
-                    ),
-                };
-                let problems = strategies::abort(&mut ctx).await;
-                if !problems.is_empty() {
-                    reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
-                }
-                Some((phase, reason))
-            }
-        };
+        let failure = strategies::run_or_roll_back(strategy, &mut ctx).await;
         let (timeline, outcome) = (ctx.timeline, ctx.outcome);
         let t_end = now_ns();
         if failure.is_none() {
-            d.current = target.clone();
+            d.current = plan.target.clone();
         }
-        let serving = d.current.0.clone();
 
         tokio::time::sleep(Duration::from_secs_f64(opts.settle_s)).await;
-        let cut = now_ns();
-        self.drain(&d, cut, Duration::from_secs_f64(opts.drain_timeout_s))
+        let cut_ns = now_ns();
+        self.drain(&d, cut_ns, Duration::from_secs_f64(opts.drain_timeout_s))
             .await;
-        let observed = if self.runtime.is_running(&serving).await {
-            self.link
-                .command(
-                    service,
-                    &serving,
-                    Command::Digest,
-                    &[],
-                    opts.reply_timeout(),
-                )
-                .await
-                .ok()
-                .map(|(r, _)| ObservedState {
-                    instance: r.instance,
-                    last_seq: r.last_seq,
-                    count: r.count,
-                    digest: r.digest.unwrap_or_default(),
-                })
-        } else {
-            None
+        let observed = self
+            .observe_state(service, &d.current.instance, &opts)
+            .await;
+        let leftovers = self.leftovers(service, &plan, failure.is_none()).await?;
+        let history = d.history();
+        let report = Report::assemble(RunRecord {
+            run_id: format!("{}-{}", self.id, plan.number),
+            strategy,
+            service: d.spec.clone(),
+            workload: d.workload.as_ref().map(|w| w.spec().clone()),
+            options: opts,
+            source: plan.source,
+            target: plan.target,
+            environment: self.environment(),
+            phases: timeline.phases().to_vec(),
+            outcome,
+            failure: failure.clone(),
+            window: (t_start, t_end),
+            steady_since_ns: d
+                .workload
+                .as_ref()
+                .map_or(d.deployed_ns, |w| w.started_ns)
+                .max(d.deployed_ns),
+            history: &history,
+            cut_ns,
+            observed,
+            malformed_events: d.recorder.malformed(),
+            leftovers,
+        });
+        match failure {
+            None => Ok(report),
+            Some(f) => Err(MigrationError {
+                error: f.to_error(),
+                report: Some(Box::new(report)),
+            }),
+        }
+    }
+
+    /// Names the migration's target instance and replay queue, and remembers the queues it
+    /// will declare.
+    async fn plan(&self, d: &mut Deployed, to: &str) -> Result<MigrationPlan> {
+        let service = d.spec.name.clone();
+        if d.current.host == to {
+            return Err(Error::Config(format!(
+                "{service:?} already runs on {to:?}; migrate it to another host"
+            )));
+        }
+        let number = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
+        d.instances_started += 1;
+        let plan = MigrationPlan {
+            number,
+            migration_id: format!("m{number}"),
+            source: d.current.clone(),
+            target: Placement {
+                instance: format!("{service}-{}", d.instances_started),
+                host: to.to_string(),
+            },
         };
-        // The instance that is no longer part of the service must have left no queue.
-        let retired = if failure.is_none() {
-            &source.0
+        self.queues_used.lock().await.extend([
+            names::control_queue(&service, &plan.target.instance),
+            names::replay_queue(&service, &plan.migration_id),
+        ]);
+        Ok(plan)
+    }
+
+    /// The serving instance's state, if it is running and answers.
+    async fn observe_state(
+        &self,
+        service: &str,
+        instance: &str,
+        opts: &MigrationOptions,
+    ) -> Option<ObservedState> {
+        if !self.runtime.is_running(instance).await {
+            return None;
+        }
+        let (r, _) = self
+            .link
+            .command(
+                service,
+                instance,
+                Command::Digest,
+                &[],
+                opts.reply_timeout(),
+            )
+            .await
+            .ok()?;
+        Some(ObservedState {
+            instance: r.instance,
+            last_seq: r.last_seq,
+            count: r.count,
+            digest: r.digest.unwrap_or_default(),
+        })
+    }
+
+    /// Broker resources of the migration still present: its replay queue, and the control
+    /// queue of the instance that is no longer part of the service.
+    async fn leftovers(
+        &self,
+        service: &str,
+        plan: &MigrationPlan,
+        completed: bool,
+    ) -> Result<Vec<String>> {
+        let retired = if completed {
+            &plan.source
         } else {
-            &target.0
+            &plan.target
         };
         let mut leftovers = Vec::new();
         for q in [
-            names::replay_queue(service, &migration_id),
-            names::control_queue(service, retired),
+            names::replay_queue(service, &plan.migration_id),
+            names::control_queue(service, &retired.instance),
         ] {
             if self.link.queue_exists(&q).await? {
                 leftovers.push(format!("queue {q}"));
             }
         }
-        let history = d.history();
-        let verdict = checker::check(&history, cut, observed);
-        let window = (t_start, t_end);
-        let since = d
-            .workload
-            .as_ref()
-            .map_or(d.deployed_ns, |w| w.started_ns)
-            .max(d.deployed_ns);
-        let baseline = (t_start.saturating_sub(t_end - t_start).max(since), t_start);
-        let lat = Latencies::compute(&history, window);
-        let live = history
-            .events
-            .iter()
-            .filter(|e| e.mode == Mode::Live)
-            .count() as u64;
-        let control_plane = match (outcome.t_source_stop_ns, outcome.t_target_live_ns) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
-            _ => None,
-        };
-        let report = Report {
-            schema: crate::report::SCHEMA.into(),
-            run_id: format!("{}-{}", self.id, n),
-            strategy: strategy.name().into(),
-            service: d.spec.clone(),
-            workload: d.workload.as_ref().map(|w| w.spec().clone()),
-            workload_rate: d.workload.as_ref().map(|w| w.spec().profile.mean_rate()),
-            options: opts,
-            source: Placement {
-                instance: source.0,
-                host: source.1,
-            },
-            target: Placement {
-                instance: target.0,
-                host: target.1,
-            },
-            environment: {
-                let (broker, service) = self.runtime.artifacts(&self.cfg);
-                Environment::collect(
-                    self.runtime.kind().name(),
-                    &broker,
-                    self.broker_version.clone(),
-                    &service,
-                    self.docker_version.clone(),
-                )
-            },
-            phases: timeline.phases().to_vec(),
-            migration: MigrationSummary {
-                status: if failure.is_none() {
-                    "completed"
-                } else {
-                    "aborted"
-                }
-                .into(),
-                failed_phase: failure.as_ref().map(|f| f.0.clone()),
-                error: failure.as_ref().map(|f| f.1.clone()),
-                t_start_ns: t_start,
-                t_end_ns: t_end,
-                total_ms: (t_end - t_start) as f64 / 1e6,
-                control_plane_downtime_ms: control_plane,
-                outcome,
-            },
-            metrics: Metrics {
-                pacing_error: metrics::pacing(&history, cut),
-                downtime: metrics::downtime(&history, window, cut),
-                baseline_downtime: metrics::downtime(&history, baseline, cut),
-                latency: LatencyReport {
-                    before: metrics::summarize(&lat.before),
-                    during: metrics::summarize(&lat.during),
-                    after: metrics::summarize(&lat.after),
-                },
-            },
-            counts: Counts {
-                published: history.published.len() as u64,
-                confirmed: history
-                    .published
-                    .iter()
-                    .filter(|p| p.outcome == PublishOutcome::Confirmed)
-                    .count() as u64,
-                processed_live: live,
-                processed_replay: history.events.len() as u64 - live,
-                malformed_events: d.recorder.malformed(),
-                cut_ns: cut,
-            },
-            verdict,
-            leftovers,
-        };
-        match failure {
-            None => Ok(report),
-            Some((phase, reason)) => Err(Error::MigrationFailed {
-                phase,
-                reason,
-                report: Some(Box::new(report)),
-            }),
-        }
+        Ok(leftovers)
+    }
+
+    /// The machine and software of this testbed, for reports.
+    fn environment(&self) -> Environment {
+        let (broker, service) = self.runtime.artifacts(&self.cfg);
+        Environment::collect(
+            self.runtime.kind().name(),
+            &broker,
+            self.broker_version.clone(),
+            &service,
+            self.docker_version.clone(),
+        )
     }
 
     /// Waits until every confirmed message sent before `cut` has been processed live, at most
@@ -524,7 +528,7 @@ impl Testbed {
         let s = self.service(service).await?;
         self.stop_workload(service).await?;
         let d = s.lock().await;
-        let instance = d.current.0.clone();
+        let instance = d.current.instance.clone();
         // The process may be gone already; its container is removed either way.
         let _ = self
             .link

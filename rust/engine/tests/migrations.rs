@@ -8,9 +8,14 @@
 //! Pass words as arguments to run only the cases (or runtimes) whose names contain one of them.
 
 use anyhow::{bail, ensure, Context, Result};
-use ms2m_engine::config::{Fault, Role, RuntimeKind};
+use ms2m_engine::checker::CheckResult;
+use ms2m_engine::config::RuntimeKind;
+use ms2m_engine::report::MigrationStatus;
+use ms2m_engine::strategies::{Fault, Role};
+use ms2m_engine::testbed::MigrationError;
 use ms2m_engine::{
-    Error, MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
+    Error, MigrationOptions, PhaseName, Report, ServiceSpec, Strategy, Testbed, TestbedConfig,
+    WorkloadSpec,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -179,7 +184,7 @@ fn clean(report: &Report) -> Result<()> {
     let v = &report.verdict;
     let context = || format!("{} run {}", report.strategy, report.run_id);
     ensure!(
-        report.migration.status == "completed",
+        report.migration.status == MigrationStatus::Completed,
         "{}: {:?}",
         context(),
         report.migration.error
@@ -239,7 +244,7 @@ async fn every_strategy_migrates_without_loss(tb: &Testbed) -> Result<()> {
         with_service(tb, spec(&name, 1_000_000), 10.0, |name| async move {
             let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
             clean(&r)?;
-            let phases: Vec<_> = r.phases.iter().map(|p| p.name.as_str()).collect();
+            let phases: Vec<_> = r.phases.iter().map(|p| p.name).collect();
             ensure!(phases == strategy.phases(), "phases {phases:?}");
             ensure!(r.target.host == "edge-2" && tb.service_info(&name).await?.host == "edge-2");
             ensure!(r.migration.outcome.checkpoint_bytes > 1_000_000);
@@ -346,15 +351,14 @@ async fn plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so(tb: &Testb
             };
             let started = std::time::Instant::now();
             match tb.migrate(&name, "edge-2", Strategy::Ms2m, o).await {
-                Err(Error::MigrationFailed {
-                    phase,
-                    reason,
+                Err(MigrationError {
+                    error: Error::MigrationFailed { phase, reason },
                     report,
                 }) => {
-                    ensure!(phase == "replay", "failed in {phase}");
+                    ensure!(phase == Some("replay"), "failed in {phase:?}");
                     ensure!(reason.contains("did not catch up"), "{reason}");
                     let r = report.context("a failed migration still has its report")?;
-                    ensure!(r.migration.status == "aborted");
+                    ensure!(r.migration.status == MigrationStatus::Aborted);
                     ensure!(
                         r.verdict.lost.count == 0 && r.verdict.duplicated.count == 0,
                         "{:?}",
@@ -426,22 +430,22 @@ async fn assert_rolled_back(
         ..opts()
     };
     match tb.migrate(name, "edge-2", strategy, o).await {
-        Err(Error::MigrationFailed {
-            phase,
+        Err(MigrationError {
+            error: Error::MigrationFailed { phase, reason },
             report,
-            reason,
         }) => {
             // The failure shows in the fault's phase or, when the target had already done that
             // phase's work, in a later one.
             let order = strategy.phases();
-            let at = |p: &str| order.iter().position(|x| *x == p);
+            let at = |p: &str| order.iter().position(|x| x.name() == p);
+            let phase = phase.context("the failure names its phase")?;
             ensure!(
-                at(&phase) >= at(&fault.at_phase),
+                at(phase) >= at(fault.at_phase.name()),
                 "failed in {phase} before the fault: {reason}"
             );
             ensure!(reason.contains("exited"), "{reason}");
             let r = report.context("report of the aborted run")?;
-            ensure!(r.migration.status == "aborted");
+            ensure!(r.migration.status == MigrationStatus::Aborted);
             ensure!(r.migration.outcome.fault.is_some());
             let v = &r.verdict;
             ensure!(
@@ -460,12 +464,12 @@ async fn assert_rolled_back(
 }
 
 async fn target_killed_during_transfer_restore_or_replay(tb: &Testbed) -> Result<()> {
-    for phase in ["transfer", "restore", "replay"] {
+    for phase in [PhaseName::Transfer, PhaseName::Restore, PhaseName::Replay] {
         let name = format!("kill-target-{phase}");
         with_service(tb, spec(&name, 100_000), 10.0, |name| async move {
             let fault = Fault {
                 kill: Role::Target,
-                at_phase: phase.into(),
+                at_phase: phase,
             };
             assert_rolled_back(tb, &name, Strategy::Ms2m, fault).await
         })
@@ -479,7 +483,7 @@ async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> 
     with_service(tb, spec("kill-cold", 100_000), 10.0, |name| async move {
         let fault = Fault {
             kill: Role::Target,
-            at_phase: "restore".into(),
+            at_phase: PhaseName::Restore,
         };
         assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
     })
@@ -491,19 +495,22 @@ async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
         let o = MigrationOptions {
             fault: Some(Fault {
                 kill: Role::Source,
-                at_phase: "replay".into(),
+                at_phase: PhaseName::Replay,
             }),
             drain_timeout_s: 3.0,
             ..opts()
         };
         match tb.migrate(&name, "edge-2", Strategy::Ms2m, o).await {
-            Err(Error::MigrationFailed { reason, report, .. }) => {
+            Err(MigrationError {
+                error: Error::MigrationFailed { reason, .. },
+                report,
+            }) => {
                 ensure!(
                     reason.contains("exited") || reason.contains("source"),
                     "{reason}"
                 );
                 let r = report.context("report of the failed run")?;
-                ensure!(r.migration.status == "aborted");
+                ensure!(r.migration.status == MigrationStatus::Aborted);
                 // Nobody serves any more: what was sent since is lost, and the report says so.
                 let unprocessed = r.counts.confirmed.saturating_sub(r.counts.processed_live);
                 ensure!(
@@ -512,7 +519,7 @@ async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
                     r.verdict.lost,
                     r.counts
                 );
-                ensure!(r.verdict.result == "invalid");
+                ensure!(r.verdict.result == CheckResult::Invalid);
                 ensure!(
                     r.verdict.state.consistent.is_none(),
                     "no instance to ask for its state"
@@ -532,14 +539,14 @@ async fn checker_catches_a_migration_without_barrier(tb: &Testbed) -> Result<()>
             .migrate(&name, "edge-2", Strategy::BrokenNoBarrier, opts())
             .await?;
         let v = &r.verdict;
-        ensure!(r.migration.status == "completed");
+        ensure!(r.migration.status == MigrationStatus::Completed);
         // Every message was processed live once: only the state shows what was lost.
         ensure!(v.lost.count == 0 && v.duplicated.count == 0, "{v:?}");
         ensure!(
             v.state.consistent == Some(false),
             "the checker missed the lost state: {v:?}"
         );
-        ensure!(v.result == "invalid");
+        ensure!(v.result == CheckResult::Invalid);
         Ok(())
     })
     .await

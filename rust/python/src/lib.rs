@@ -50,25 +50,66 @@ create_exception!(
     Ms2mError,
     "An instance or the broker did not answer in time."
 );
+create_exception!(
+    _native,
+    DockerError,
+    Ms2mError,
+    "A container operation failed (start, kill, remove, exec)."
+);
+create_exception!(
+    _native,
+    InstanceError,
+    Ms2mError,
+    "A service instance answered a command with an error."
+);
+create_exception!(
+    _native,
+    HostError,
+    Ms2mError,
+    "An operation on this machine failed (a file, a process, a thread)."
+);
 
-fn to_py(e: engine::Error) -> PyErr {
-    let msg = e.to_string();
-    match e {
-        engine::Error::Config(_) => ConfigurationError::new_err(msg),
-        engine::Error::RuntimeUnavailable(_) => RuntimeUnavailable::new_err(msg),
-        engine::Error::MigrationFailed { report, .. } => {
+/// Converts an engine error into the Python exception of its kind.
+trait IntoPyErr {
+    fn into_py_err(self) -> PyErr;
+}
+
+impl IntoPyErr for engine::Error {
+    fn into_py_err(self) -> PyErr {
+        use engine::Error as E;
+        let msg = self.to_string();
+        match self {
+            E::Config(_) => ConfigurationError::new_err(msg),
+            E::RuntimeUnavailable(_) => RuntimeUnavailable::new_err(msg),
+            E::MigrationFailed { .. } => MigrationFailed::new_err(msg),
+            E::Broker { .. } | E::BrokerRefused(_) => BrokerError::new_err(msg),
+            E::Docker { .. } => DockerError::new_err(msg),
+            E::Instance { .. } => InstanceError::new_err(msg),
+            E::Timeout(_) => OperationTimeout::new_err(msg),
+            E::Io { .. } => HostError::new_err(msg),
+            // `Error` is non-exhaustive: a kind added later is still an ms2m error.
+            _ => Ms2mError::new_err(msg),
+        }
+    }
+}
+
+impl IntoPyErr for engine::testbed::MigrationError {
+    fn into_py_err(self) -> PyErr {
+        let failed = self.error.is_migration_failed();
+        let err = self.error.into_py_err();
+        if failed {
             // The checked report of the aborted run travels with the exception.
-            let err = MigrationFailed::new_err(msg);
-            let report_json = report.map(|r| r.to_json());
+            let report_json = self.report.map(|r| r.to_json());
             Python::attach(|py| {
                 let _ = err.value(py).setattr("report_json", report_json);
             });
-            err
         }
-        engine::Error::Broker { .. } | engine::Error::BrokerRefused(_) => BrokerError::new_err(msg),
-        engine::Error::Timeout(_) => OperationTimeout::new_err(msg),
-        _ => Ms2mError::new_err(msg),
+        err
     }
+}
+
+fn to_py(e: engine::Error) -> PyErr {
+    e.into_py_err()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> {
@@ -85,10 +126,11 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// Runs a future to completion without the GIL, checking for Ctrl-C every 100 ms. On an
 /// interrupt the future is cancelled and KeyboardInterrupt propagates.
-fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
+fn block_on<T, E, F>(py: Python<'_>, fut: F) -> PyResult<T>
 where
-    F: Future<Output = engine::Result<T>> + Send + 'static,
+    F: Future<Output = Result<T, E>> + Send + 'static,
     T: Send + 'static,
+    E: IntoPyErr + Send + 'static,
 {
     let mut handle = runtime().spawn(fut);
     loop {
@@ -100,7 +142,7 @@ where
             })
         });
         match done {
-            Some(Ok(r)) => return r.map_err(to_py),
+            Some(Ok(r)) => return r.map_err(IntoPyErr::into_py_err),
             Some(Err(e)) => return Err(Ms2mError::new_err(format!("engine task failed: {e}"))),
             None => {
                 if let Err(e) = py.check_signals() {
@@ -112,12 +154,15 @@ where
     }
 }
 
-fn awaitable<'py, T, F>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
+fn awaitable<'py, T, E, F>(py: Python<'py>, fut: F) -> PyResult<Bound<'py, PyAny>>
 where
-    F: Future<Output = engine::Result<T>> + Send + 'static,
+    F: Future<Output = Result<T, E>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
+    E: IntoPyErr + Send + 'static,
 {
-    pyo3_async_runtimes::tokio::future_into_py(py, async move { fut.await.map_err(to_py) })
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        fut.await.map_err(IntoPyErr::into_py_err)
+    })
 }
 
 /// A running testbed (broker plus hosts). Create it with `Testbed.start(config_json)`.
@@ -143,7 +188,7 @@ impl PyTestbed {
         let cfg: engine::TestbedConfig = parse("testbed configuration", config_json)?;
         awaitable(py, async move {
             let inner = engine::Testbed::start(cfg).await?;
-            Ok(PyTestbed {
+            Ok::<_, engine::Error>(PyTestbed {
                 inner: Arc::new(inner),
             })
         })
@@ -359,7 +404,7 @@ fn strategies() -> Vec<&'static str> {
 fn strategy_phases() -> std::collections::HashMap<&'static str, Vec<&'static str>> {
     engine::Strategy::ALL
         .iter()
-        .map(|s| (s.name(), s.phases().to_vec()))
+        .map(|s| (s.name(), s.phases().iter().map(|p| p.name()).collect()))
         .collect()
 }
 
@@ -396,5 +441,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MigrationFailed", py.get_type::<MigrationFailed>())?;
     m.add("BrokerError", py.get_type::<BrokerError>())?;
     m.add("OperationTimeout", py.get_type::<OperationTimeout>())?;
+    m.add("DockerError", py.get_type::<DockerError>())?;
+    m.add("InstanceError", py.get_type::<InstanceError>())?;
+    m.add("HostError", py.get_type::<HostError>())?;
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! The instance's event loop: control commands, live messages and replayed messages, one at a
 //! time, so that every command sees the state between two messages.
+//!
+//! This is only the I/O half: it turns lapin deliveries into [`crate::machine::Event`]s and
+//! executes the [`Action`]s the core returns. Every decision about what to apply, skip, stop or
+//! answer is in [`crate::machine`].
 
+use crate::machine::{Action, Core, Event as CoreEvent, Outgoing};
 use crate::Config;
 use anyhow::{Context, Result};
 use futures_lite::StreamExt;
@@ -11,11 +16,12 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
 };
 use ms2m_wire::{
-    control::{self, Command, Envelope, Reply},
+    control::{self, Envelope, Reply},
     names, now_ns,
     state::ServiceState,
     Input, Mode, OutputEvent,
 };
+use std::collections::VecDeque;
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
@@ -87,36 +93,17 @@ async fn next_of(sub: &mut Option<Subscription>) -> Option<lapin::Result<Deliver
     }
 }
 
-/// A reply that waits for a condition on the state.
-struct Pending {
-    corr: String,
-    reply_to: String,
-    kind: &'static str,
-}
-
-struct ReplayState {
-    sub: Subscription,
-    paused: bool,
-    /// Never apply a message above this (from the `replay` command).
-    limit: Option<u64>,
-    /// `finish_replay`: stop at this sequence number, maybe go live, then reply.
-    until: Option<(u64, bool, Pending)>,
-}
-
 struct Instance {
     cfg: Config,
     conn: Connection,
     /// Publishes replies and output events, with publisher confirms.
     out: Channel,
-    state: ServiceState,
+    core: Core,
     live: Option<Subscription>,
     /// A channel opened ahead of going live (while replaying), so that the cutover waits for
     /// one broker round trip (the consume) instead of three.
     standby: Option<Channel>,
-    stop_after: Option<(u64, Pending)>,
-    replay: Option<ReplayState>,
-    replayed: u64,
-    skipped: u64,
+    replay: Option<Subscription>,
 }
 
 enum Event {
@@ -124,6 +111,13 @@ enum Event {
     Live(Option<lapin::Result<Delivery>>),
     Replay(Option<lapin::Result<Delivery>>),
     Terminate,
+}
+
+/// Whether the event loop goes on.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Exit,
 }
 
 /// Runs the instance until a `shutdown` command, SIGTERM, or a broker failure.
@@ -152,56 +146,63 @@ pub async fn run(cfg: Config) -> Result<()> {
     out.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
     let mut inst = Instance {
-        state: ServiceState::new(cfg.state_bytes),
+        core: Core::new(cfg.instance.clone(), ServiceState::new(cfg.state_bytes)),
         cfg,
         conn,
         out,
         live: None,
         standby: None,
-        stop_after: None,
         replay: None,
-        replayed: 0,
-        skipped: 0,
     };
-    if inst.cfg.live {
-        inst.start_live().await?;
-    }
+    let boot = inst.core.boot(inst.cfg.live);
+    inst.execute(boot, None).await?;
     println!(
         "ms2m-service ready: service={} instance={} live={}",
         inst.cfg.service, inst.cfg.instance, inst.cfg.live
     );
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let replaying = inst.replay.as_ref().is_some_and(|r| !r.paused);
+        let (polls_live, polls_replay) = (inst.core.polls_live(), inst.core.polls_replay());
         let event = tokio::select! {
             biased;
             _ = sigterm.recv() => Event::Terminate,
             d = control.consumer.next() => Event::Control(d),
-            d = next_of(&mut inst.live), if inst.live.is_some() => Event::Live(d),
-            d = async {
-                match inst.replay.as_mut() {
-                    Some(r) => r.sub.consumer.next().await,
-                    None => std::future::pending().await,
-                }
-            }, if replaying => Event::Replay(d),
+            d = next_of(&mut inst.live), if polls_live => Event::Live(d),
+            d = next_of(&mut inst.replay), if polls_replay => Event::Replay(d),
         };
-        match event {
-            Event::Terminate => break,
+        let flow = match event {
+            Event::Terminate => Flow::Exit,
             Event::Control(d) => {
                 let d = d.context("control queue closed")??;
                 d.ack(BasicAckOptions::default()).await?;
-                if !inst.on_control(&d.data).await? {
-                    break;
+                match control::decode::<Envelope>(&d.data) {
+                    Ok((env, attachment)) => {
+                        let actions = inst
+                            .core
+                            .handle(now_ns(), CoreEvent::Control(env, attachment));
+                        inst.execute(actions, None).await?
+                    }
+                    Err(e) => {
+                        eprintln!("ms2m-service: ignoring control message: {e}");
+                        Flow::Continue
+                    }
                 }
             }
             Event::Live(d) => {
                 let d = d.context("primary queue consumer closed")??;
-                inst.on_live(d).await?;
+                let input = CoreEvent::Live(parse_input(&d.data));
+                let actions = inst.core.handle(now_ns(), input);
+                inst.execute(actions, Some(&d)).await?
             }
             Event::Replay(d) => {
                 let d = d.context("replay queue consumer closed")??;
-                inst.on_replay(d).await?;
+                let input = CoreEvent::Replay(parse_input(&d.data));
+                let actions = inst.core.handle(now_ns(), input);
+                inst.execute(actions, Some(&d)).await?
             }
+        };
+        if flow == Flow::Exit {
+            break;
         }
     }
     let _ = control.close().await;
@@ -209,35 +210,87 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// An input message, or why it is not one.
+fn parse_input(body: &[u8]) -> std::result::Result<Input, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
 impl Instance {
-    fn reply(&self, corr: &str, kind: &str) -> Reply {
-        Reply {
-            corr: corr.to_string(),
-            instance: self.cfg.instance.clone(),
-            kind: kind.to_string(),
-            last_seq: self.state.last_seq,
-            count: self.state.count,
-            t_ns: now_ns(),
-            replayed: self.replayed,
-            skipped: self.skipped,
-            ..Reply::default()
+    /// Executes the core's actions in order; `delivery` is the message they are about, if any.
+    async fn execute(&mut self, actions: Vec<Action>, delivery: Option<&Delivery>) -> Result<Flow> {
+        let mut todo = VecDeque::from(actions);
+        while let Some(action) = todo.pop_front() {
+            match action {
+                Action::Process {
+                    seq,
+                    mode,
+                    t_pub_ns,
+                    chain,
+                } => self.publish_output(seq, mode, t_pub_ns, &chain).await?,
+                Action::Ack => {
+                    delivery
+                        .context("the core acked without a delivery")?
+                        .ack(BasicAckOptions::default())
+                        .await?;
+                }
+                Action::Reply(o) => self.send(o).await?,
+                Action::Checkpoint(o) => self.send_in_background(o),
+                Action::StartLive => self.start_live().await?,
+                Action::StopLive => {
+                    if let Some(sub) = self.live.take() {
+                        sub.close().await?;
+                    }
+                }
+                Action::OpenReplay { queue } => {
+                    if self.standby.is_none() {
+                        self.standby = Some(consumer_channel(&self.conn, self.cfg.prefetch).await?);
+                    }
+                    let opened =
+                        match Subscription::open(&self.conn, &queue, "replay", self.cfg.prefetch)
+                            .await
+                        {
+                            Ok(sub) => {
+                                self.replay = Some(sub);
+                                Ok(())
+                            }
+                            Err(e) => Err(format!("{e:#}")),
+                        };
+                    todo.extend(self.core.handle(now_ns(), CoreEvent::ReplayOpened(opened)));
+                }
+                Action::CloseReplay => {
+                    if let Some(sub) = self.replay.take() {
+                        sub.close().await?;
+                    }
+                }
+                Action::Warn(message) => eprintln!("ms2m-service: {message}"),
+                Action::Exit => return Ok(Flow::Exit),
+            }
         }
+        Ok(Flow::Continue)
     }
 
-    /// Sends a reply. It waits until the frames are written, not for the broker's confirm:
-    /// the manager has the reply as soon as the broker routes it, and a reply that goes missing
-    /// shows as the manager's timeout.
-    async fn send(&self, reply_to: &str, reply: &Reply, attachment: &[u8]) -> Result<()> {
-        publish_reply(&self.out, reply_to, reply, attachment).await?;
+    /// Sends a reply, stamped now. It waits until the frames are written, not for the broker's
+    /// confirm: the manager has the reply as soon as the broker routes it, and a reply that goes
+    /// missing shows as the manager's timeout.
+    async fn send(&self, o: Outgoing) -> Result<()> {
+        let reply = Reply {
+            t_ns: now_ns(),
+            ..o.reply
+        };
+        publish_reply(&self.out, &o.to, &reply, &o.attachment).await?;
         Ok(())
     }
 
-    /// Sends a checkpoint without holding up the event loop: the state is copied here, and
+    /// Sends a checkpoint without holding up the event loop: the core copied the state, and
     /// writing its megabytes happens while the instance goes on serving.
-    fn send_in_background(&self, reply_to: String, reply: Reply, attachment: Vec<u8>) {
+    fn send_in_background(&self, o: Outgoing) {
         let out = self.out.clone();
+        let reply = Reply {
+            t_ns: now_ns(),
+            ..o.reply
+        };
         tokio::spawn(async move {
-            if let Err(e) = publish_reply(&out, &reply_to, &reply, &attachment).await {
+            if let Err(e) = publish_reply(&out, &o.to, &reply, &o.attachment).await {
                 eprintln!("ms2m-service: sending the checkpoint failed: {e}");
             }
         });
@@ -255,163 +308,20 @@ impl Instance {
         Ok(())
     }
 
-    async fn stop_live(&mut self) -> Result<()> {
-        if let Some(sub) = self.live.take() {
-            sub.close().await?;
-        }
-        Ok(())
-    }
-
-    /// Handles one control message; returns false when the instance must exit.
-    async fn on_control(&mut self, body: &[u8]) -> Result<bool> {
-        let (env, attachment): (Envelope, &[u8]) = match control::decode(body) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("ms2m-service: ignoring control message: {e}");
-                return Ok(true);
-            }
-        };
-        let Envelope {
-            corr,
-            reply_to,
-            command,
-        } = env;
-        let t_begin = now_ns();
-        match command {
-            Command::Status => {
-                self.send(&reply_to, &self.reply(&corr, "status"), &[])
-                    .await?
-            }
-            Command::StartLive => {
-                self.start_live().await?;
-                self.send(&reply_to, &self.reply(&corr, "start_live"), &[])
-                    .await?;
-            }
-            Command::StopLive { after_seq } => {
-                let pending = Pending {
-                    corr,
-                    reply_to,
-                    kind: "stop_live",
-                };
-                match after_seq {
-                    Some(s) if self.live.is_some() && self.state.last_seq < s => {
-                        self.stop_after = Some((s, pending));
-                    }
-                    _ => self.finish_stop(pending).await?,
-                }
-            }
-            Command::Snapshot => {
-                let snap = self.state.to_snapshot();
-                let mut r = self.reply(&corr, "snapshot");
-                r.t_begin_ns = t_begin;
-                self.send(&reply_to, &r, &snap).await?;
-            }
-            Command::Restore => {
-                let error = match ServiceState::from_snapshot(attachment) {
-                    Ok(_) if self.live.is_some() => {
-                        Some("cannot restore while serving live".into())
-                    }
-                    Ok(s) => {
-                        self.state = s;
-                        None
-                    }
-                    Err(e) => Some(e.to_string()),
-                };
-                // Built after the restore, so that it reports the restored position.
-                let mut r = self.reply(&corr, "restore");
-                r.error = error;
-                r.t_begin_ns = t_begin;
-                self.send(&reply_to, &r, &[]).await?;
-            }
-            Command::Replay { queue, until_seq } => {
-                let mut r = self.reply(&corr, "replay");
-                if self.replay.is_some() {
-                    r.error = Some("already replaying".into());
-                } else {
-                    if self.standby.is_none() {
-                        self.standby = Some(consumer_channel(&self.conn, self.cfg.prefetch).await?);
-                    }
-                    match Subscription::open(&self.conn, &queue, "replay", self.cfg.prefetch).await
-                    {
-                        Ok(sub) => {
-                            self.replay = Some(ReplayState {
-                                sub,
-                                paused: false,
-                                limit: until_seq,
-                                until: None,
-                            })
-                        }
-                        Err(e) => r.error = Some(format!("{e:#}")),
-                    }
-                }
-                self.send(&reply_to, &r, &[]).await?;
-            }
-            Command::PauseReplay => {
-                if let Some(r) = self.replay.as_mut() {
-                    r.paused = true;
-                }
-                self.send(&reply_to, &self.reply(&corr, "pause_replay"), &[])
-                    .await?;
-            }
-            Command::FinishReplay { until_seq, go_live } => {
-                let pending = Pending {
-                    corr,
-                    reply_to,
-                    kind: "finish_replay",
-                };
-                match self.replay.as_mut() {
-                    Some(r) if self.state.last_seq < until_seq => {
-                        r.paused = false;
-                        r.until = Some((until_seq, go_live, pending));
-                    }
-                    _ => self.finish_replay(go_live, pending).await?,
-                }
-            }
-            Command::Digest => {
-                let mut r = self.reply(&corr, "digest");
-                r.digest = Some(self.state.digest());
-                self.send(&reply_to, &r, &[]).await?;
-            }
-            Command::Shutdown => {
-                self.stop_live().await?;
-                if let Some(r) = self.replay.take() {
-                    r.sub.close().await?;
-                }
-                self.send(&reply_to, &self.reply(&corr, "shutdown"), &[])
-                    .await?;
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    async fn finish_stop(&mut self, p: Pending) -> Result<()> {
-        self.stop_live().await?;
-        self.send(&p.reply_to, &self.reply(&p.corr, p.kind), &[])
-            .await
-    }
-
-    async fn finish_replay(&mut self, go_live: bool, p: Pending) -> Result<()> {
-        // Serving first: closing the replay channel is one more round trip nobody waits for.
-        let replay = self.replay.take();
-        if go_live {
-            self.start_live().await?;
-        }
-        self.send(&p.reply_to, &self.reply(&p.corr, p.kind), &[])
-            .await?;
-        if let Some(r) = replay {
-            r.sub.close().await?;
-        }
-        Ok(())
-    }
-
-    /// Applies a data message and reports it on the output exchange.
-    async fn process(&mut self, seq: u64, t_pub_ns: u64, payload: &str, mode: Mode) -> Result<()> {
+    /// Spends the processing time on a message the core applied, then reports it on the output
+    /// exchange and awaits the confirm. The state changed before the wait rather than after it;
+    /// nobody can tell, since nothing else is handled meanwhile.
+    async fn publish_output(
+        &self,
+        seq: u64,
+        mode: Mode,
+        t_pub_ns: u64,
+        chain: &[u8; 32],
+    ) -> Result<()> {
         let t_start_ns = now_ns();
         if !self.cfg.processing.is_zero() {
             tokio::time::sleep(self.cfg.processing).await;
         }
-        self.state.apply(seq, payload.as_bytes());
         let event = OutputEvent {
             instance: self.cfg.instance.clone(),
             seq,
@@ -419,7 +329,7 @@ impl Instance {
             t_pub_ns,
             t_start_ns,
             t_end_ns: now_ns(),
-            chain: ms2m_wire::hex(&self.state.chain),
+            chain: ms2m_wire::hex(chain),
         };
         self.out
             .basic_publish(
@@ -431,66 +341,6 @@ impl Instance {
             )
             .await?
             .await?;
-        Ok(())
-    }
-
-    async fn on_live(&mut self, d: Delivery) -> Result<()> {
-        match serde_json::from_slice::<Input>(&d.data) {
-            Ok(Input::Data {
-                seq,
-                t_pub_ns,
-                payload,
-            }) => self.process(seq, t_pub_ns, &payload, Mode::Live).await?,
-            Ok(Input::Barrier { id, reply_to }) => {
-                let t_begin = now_ns();
-                let snap = self.state.to_snapshot();
-                let mut r = self.reply(&id, "checkpoint");
-                r.t_begin_ns = t_begin;
-                self.send_in_background(reply_to, r, snap);
-            }
-            Err(e) => eprintln!("ms2m-service: dropping malformed input: {e}"),
-        }
-        d.ack(BasicAckOptions::default()).await?;
-        if let Some((after, _)) = &self.stop_after {
-            if self.state.last_seq >= *after {
-                let (_, p) = self.stop_after.take().unwrap();
-                self.finish_stop(p).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn on_replay(&mut self, d: Delivery) -> Result<()> {
-        let mut beyond = false;
-        if let Ok(Input::Data {
-            seq,
-            t_pub_ns,
-            payload,
-        }) = serde_json::from_slice::<Input>(&d.data)
-        {
-            beyond = self.replay.as_ref().is_some_and(|r| {
-                r.limit.is_some_and(|l| seq > l)
-                    || r.until.as_ref().is_some_and(|(until, _, _)| seq > *until)
-            });
-            if seq <= self.state.last_seq {
-                self.skipped += 1;
-            } else if !beyond {
-                self.process(seq, t_pub_ns, &payload, Mode::Replay).await?;
-                self.replayed += 1;
-            }
-        }
-        // Barriers and messages the snapshot already holds are dropped: replay has no effects.
-        d.ack(BasicAckOptions::default()).await?;
-        // A message beyond `until` means the rest is not coming: the target stops either way.
-        let done = self
-            .replay
-            .as_ref()
-            .and_then(|r| r.until.as_ref())
-            .is_some_and(|(until, _, _)| self.state.last_seq >= *until || beyond);
-        if done {
-            let (_, go_live, p) = self.replay.as_mut().unwrap().until.take().unwrap();
-            self.finish_replay(go_live, p).await?;
-        }
         Ok(())
     }
 }

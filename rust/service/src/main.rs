@@ -13,6 +13,7 @@
 //! once; otherwise wait for commands, as a migration target does).
 
 mod instance;
+mod machine;
 
 use anyhow::{bail, Context, Result};
 use std::time::Duration;

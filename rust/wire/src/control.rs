@@ -17,38 +17,132 @@ pub struct Envelope {
     pub command: Command,
 }
 
-/// What the manager asks of an instance.
+/// What the manager asks of an instance. Every command gets exactly one reply; a refused one
+/// gets a reply with `error` set and changes nothing (see `rust/wire/README.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
     /// Reply with the instance's position.
     Status,
-    /// Start consuming the primary queue as the live instance.
+    /// Start consuming the primary queue as the live instance. Refused while a replay is open:
+    /// `FinishReplay { go_live: true }` is the way from replay to live.
     StartLive,
     /// Keep serving until `last_seq >= after_seq` (at once when absent), then stop consuming the
     /// primary queue; messages fetched but not processed go back to the queue. Replies
-    /// `stopped` with the last processed sequence number.
+    /// `stop_live` with the last processed sequence number. A second one that would wait is
+    /// refused while one waits; one that stops at once answers the waiting one too.
     StopLive { after_seq: Option<u64> },
     /// Reply with a snapshot of the state as attachment.
     Snapshot,
-    /// Replace the state with the attached snapshot.
+    /// Replace the state with the attached snapshot. Refused while live or replaying.
     Restore,
     /// Replay `queue` without side effects: skip messages at or below `last_seq`, apply the
-    /// rest, but never one above `until_seq` when given (those are dropped).
+    /// rest, but never one above `until_seq` when given (those are dropped). Refused while live
+    /// or already replaying.
     Replay {
         queue: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until_seq: Option<u64>,
     },
-    /// Stop applying replayed messages for now; replies with the position reached.
+    /// Stop applying replayed messages for now; replies with the position reached. Refused
+    /// while a `FinishReplay` waits.
     PauseReplay,
     /// Apply replayed messages until `last_seq >= until_seq`, stop replaying, then (with
     /// `go_live`) start consuming the primary queue. Replies once live (or once replayed).
+    /// Refused while another one waits or while the replay's queue is still being opened.
     FinishReplay { until_seq: u64, go_live: bool },
     /// Reply with the digest of the whole state.
     Digest,
-    /// Stop everything and exit the process.
+    /// Stop everything and exit the process, first answering with an error every command still
+    /// waiting for a condition.
     Shutdown,
+}
+
+impl Command {
+    /// The command's wire name (its `cmd` tag), for logs and error messages without `Debug`
+    /// formatting.
+    pub fn name(&self) -> &'static str {
+        self.reply_kind().name()
+    }
+
+    /// The kind of the reply this command gets.
+    pub fn reply_kind(&self) -> ReplyKind {
+        match self {
+            Command::Status => ReplyKind::Status,
+            Command::StartLive => ReplyKind::StartLive,
+            Command::StopLive { .. } => ReplyKind::StopLive,
+            Command::Snapshot => ReplyKind::Snapshot,
+            Command::Restore => ReplyKind::Restore,
+            Command::Replay { .. } => ReplyKind::Replay,
+            Command::PauseReplay => ReplyKind::PauseReplay,
+            Command::FinishReplay { .. } => ReplyKind::FinishReplay,
+            Command::Digest => ReplyKind::Digest,
+            Command::Shutdown => ReplyKind::Shutdown,
+        }
+    }
+}
+
+/// What a [`Reply`] answers: the command's wire name, or `checkpoint` for a barrier.
+///
+/// Typed so that a caller matches on it instead of comparing strings; the JSON is the same
+/// snake_case string as the command's `cmd` tag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyKind {
+    /// The default only so that [`Reply`] can derive `Default`; status is the harmless answer.
+    #[default]
+    Status,
+    StartLive,
+    StopLive,
+    Snapshot,
+    Restore,
+    Replay,
+    PauseReplay,
+    FinishReplay,
+    Digest,
+    Shutdown,
+    /// Not a command: the answer to a barrier met on the live queue.
+    Checkpoint,
+}
+
+impl ReplyKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ReplyKind; 11] = [
+        ReplyKind::Status,
+        ReplyKind::StartLive,
+        ReplyKind::StopLive,
+        ReplyKind::Snapshot,
+        ReplyKind::Restore,
+        ReplyKind::Replay,
+        ReplyKind::PauseReplay,
+        ReplyKind::FinishReplay,
+        ReplyKind::Digest,
+        ReplyKind::Shutdown,
+        ReplyKind::Checkpoint,
+    ];
+
+    /// The wire name, as serialized.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplyKind::Status => "status",
+            ReplyKind::StartLive => "start_live",
+            ReplyKind::StopLive => "stop_live",
+            ReplyKind::Snapshot => "snapshot",
+            ReplyKind::Restore => "restore",
+            ReplyKind::Replay => "replay",
+            ReplyKind::PauseReplay => "pause_replay",
+            ReplyKind::FinishReplay => "finish_replay",
+            ReplyKind::Digest => "digest",
+            ReplyKind::Shutdown => "shutdown",
+            ReplyKind::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// An instance's answer to a command (or to a barrier, with kind `checkpoint`).
@@ -57,7 +151,7 @@ pub struct Reply {
     pub corr: String,
     pub instance: String,
     /// The command answered, or `checkpoint` for a barrier.
-    pub kind: String,
+    pub kind: ReplyKind,
     /// Present when the command failed; says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -138,6 +232,98 @@ mod tests {
         assert_eq!(blob, b"blob");
         let json = String::from_utf8(body[4..body.len() - 4].to_vec()).unwrap();
         assert!(json.contains(r#""cmd":"finish_replay""#), "{json}");
+    }
+
+    /// One command of each kind, with the wire name it must keep.
+    fn every_command() -> Vec<(Command, &'static str)> {
+        vec![
+            (Command::Status, "status"),
+            (Command::StartLive, "start_live"),
+            (Command::StopLive { after_seq: Some(3) }, "stop_live"),
+            (Command::Snapshot, "snapshot"),
+            (Command::Restore, "restore"),
+            (
+                Command::Replay {
+                    queue: "q".into(),
+                    until_seq: None,
+                },
+                "replay",
+            ),
+            (Command::PauseReplay, "pause_replay"),
+            (
+                Command::FinishReplay {
+                    until_seq: 4,
+                    go_live: false,
+                },
+                "finish_replay",
+            ),
+            (Command::Digest, "digest"),
+            (Command::Shutdown, "shutdown"),
+        ]
+    }
+
+    #[test]
+    fn command_names_match_their_cmd_tags() {
+        for (command, wire) in every_command() {
+            let json = serde_json::to_value(&command).unwrap();
+            assert_eq!(json["cmd"], wire, "{command:?}");
+            assert_eq!(command.name(), wire);
+            assert_eq!(command.reply_kind().name(), wire);
+        }
+    }
+
+    #[test]
+    fn reply_kind_json_names_are_unchanged() {
+        let expected = [
+            "status",
+            "start_live",
+            "stop_live",
+            "snapshot",
+            "restore",
+            "replay",
+            "pause_replay",
+            "finish_replay",
+            "digest",
+            "shutdown",
+            "checkpoint",
+        ];
+        for (kind, wire) in ReplyKind::ALL.into_iter().zip(expected) {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{wire}\""));
+            assert_eq!(kind.name(), wire);
+            assert_eq!(kind.to_string(), wire);
+            let back: ReplyKind = serde_json::from_str(&format!("\"{wire}\"")).unwrap();
+            assert_eq!(back, kind);
+        }
+    }
+
+    #[test]
+    fn reply_round_trips_with_each_kind() {
+        for kind in ReplyKind::ALL {
+            let reply = Reply {
+                corr: "1".into(),
+                instance: "a".into(),
+                kind,
+                last_seq: 5,
+                ..Reply::default()
+            };
+            let body = encode(&reply, b"");
+            let json = String::from_utf8(body[4..].to_vec()).unwrap();
+            assert!(
+                json.contains(&format!(r#""kind":"{}""#, kind.name())),
+                "{json}"
+            );
+            let (back, _): (Reply, _) = decode(&body).unwrap();
+            assert_eq!(back, reply);
+        }
+    }
+
+    #[test]
+    fn unknown_reply_kind_is_refused() {
+        let body =
+            br#"{"corr":"1","instance":"a","kind":"stopped","last_seq":0,"count":0,"t_ns":0}"#;
+        let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(body);
+        assert!(decode::<Reply>(&framed).is_err());
     }
 
     #[test]

@@ -7,6 +7,18 @@
 //! the version prefix of request paths to the daemon's own, and points `DOCKER_HOST` at it for
 //! this process before testcontainers' client is created. Responses pass unchanged; the fields
 //! bollard reads are present in every API version since 1.41.
+//!
+//! Why a shim rather than a negotiating client (checked against the crates' sources): bollard
+//! puts `/v1.52/` (`API_DEFAULT_VERSION`) in every request path and lowers it only when
+//! `Docker::negotiate_version()` is called (the engine's own [`super::docker`] client does); it
+//! reads no `DOCKER_API_VERSION`. testcontainers 0.27 builds its own client with that constant,
+//! never negotiates, and takes neither a client nor a version setting (only `DOCKER_HOST`).
+//! Negotiating on the clone `docker_client_instance()` returns would share its version, but
+//! testcontainers holds its client only weakly and builds a fresh one at 1.52 whenever no
+//! container is alive; 0.28 (bollard 0.21) pins 1.53. No Debian engine speaks 1.52: bookworm
+//! ships 20.10 (1.41), trixie 26.1 (1.45), sid 28.5 (1.51). Since bollard's version only selects
+//! the path prefix, rewriting the prefix does exactly what `negotiate_version()` would. A
+//! `[patch]` of either crate would work too, at the price of carrying a fork.
 
 use std::path::PathBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,8 +101,7 @@ async fn serve(client: UnixStream, daemon: PathBuf, from: String, to: String) {
     tokio::join!(up, down);
 }
 
-/// Starts the shim on a socket in a fresh temporary directory; returns its path. The listener
-/// lives on a thread of its own so it outlives any one tokio runtime of the caller.
+/// Prefix of the shim's socket directory in the temporary directory; the owner's pid follows.
 const DIR_PREFIX: &str = "ms2m-docker-shim-";
 
 /// Removes the socket directories of shims whose process has ended (a process cannot remove
@@ -108,6 +119,8 @@ pub(crate) fn remove_stale() {
     }
 }
 
+/// Starts the shim on a socket in a fresh temporary directory; returns its path. The listener
+/// lives on a thread of its own so it outlives any one tokio runtime of the caller.
 pub(crate) fn start(
     daemon: PathBuf,
     client_version: &str,

@@ -23,7 +23,7 @@ const HOW_TO_GET_DOCKER: &str = "start a Docker engine (on Debian: `apt-get inst
      then `dockerd &`), or run `make setup`, which does both and builds the images";
 
 fn docker_err(what: &str) -> impl Fn(testcontainers::TestcontainersError) -> Error + '_ {
-    move |e| Error::Docker(format!("{what}: {e}"))
+    move |e| Error::docker(what, e)
 }
 
 fn daemon_socket() -> std::path::PathBuf {
@@ -320,7 +320,7 @@ impl DockerRuntime {
             .await?
             .update_container(id, body)
             .await
-            .map_err(|e| Error::Docker(format!("setting the CPU weight of {instance}: {e}")))
+            .map_err(|e| Error::docker(format!("setting the CPU weight of {instance}"), e))
     }
 
     /// Kills an instance's process at once (SIGKILL), as a crash would.
@@ -392,13 +392,12 @@ impl DockerRuntime {
         let mut first_err = None;
         for (name, c) in instances {
             if let Err(e) = c.rm().await {
-                first_err.get_or_insert(Error::Docker(format!("removing {name}: {e}")));
+                first_err.get_or_insert(Error::docker(format!("removing {name}"), e));
             }
         }
         if let Some(b) = self.broker.lock().await.take() {
             if let Err(e) = b.rm().await {
-                first_err
-                    .get_or_insert(Error::Docker(format!("removing {}: {e}", self.broker_name)));
+                first_err.get_or_insert(Error::docker(format!("removing {}", self.broker_name), e));
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -419,7 +418,7 @@ pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> 
             ..Default::default()
         }))
         .await
-        .map_err(|e| Error::Docker(format!("listing containers: {e}")))?;
+        .map_err(|e| Error::docker("listing containers", e))?;
     let (mut containers, mut networks) = (Vec::new(), Vec::new());
     for c in list {
         let labels = c.labels.unwrap_or_default();
@@ -445,7 +444,7 @@ pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> 
                 }),
             )
             .await
-            .map_err(|e| Error::Docker(format!("removing {name}: {e}")))?;
+            .map_err(|e| Error::docker(format!("removing {name}"), e))?;
         containers.push(name.trim_start_matches('/').to_string());
     }
     let nets = docker
@@ -456,7 +455,7 @@ pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> 
             )])),
         }))
         .await
-        .map_err(|e| Error::Docker(format!("listing networks: {e}")))?;
+        .map_err(|e| Error::docker("listing networks", e))?;
     for n in nets {
         let name = n.name.unwrap_or_default();
         // A network still in use belongs to a live testbed: the daemon refuses to remove it.

@@ -1,4 +1,4 @@
-//! Where the broker and the service instances run (DESIGN.md, "Testbed runtime"):
+//! Where the broker and the service instances run (ARCHITECTURE.md, "Runtimes"):
 //! - [`docker`]: containers on the testbed's own Docker network,
 //! - [`local`]: local processes, for machines without Docker,
 //!
@@ -9,6 +9,7 @@ mod api_shim;
 pub mod docker;
 pub mod local;
 
+use crate::amqp_url::{is_loopback_url, redact};
 use crate::config::{RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use docker::DockerRuntime;
@@ -124,6 +125,14 @@ impl Runtime {
         Some(v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
+    /// The container engine's version, for the docker runtime.
+    pub async fn docker_version(&self) -> Option<String> {
+        match self {
+            Runtime::Docker(_) => docker::daemon_version().await,
+            Runtime::Local(_) => None,
+        }
+    }
+
     /// Runs `rabbitmqctl` against the broker this runtime started; its standard output, or
     /// None for an external broker.
     async fn rabbitmqctl(&self, args: &[&str]) -> Result<Option<String>> {
@@ -209,40 +218,6 @@ fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool)
     args
 }
 
-/// The host part of an AMQP URL.
-pub(crate) fn url_host(url: &str) -> Option<&str> {
-    let rest = url
-        .strip_prefix("amqp://")
-        .or_else(|| url.strip_prefix("amqps://"))?;
-    let authority = rest.split('/').next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => host_port.split(':').next()?,
-    };
-    Some(host).filter(|h| !h.is_empty())
-}
-
-pub(crate) fn is_loopback_url(url: &str) -> bool {
-    url_host(url).is_some_and(|h| {
-        h == "localhost"
-            || h.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    })
-}
-
-/// The URL without its password, for reports.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// What [`cleanup_leftovers`] removed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Cleanup {
@@ -291,27 +266,5 @@ mod tests {
             q,
             [("svc.primary".to_string(), 3), ("amq.gen-x".to_string(), 0)]
         );
-    }
-
-    #[test]
-    fn url_parts() {
-        assert_eq!(
-            url_host("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            Some("127.0.0.1")
-        );
-        assert_eq!(
-            url_host("amqps://rabbit.example/vh"),
-            Some("rabbit.example")
-        );
-        assert_eq!(url_host("amqp://u:p@[::1]:5672"), Some("::1"));
-        assert_eq!(url_host("amqp://"), None);
-        assert!(is_loopback_url("amqp://localhost"));
-        assert!(is_loopback_url("amqp://u:p@[::1]:1/"));
-        assert!(!is_loopback_url("amqp://10.0.0.2:5672"));
-        assert_eq!(
-            redact("amqp://guest:secret@h:5672/%2f"),
-            "amqp://guest:***@h:5672/%2f"
-        );
-        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
     }
 }

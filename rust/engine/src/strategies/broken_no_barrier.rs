@@ -4,13 +4,13 @@
 //! in neither the snapshot nor the replay queue: the target's state silently misses them.
 //! Every message is still processed live exactly once; only the state check can tell.
 
-use super::{ms2m, Ctx};
+use super::{ms2m, Ctx, PhaseName};
 use crate::error::Result;
 use ms2m_wire::control::Command;
 use std::time::Duration;
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
-    ctx.enter("checkpoint").await?;
+    ctx.enter(PhaseName::Checkpoint).await?;
     let source = ctx.source.clone();
     let (_, snapshot) = ctx.command(&source, Command::Snapshot, &[]).await?;
     ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
@@ -19,7 +19,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let queue = ms2m::prepare(ctx, true).await?;
     let restored = ms2m::transfer(ctx, snapshot).await?;
     ms2m::restore(ctx, restored).await?;
-    ctx.enter("replay").await?;
+    ctx.enter(PhaseName::Replay).await?;
     ms2m::start_replay(ctx, &queue, None).await?;
     ms2m::catch_up(ctx, &queue, None).await?;
     ms2m::cutover(ctx, true).await

@@ -9,16 +9,108 @@ mod broken_no_barrier;
 mod ms2m;
 pub mod ms2m_cutoff;
 mod ms2m_sequential;
+mod options;
 mod stop_and_copy;
+mod timeline;
+
+pub use options::{Fault, MigrationOptions, Role};
+pub use timeline::{Phase, PhaseName, Timeline};
 
 use crate::broker::{Answer, Link, Sent};
-use crate::config::{MigrationOptions, Role, ServiceSpec, Strategy};
+use crate::config::ServiceSpec;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use ms2m_wire::{control::Command, now_ns};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
+
+/// The migration strategies this engine implements, one file each under `strategies/`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Strategy {
+    StopAndCopy,
+    Ms2m,
+    Ms2mCutoff,
+    Ms2mSequential,
+    /// Deliberately broken MS2M without the barrier, built only with the `test-strategies`
+    /// feature: it exists to prove that the checker catches the state it loses.
+    #[cfg(feature = "test-strategies")]
+    BrokenNoBarrier,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::StopAndCopy,
+        Strategy::Ms2m,
+        Strategy::Ms2mCutoff,
+        Strategy::Ms2mSequential,
+    ];
+
+    /// The name used in reports, the CLI and Python (the serde name).
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+
+    /// The phases this strategy runs through, in order.
+    pub fn phases(self) -> &'static [PhaseName] {
+        use PhaseName::*;
+        match self {
+            Strategy::StopAndCopy => &[Stop, Checkpoint, Transfer, Restore, Finalize],
+            Strategy::Ms2m | Strategy::Ms2mCutoff => {
+                &[Prepare, Checkpoint, Transfer, Restore, Replay, Finalize]
+            }
+            Strategy::Ms2mSequential => &[
+                Prepare, Checkpoint, Transfer, Stop, Restore, Replay, Finalize,
+            ],
+            #[cfg(feature = "test-strategies")]
+            Strategy::BrokenNoBarrier => {
+                &[Checkpoint, Prepare, Transfer, Restore, Replay, Finalize]
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Strategy::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown strategy {s:?}; choose one of {:?}",
+                    Strategy::ALL.map(|s| s.name())
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where an instance ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Placement {
+    pub instance: String,
+    pub host: String,
+}
 
 /// Rates a strategy can measure while it runs.
 pub trait RateProbe: Sync {
@@ -43,58 +135,6 @@ pub struct CutoffReport {
     /// Whether the cutoff ended the replay (rather than the target catching up).
     pub fired: bool,
     pub fired_at_ns: Option<u64>,
-}
-
-/// One phase of a migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Phase {
-    pub name: String,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub duration_ms: f64,
-}
-
-/// Phase bookkeeping: `begin` closes the open phase and opens the next.
-#[derive(Debug, Default, Clone)]
-pub struct Timeline {
-    phases: Vec<Phase>,
-    open: Option<(String, u64)>,
-}
-
-impl Timeline {
-    pub fn begin(&mut self, name: &str) {
-        self.begin_at(name, now_ns());
-    }
-
-    pub fn begin_at(&mut self, name: &str, t_ns: u64) {
-        self.end_at(t_ns);
-        self.open = Some((name.to_string(), t_ns));
-    }
-
-    pub fn end(&mut self) {
-        self.end_at(now_ns());
-    }
-
-    pub fn end_at(&mut self, t_ns: u64) {
-        if let Some((name, start)) = self.open.take() {
-            let end = t_ns.max(start);
-            self.phases.push(Phase {
-                name,
-                start_ns: start,
-                end_ns: end,
-                duration_ms: (end - start) as f64 / 1e6,
-            });
-        }
-    }
-
-    /// The phase in progress, if any.
-    pub fn current(&self) -> Option<&str> {
-        self.open.as_ref().map(|(n, _)| n.as_str())
-    }
-
-    pub fn phases(&self) -> &[Phase] {
-        &self.phases
-    }
 }
 
 /// What a strategy found out while it ran.
@@ -152,7 +192,7 @@ impl<'a> Ctx<'a> {
         probe: &'a dyn RateProbe,
         migration_id: String,
         source: String,
-        target: (String, String),
+        target: Placement,
     ) -> Self {
         Ctx {
             link,
@@ -163,8 +203,8 @@ impl<'a> Ctx<'a> {
             probe,
             migration_id,
             source,
-            target: target.0,
-            target_host: target.1,
+            target: target.instance,
+            target_host: target.host,
             timeline: Timeline::default(),
             outcome: Outcome {
                 lambda: probe.arrival_rate(Duration::from_secs(5)),
@@ -181,14 +221,13 @@ impl<'a> Ctx<'a> {
     /// A failure in the current phase.
     pub fn failed(&self, reason: String) -> Error {
         Error::MigrationFailed {
-            phase: self.timeline.current().unwrap_or("start").to_string(),
+            phase: self.timeline.current().map(PhaseName::name),
             reason,
-            report: None,
         }
     }
 
     /// Begins a phase, injecting the configured fault if it is aimed at this phase.
-    pub async fn enter(&mut self, phase: &str) -> Result<()> {
+    pub async fn enter(&mut self, phase: PhaseName) -> Result<()> {
         self.timeline.begin(phase);
         let Some(fault) = self.opts.fault.as_ref().filter(|f| f.at_phase == phase) else {
             return Ok(());
@@ -207,7 +246,7 @@ impl<'a> Ctx<'a> {
         self.runtime.kill_instance(instance).await?;
         self.outcome.fault = Some(format!(
             "killed {instance} at the start of {} ({} ns)",
-            self.timeline.current().unwrap_or("?"),
+            self.timeline.current().map_or("?", PhaseName::name),
             now_ns()
         ));
         Ok(())
@@ -285,7 +324,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
-pub(crate) async fn run(strategy: Strategy, ctx: &mut Ctx<'_>) -> Result<()> {
+async fn run(strategy: Strategy, ctx: &mut Ctx<'_>) -> Result<()> {
     match strategy {
         Strategy::StopAndCopy => stop_and_copy::run(ctx).await,
         Strategy::Ms2m => ms2m::run(ctx).await,
@@ -296,12 +335,45 @@ pub(crate) async fn run(strategy: Strategy, ctx: &mut Ctx<'_>) -> Result<()> {
     }
 }
 
+/// Why a migration was aborted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The phase in progress when it failed (None: none was open).
+    pub phase: Option<PhaseName>,
+    pub reason: String,
+}
+
+impl Failure {
+    /// The error a caller of the migration sees.
+    pub fn to_error(&self) -> Error {
+        Error::MigrationFailed {
+            phase: self.phase.map(PhaseName::name),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// Runs `strategy`; if it fails, rolls the migration back ([`abort`]) and says why.
+pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> Option<Failure> {
+    let error = run(strategy, ctx).await.err()?;
+    let phase = ctx.timeline.current();
+    let mut reason = match error {
+        Error::MigrationFailed { reason, .. } => reason,
+        other => other.to_string(),
+    };
+    let problems = abort(ctx).await;
+    if !problems.is_empty() {
+        reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
+    }
+    Some(Failure { phase, reason })
+}
+
 /// Undoes a failed migration: the target goes, the replay queue goes, and the source serves
 /// again (its unprocessed messages are still in the primary queue). Returns what could not be
 /// undone.
-pub(crate) async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
+async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
     let mut problems = Vec::new();
-    ctx.timeline.begin("abort");
+    ctx.timeline.begin(PhaseName::Abort);
     if ctx.target_started {
         let _ = ctx
             .link
@@ -337,37 +409,15 @@ pub(crate) async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Timeline;
+    use super::Strategy;
 
     #[test]
-    fn begin_closes_the_open_phase_and_end_closes_the_last() {
-        let mut t = Timeline::default();
-        t.begin_at("a", 100);
-        t.begin_at("b", 250);
-        assert_eq!(t.current(), Some("b"));
-        t.end_at(400);
-        assert_eq!(t.current(), None);
-        let p = t.phases();
-        assert_eq!(p.len(), 2);
-        assert_eq!(
-            (p[0].name.as_str(), p[0].start_ns, p[0].end_ns),
-            ("a", 100, 250)
-        );
-        assert_eq!(
-            (p[1].name.as_str(), p[1].start_ns, p[1].end_ns),
-            ("b", 250, 400)
-        );
-        assert_eq!(p[1].duration_ms, 150e-6);
-    }
-
-    #[test]
-    fn end_without_open_phase_is_a_no_op_and_time_never_runs_backwards() {
-        let mut t = Timeline::default();
-        t.end_at(5);
-        assert!(t.phases().is_empty());
-        t.begin_at("a", 10);
-        t.end_at(3);
-        assert_eq!(t.phases()[0].end_ns, 10);
-        assert_eq!(t.phases()[0].duration_ms, 0.0);
+    fn strategy_names_are_their_serde_names_and_parse_back() {
+        for s in Strategy::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.name()));
+            assert_eq!(s.name().parse::<Strategy>().unwrap(), s);
+            assert!(s.phases().len() >= 5, "{s} has phases {:?}", s.phases());
+        }
     }
 }

@@ -17,7 +17,7 @@
 //! The phases are functions so that the MS2M variants (`ms2m_cutoff`, `ms2m_sequential`)
 //! compose them in their own order.
 
-use super::Ctx;
+use super::{Ctx, PhaseName};
 use crate::broker::Sent;
 use crate::error::Result;
 use ms2m_wire::control::Command;
@@ -28,7 +28,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let snapshot = checkpoint(ctx).await?;
     let restored = transfer(ctx, snapshot).await?;
     restore(ctx, restored).await?;
-    ctx.enter("replay").await?;
+    ctx.enter(PhaseName::Replay).await?;
     start_replay(ctx, &queue, None).await?;
     catch_up(ctx, &queue, None).await?;
     cutover(ctx, true).await
@@ -36,7 +36,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
 
 /// Binds the replay queue (accumulation starts) and, with `start_target`, starts the target.
 pub(super) async fn prepare(ctx: &mut Ctx<'_>, start_target: bool) -> Result<String> {
-    ctx.enter("prepare").await?;
+    ctx.enter(PhaseName::Prepare).await?;
     let queue = ctx
         .link
         .bind_replay_queue(&ctx.spec.name, &ctx.migration_id)
@@ -50,7 +50,7 @@ pub(super) async fn prepare(ctx: &mut Ctx<'_>, start_target: bool) -> Result<Str
 
 /// Publishes the barrier and waits for the source's checkpoint; the source keeps serving.
 pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Vec<u8>> {
-    ctx.enter("checkpoint").await?;
+    ctx.enter(PhaseName::Checkpoint).await?;
     let barrier = format!("barrier-{}", ctx.migration_id);
     let checkpoint = ctx.link.expect(&barrier);
     ctx.link.publish_barrier(&ctx.spec.name, &barrier).await?;
@@ -68,7 +68,7 @@ pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Vec<u8>> {
 
 /// Moves the snapshot into the target host's inbox (its control queue).
 pub(super) async fn transfer(ctx: &mut Ctx<'_>, snapshot: Vec<u8>) -> Result<Sent> {
-    ctx.enter("transfer").await?;
+    ctx.enter(PhaseName::Transfer).await?;
     ctx.link
         .declare_control_queue(&ctx.spec.name, &ctx.target)
         .await?;
@@ -84,7 +84,7 @@ pub(super) async fn transfer(ctx: &mut Ctx<'_>, snapshot: Vec<u8>) -> Result<Sen
 
 /// Waits until the target has restored the snapshot (starting it first if it is not running).
 pub(super) async fn restore(ctx: &mut Ctx<'_>, restored: Sent) -> Result<()> {
-    ctx.enter("restore").await?;
+    ctx.enter(PhaseName::Restore).await?;
     if !ctx.target_started {
         ctx.start_target().await?;
     }
@@ -164,7 +164,7 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 /// pause while the target trails would leave it to replay the difference while nobody serves.
 /// Paused level with the source, the target replays nothing after the source stops.
 pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
-    ctx.enter("finalize").await?;
+    ctx.enter(PhaseName::Finalize).await?;
     let (source, target) = (ctx.source.clone(), ctx.target.clone());
     if level {
         let deadline = Instant::now() + HANDOVER_WAIT;

@@ -8,7 +8,7 @@
 //! lambda (arrival rate) and mu (one instance's service rate) are measured during the run.
 
 use super::ms2m::{self, CatchUp};
-use super::{Ctx, CutoffReport};
+use super::{Ctx, CutoffReport, PhaseName};
 use crate::error::Result;
 use ms2m_wire::now_ns;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let snapshot = ms2m::checkpoint(ctx).await?;
     let restored = ms2m::transfer(ctx, snapshot).await?;
     ms2m::restore(ctx, restored).await?;
-    ctx.enter("replay").await?;
+    ctx.enter(PhaseName::Replay).await?;
     ms2m::start_replay(ctx, &queue, None).await?;
 
     let lambda = ctx.probe.arrival_rate(Duration::from_secs(5));

@@ -7,7 +7,7 @@
 //! migration can roll back to it; a StatefulSet would have deleted it.
 
 use super::ms2m;
-use super::Ctx;
+use super::{Ctx, PhaseName};
 use crate::error::Result;
 use ms2m_wire::control::Command;
 
@@ -16,7 +16,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let snapshot = ms2m::checkpoint(ctx).await?;
     let restored = ms2m::transfer(ctx, snapshot).await?;
 
-    ctx.enter("stop").await?;
+    ctx.enter(PhaseName::Stop).await?;
     let source = ctx.source.clone();
     let (stopped, _) = ctx
         .command(&source, Command::StopLive { after_seq: None }, &[])
@@ -25,11 +25,11 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
 
     ms2m::restore(ctx, restored).await?;
-    ctx.enter("replay").await?;
+    ctx.enter(PhaseName::Replay).await?;
     // The source stopped at S: the target must not replay past it, or it would apply a
     // message twice when it meets it again, live, in the primary queue.
     ms2m::start_replay(ctx, &queue, Some(stopped.last_seq)).await?;
     ms2m::finish_replay(ctx, stopped.last_seq).await?;
-    ctx.enter("finalize").await?;
+    ctx.enter(PhaseName::Finalize).await?;
     ms2m::finish(ctx).await
 }

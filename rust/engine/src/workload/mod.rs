@@ -15,11 +15,11 @@ pub use profile::{Profile, Schedule, Step};
 
 use crate::broker;
 use crate::broker::Rpc;
-use crate::config::WorkloadSpec;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::history::{PublishOutcome, Published};
 use lapin::{options::*, BasicProperties, PublisherConfirm};
 use ms2m_wire::{names, now_ns, state::workload_payload, Input};
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +28,36 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// An open-loop workload: messages sent on an absolute schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct WorkloadSpec {
+    pub profile: Profile,
+    /// Payload bytes per message.
+    pub message_bytes: usize,
+    /// Seed of the random parts (Poisson gaps); the same seed gives the same schedule.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl WorkloadSpec {
+    /// `rate` messages per second, evenly spaced, 64-byte payloads.
+    pub fn constant(rate: f64) -> Self {
+        WorkloadSpec {
+            profile: Profile::Constant { rate },
+            message_bytes: 64,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.profile.validate()?;
+        if self.message_bytes > 16 << 20 {
+            return Err(Error::Config("message_bytes must be at most 16 MiB".into()));
+        }
+        Ok(())
+    }
+}
 
 /// A running workload.
 pub struct Workload {
@@ -180,7 +210,7 @@ impl Workload {
                         Poll::Ready(Ok(c)) => Box::pin(std::future::ready(Ok(c))),
                         Poll::Ready(Err(e)) => {
                             send_log.lock().unwrap()[index].outcome = PublishOutcome::Uncertain;
-                            return Err(crate::error::Error::Broker {
+                            return Err(Error::Broker {
                                 context: "publishing a workload message".into(),
                                 source: e,
                             });
@@ -190,7 +220,7 @@ impl Workload {
                 }
                 Ok(())
             })
-            .map_err(|e| crate::error::Error::Io {
+            .map_err(|e| Error::Io {
                 context: "starting the workload thread".into(),
                 source: e,
             })?;
@@ -240,5 +270,17 @@ impl Workload {
             p.outcome = PublishOutcome::Uncertain;
         }
         sent.map(|_| log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkloadSpec;
+
+    #[test]
+    fn bad_workloads_are_refused() {
+        assert!(WorkloadSpec::constant(-2.0).validate().is_err());
+        assert!(WorkloadSpec::constant(f64::NAN).validate().is_err());
+        WorkloadSpec::constant(10.0).validate().unwrap();
     }
 }

@@ -1,0 +1,63 @@
+//! AMQP URLs: the parts the engine reads (host, loopback or not) and their redacted form for
+//! reports. A leaf module: the configuration checks and the runtimes both use it.
+
+/// The host part of an AMQP URL.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .or_else(|| url.strip_prefix("amqps://"))?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => host_port.split(':').next()?,
+    };
+    Some(host).filter(|h| !h.is_empty())
+}
+
+pub fn is_loopback_url(url: &str) -> bool {
+    url_host(url).is_some_and(|h| {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
+/// The URL without its password, for reports.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parts() {
+        assert_eq!(
+            url_host("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            url_host("amqps://rabbit.example/vh"),
+            Some("rabbit.example")
+        );
+        assert_eq!(url_host("amqp://u:p@[::1]:5672"), Some("::1"));
+        assert_eq!(url_host("amqp://"), None);
+        assert!(is_loopback_url("amqp://localhost"));
+        assert!(is_loopback_url("amqp://u:p@[::1]:1/"));
+        assert!(!is_loopback_url("amqp://10.0.0.2:5672"));
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
+    }
+}

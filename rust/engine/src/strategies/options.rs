@@ -1,0 +1,125 @@
+//! The knobs of one migration, validated against its strategy before anything starts.
+
+use super::{PhaseName, Strategy};
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Which instance a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// A fault to inject: kill an instance (SIGKILL) when a phase begins, as a crash would. For
+/// experiments on failure handling and for the engine's own tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Fault {
+    pub kill: Role,
+    pub at_phase: PhaseName,
+}
+
+/// Knobs of one migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(default)]
+pub struct MigrationOptions {
+    /// Longest wait for any one instance reply.
+    pub reply_timeout_s: f64,
+    /// Longest replay phase before the migration is aborted (ms2m cannot always converge).
+    pub replay_timeout_s: f64,
+    /// Observation after the cutover, for the "after" latencies.
+    pub settle_s: f64,
+    /// Longest wait for the backlog to drain before the checker runs.
+    pub drain_timeout_s: f64,
+    /// ms2m_cutoff: the longest acceptable replay, T_replay_max in
+    /// T_cutoff = T_replay_max * mu / lambda.
+    pub replay_max_s: f64,
+    /// A fault to inject, if any.
+    pub fault: Option<Fault>,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            reply_timeout_s: 60.0,
+            replay_timeout_s: 60.0,
+            settle_s: 1.0,
+            drain_timeout_s: 60.0,
+            replay_max_s: 2.0,
+            fault: None,
+        }
+    }
+}
+
+impl MigrationOptions {
+    pub fn validate(&self, strategy: Strategy) -> Result<()> {
+        for (name, v) in [
+            ("reply_timeout_s", self.reply_timeout_s),
+            ("replay_timeout_s", self.replay_timeout_s),
+            ("drain_timeout_s", self.drain_timeout_s),
+            ("replay_max_s", self.replay_max_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Config(format!("{name} must be > 0, got {v}")));
+            }
+        }
+        if !(self.settle_s.is_finite() && self.settle_s >= 0.0) {
+            return Err(Error::Config(format!(
+                "settle_s must be >= 0, got {}",
+                self.settle_s
+            )));
+        }
+        if let Some(f) = &self.fault {
+            if !strategy.phases().contains(&f.at_phase) {
+                let phases: Vec<_> = strategy.phases().iter().map(|p| p.name()).collect();
+                return Err(Error::Config(format!(
+                    "fault phase {:?} is not a phase of {strategy}; its phases are {phases:?}",
+                    f.at_phase.name(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn reply_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.reply_timeout_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_options_are_refused_with_a_reason() {
+        let e = "warp".parse::<Strategy>().unwrap_err();
+        assert!(e.to_string().contains("stop_and_copy"), "{e}");
+        assert_eq!("ms2m".parse::<Strategy>().unwrap(), Strategy::Ms2m);
+        let fault = MigrationOptions {
+            fault: Some(Fault {
+                kill: Role::Target,
+                at_phase: PhaseName::Replay,
+            }),
+            ..Default::default()
+        };
+        fault.validate(Strategy::Ms2m).unwrap();
+        let e = fault.validate(Strategy::StopAndCopy).unwrap_err();
+        assert!(
+            e.to_string().contains("not a phase of stop_and_copy"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains(r#"its phases are ["stop", "checkpoint""#),
+            "{e}"
+        );
+        assert!(MigrationOptions {
+            replay_max_s: 0.0,
+            ..Default::default()
+        }
+        .validate(Strategy::Ms2mCutoff)
+        .is_err());
+    }
+}

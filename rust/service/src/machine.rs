@@ -1,0 +1,552 @@
+//! The instance's decisions as a plain state machine: no broker, no clock, no async.
+//!
+//! Exactly-once across a migration rests on a handful of rules (skip what the snapshot holds,
+//! never apply beyond the replay's bound, stop live only after a given position, go live only
+//! once the replay is level with the source...). They live here, in the sans-I/O style of h11
+//! and quinn-proto, so that every transition is tested without RabbitMQ: the I/O loop
+//! (`instance.rs`) turns lapin deliveries into [`Event`]s, hands them to [`Core::handle`] one at a
+//! time and executes the returned [`Action`]s in order. The processing-time wait, publishing and
+//! acking stay in the I/O loop.
+//!
+//! Invariant: this module does no I/O and reads no clock; the only time it knows is the `now_ns`
+//! it is given.
+//!
+//! Exactly-once holds for any order of events, not only the manager's: whatever could break it
+//! is refused with an error reply that leaves everything as it was. The instance never serves
+//! live and replays at once (`start_live` is refused while replaying, `replay` while live:
+//! `finish_replay` with `go_live` is the one way from one to the other), never restores while
+//! live or replaying, and keeps at most one `stop_live` and one `finish_replay` waiting. Every
+//! command gets exactly one reply: a `stop_live` waiting when the instance stops for another
+//! reason is answered then, and `shutdown` answers whatever still waits, with an error, before
+//! its own reply.
+
+use ms2m_wire::{
+    control::{Command, Envelope, Reply, ReplyKind},
+    state::ServiceState,
+    Input, Mode,
+};
+
+/// Something that happened to the instance, in the order the I/O loop saw it.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A decoded control command and its attachment (the snapshot, for `restore`).
+    Control(Envelope, &'a [u8]),
+    /// A delivery from the primary queue: the parsed input, or why it did not parse.
+    Live(Result<Input, String>),
+    /// A delivery from the replay queue: the parsed input, or why it did not parse.
+    Replay(Result<Input, String>),
+    /// The outcome of [`Action::OpenReplay`]: the reply to `replay` waits for it, since a
+    /// queue that cannot be consumed is the manager's error to see.
+    ReplayOpened(Result<(), String>),
+}
+
+/// A reply ready to go, except for `t_ns`: the I/O loop stamps it when it sends, so that it
+/// says when the actions before it (stopping, going live) were done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The queue to publish to (the command's `reply_to`, or the barrier's).
+    pub to: String,
+    pub reply: Reply,
+    pub attachment: Vec<u8>,
+}
+
+/// What the I/O loop must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `seq` has been applied to the state in `mode`; spend the processing time, then publish
+    /// its output event (`chain` is the state's chain right after it) and await the confirm.
+    Process {
+        seq: u64,
+        mode: Mode,
+        t_pub_ns: u64,
+        chain: [u8; 32],
+    },
+    /// Ack the delivery being handled. Comes after its `Process` and before any
+    /// [`Action::StopLive`], so that a message applied is never handed back to the queue.
+    Ack,
+    /// Send a reply and wait until it is written.
+    Reply(Outgoing),
+    /// Send a checkpoint in the background: the instance serves on while its megabytes travel.
+    Checkpoint(Outgoing),
+    /// Start consuming the primary queue.
+    StartLive,
+    /// Close the primary queue's channel: messages fetched but not acked go back to the queue.
+    StopLive,
+    /// Consume `queue` as the replay subscription (and open the channel the instance will go
+    /// live on, so that the cutover costs one round trip); report with [`Event::ReplayOpened`].
+    OpenReplay { queue: String },
+    /// Close the replay subscription.
+    CloseReplay,
+    /// Log a problem that does not stop the instance.
+    Warn(String),
+    /// Stop handling events and exit the process.
+    Exit,
+}
+
+/// A reply that waits for a condition on the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    corr: String,
+    reply_to: String,
+    kind: ReplyKind,
+}
+
+/// A `finish_replay` waiting for the replay to reach `until_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Finish {
+    until_seq: u64,
+    go_live: bool,
+    reply: Pending,
+}
+
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone, PartialEq, Eq))]
+struct Replaying {
+    /// The `replay` reply, while the subscription is being opened.
+    opening: Option<Pending>,
+    paused: bool,
+    /// Never apply a message above this (the `replay` command's `until_seq`).
+    limit: Option<u64>,
+    /// A `finish_replay` in progress.
+    finish: Option<Finish>,
+}
+
+/// The instance's position, as every reply reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub last_seq: u64,
+    pub count: u64,
+    /// Messages applied in replay mode so far.
+    pub replayed: u64,
+    /// Replayed messages skipped because the state already held them.
+    pub skipped: u64,
+}
+
+/// One instance's exactly-once bookkeeping and its state.
+///
+/// Invariants: never `live` with a `replay` open; `stop_after` only while `live`.
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone, PartialEq, Eq))]
+pub struct Core {
+    instance: String,
+    state: ServiceState,
+    live: bool,
+    /// A `stop_live` waiting for `last_seq >= after_seq`.
+    stop_after: Option<(u64, Pending)>,
+    /// Open (or being opened) while not live.
+    replay: Option<Replaying>,
+    replayed: u64,
+    skipped: u64,
+    exited: bool,
+}
+
+impl Core {
+    pub fn new(instance: impl Into<String>, state: ServiceState) -> Self {
+        Core {
+            instance: instance.into(),
+            state,
+            live: false,
+            stop_after: None,
+            replay: None,
+            replayed: 0,
+            skipped: 0,
+            exited: false,
+        }
+    }
+
+    /// What to do at start: a live instance (`--live`) consumes the primary queue at once.
+    pub fn boot(&mut self, live: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        if live {
+            self.start_live(&mut out);
+        }
+        out
+    }
+
+    /// Whether the I/O loop should take deliveries from the primary queue.
+    pub fn polls_live(&self) -> bool {
+        self.live && !self.exited
+    }
+
+    /// Whether the I/O loop should take deliveries from the replay queue (not while paused:
+    /// paused messages stay in the queue, or unacked in the consumer, until resumed).
+    pub fn polls_replay(&self) -> bool {
+        !self.exited
+            && self
+                .replay
+                .as_ref()
+                .is_some_and(|r| r.opening.is_none() && !r.paused)
+    }
+
+    #[cfg(test)]
+    pub fn state(&self) -> &ServiceState {
+        &self.state
+    }
+
+    pub fn position(&self) -> Position {
+        Position {
+            last_seq: self.state.last_seq,
+            count: self.state.count,
+            replayed: self.replayed,
+            skipped: self.skipped,
+        }
+    }
+
+    /// Handles one event; `now_ns` is when it arrived (the replies' `t_begin_ns`).
+    ///
+    /// A delivery from a queue the core does not poll (see [`Core::polls_live`] and
+    /// [`Core::polls_replay`]) gets no action, not even an ack: the I/O loop never hands one
+    /// over, since a closed consumer's messages go back to the broker.
+    pub fn handle(&mut self, now_ns: u64, event: Event<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.exited {
+            return out;
+        }
+        match event {
+            Event::Control(env, attachment) => self.on_control(now_ns, env, attachment, &mut out),
+            Event::Live(input) if self.polls_live() => self.on_live(now_ns, input, &mut out),
+            Event::Replay(input) if self.polls_replay() => self.on_replay(input, &mut out),
+            Event::Live(_) | Event::Replay(_) => {}
+            Event::ReplayOpened(result) => self.on_replay_opened(result, &mut out),
+        }
+        out
+    }
+
+    fn reply(&self, corr: &str, kind: ReplyKind) -> Reply {
+        let p = self.position();
+        Reply {
+            corr: corr.to_string(),
+            instance: self.instance.clone(),
+            kind,
+            last_seq: p.last_seq,
+            count: p.count,
+            replayed: p.replayed,
+            skipped: p.skipped,
+            ..Reply::default()
+        }
+    }
+
+    fn send(&self, out: &mut Vec<Action>, to: String, reply: Reply, attachment: Vec<u8>) {
+        out.push(Action::Reply(Outgoing {
+            to,
+            reply,
+            attachment,
+        }));
+    }
+
+    fn answer(&self, out: &mut Vec<Action>, p: Pending) {
+        let reply = self.reply(&p.corr, p.kind);
+        self.send(out, p.reply_to, reply, Vec::new());
+    }
+
+    /// Answers with an error, reporting the position as it is.
+    fn refuse(&self, out: &mut Vec<Action>, p: Pending, error: String) {
+        let mut reply = self.reply(&p.corr, p.kind);
+        reply.error = Some(error);
+        self.send(out, p.reply_to, reply, Vec::new());
+    }
+
+    fn start_live(&mut self, out: &mut Vec<Action>) {
+        if !self.live {
+            self.live = true;
+            out.push(Action::StartLive);
+        }
+    }
+
+    /// Stops serving live. A `stop_live` still waiting is satisfied (the instance stopped) and
+    /// answered here, so that no wait outlives the stop.
+    fn stop_live(&mut self, out: &mut Vec<Action>) {
+        if self.live {
+            self.live = false;
+            out.push(Action::StopLive);
+        }
+        if let Some((_, p)) = self.stop_after.take() {
+            self.answer(out, p);
+        }
+    }
+
+    fn on_control(&mut self, now_ns: u64, env: Envelope, attachment: &[u8], out: &mut Vec<Action>) {
+        let Envelope {
+            corr,
+            reply_to,
+            command,
+        } = env;
+        let kind = command.reply_kind();
+        let pending = Pending {
+            corr,
+            reply_to,
+            kind,
+        };
+        match command {
+            Command::Status => self.answer(out, pending),
+            Command::StartLive => {
+                // Live messages are not checked against `last_seq`: with both queues consumed
+                // at once, a seq could be applied from each.
+                if self.replay.is_some() {
+                    let e = "cannot serve live while replaying; finish_replay with go_live ends \
+                             the replay and goes live";
+                    self.refuse(out, pending, e.into());
+                } else {
+                    self.start_live(out);
+                    self.answer(out, pending);
+                }
+            }
+            Command::StopLive { after_seq } => match after_seq {
+                Some(s) if self.live && self.state.last_seq < s => {
+                    if let Some((waiting, _)) = &self.stop_after {
+                        let e = format!("a stop_live is already waiting for seq {waiting}");
+                        self.refuse(out, pending, e);
+                    } else {
+                        self.stop_after = Some((s, pending));
+                    }
+                }
+                // Stops at once; a `stop_live` waiting is answered by the stop.
+                _ => self.finish_stop(pending, out),
+            },
+            Command::Snapshot => {
+                let snap = self.state.to_snapshot();
+                let mut r = self.reply(&pending.corr, kind);
+                r.t_begin_ns = now_ns;
+                self.send(out, pending.reply_to, r, snap);
+            }
+            Command::Restore => {
+                // An invalid snapshot is reported as such even while live or replaying.
+                let error = match ServiceState::from_snapshot(attachment) {
+                    Ok(_) if self.live => Some("cannot restore while serving live".to_string()),
+                    // Rewinding the state under a replay would apply its seqs again.
+                    Ok(_) if self.replay.is_some() => {
+                        Some("cannot restore while replaying".to_string())
+                    }
+                    Ok(s) => {
+                        self.state = s;
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                };
+                // Built after the restore, so that it reports the restored position.
+                let mut r = self.reply(&pending.corr, kind);
+                r.error = error;
+                r.t_begin_ns = now_ns;
+                self.send(out, pending.reply_to, r, Vec::new());
+            }
+            Command::Replay { queue, until_seq } => {
+                if self.replay.is_some() {
+                    self.refuse(out, pending, "already replaying".into());
+                } else if self.live {
+                    self.refuse(out, pending, "cannot replay while serving live".into());
+                } else {
+                    self.replay = Some(Replaying {
+                        opening: Some(pending),
+                        paused: false,
+                        limit: until_seq,
+                        finish: None,
+                    });
+                    out.push(Action::OpenReplay { queue });
+                }
+            }
+            Command::PauseReplay => match self.replay.as_mut() {
+                // Paused, the replay would leave the finish waiting for good: only another
+                // `finish_replay` resumes it, and that one would be refused.
+                Some(Replaying {
+                    finish: Some(f), ..
+                }) => {
+                    let e = format!(
+                        "cannot pause: a finish_replay is waiting for seq {}",
+                        f.until_seq
+                    );
+                    self.refuse(out, pending, e);
+                }
+                r => {
+                    if let Some(r) = r {
+                        r.paused = true;
+                    }
+                    self.answer(out, pending);
+                }
+            },
+            Command::FinishReplay { until_seq, go_live } => {
+                let last_seq = self.state.last_seq;
+                match self.replay.as_mut() {
+                    Some(r) if r.opening.is_some() => {
+                        let e = "cannot finish a replay still being opened";
+                        self.refuse(out, pending, e.into());
+                    }
+                    Some(Replaying {
+                        finish: Some(f), ..
+                    }) => {
+                        let e =
+                            format!("a finish_replay is already waiting for seq {}", f.until_seq);
+                        self.refuse(out, pending, e);
+                    }
+                    Some(r) if last_seq < until_seq => {
+                        r.paused = false;
+                        r.finish = Some(Finish {
+                            until_seq,
+                            go_live,
+                            reply: pending,
+                        });
+                    }
+                    _ => self.finish_replay(go_live, pending, out),
+                }
+            }
+            Command::Digest => {
+                let mut r = self.reply(&pending.corr, kind);
+                r.digest = Some(self.state.digest());
+                self.send(out, pending.reply_to, r, Vec::new());
+            }
+            Command::Shutdown => self.shutdown(pending, out),
+        }
+    }
+
+    /// Stops everything, answers whatever still waits with an error, then the shutdown itself.
+    fn shutdown(&mut self, p: Pending, out: &mut Vec<Action>) {
+        let mut dropped = Vec::new();
+        if let Some((after, w)) = self.stop_after.take() {
+            dropped.push((w, format!("shut down before reaching seq {after}")));
+        }
+        self.stop_live(out);
+        if let Some(r) = self.replay.take() {
+            out.push(Action::CloseReplay);
+            if let Some(w) = r.opening {
+                dropped.push((w, "shut down before the replay queue was opened".into()));
+            }
+            if let Some(f) = r.finish {
+                let e = format!("shut down before replaying up to seq {}", f.until_seq);
+                dropped.push((f.reply, e));
+            }
+        }
+        for (w, e) in dropped {
+            self.refuse(out, w, e);
+        }
+        self.answer(out, p);
+        self.exited = true;
+        out.push(Action::Exit);
+    }
+
+    fn on_replay_opened(&mut self, result: Result<(), String>, out: &mut Vec<Action>) {
+        let Some(pending) = self.replay.as_mut().and_then(|r| r.opening.take()) else {
+            // No `replay` waits for this: nothing to answer.
+            return;
+        };
+        let mut r = self.reply(&pending.corr, pending.kind);
+        if let Err(e) = result {
+            self.replay = None;
+            r.error = Some(e);
+        }
+        self.send(out, pending.reply_to, r, Vec::new());
+    }
+
+    fn finish_stop(&mut self, p: Pending, out: &mut Vec<Action>) {
+        self.stop_live(out);
+        self.answer(out, p);
+    }
+
+    fn finish_replay(&mut self, go_live: bool, p: Pending, out: &mut Vec<Action>) {
+        // Serving first: closing the replay channel is one more round trip nobody waits for.
+        let replay = self.replay.take();
+        debug_assert!(
+            replay
+                .as_ref()
+                .is_none_or(|r| r.opening.is_none() && r.finish.is_none()),
+            "a reply waiting in the replay would be lost"
+        );
+        if go_live {
+            self.start_live(out);
+        }
+        self.answer(out, p);
+        if replay.is_some() {
+            out.push(Action::CloseReplay);
+        }
+    }
+
+    /// Applies a data message and says so.
+    fn process(&mut self, seq: u64, t_pub_ns: u64, payload: &str, mode: Mode) -> Action {
+        self.state.apply(seq, payload.as_bytes());
+        Action::Process {
+            seq,
+            mode,
+            t_pub_ns,
+            chain: self.state.chain,
+        }
+    }
+
+    fn on_live(&mut self, now_ns: u64, input: Result<Input, String>, out: &mut Vec<Action>) {
+        match input {
+            // Live messages are applied as they come: the primary queue hands each one to a
+            // single consumer, and the cutover starts the target past what the source applied.
+            Ok(Input::Data {
+                seq,
+                t_pub_ns,
+                payload,
+            }) => {
+                let a = self.process(seq, t_pub_ns, &payload, Mode::Live);
+                out.push(a);
+            }
+            Ok(Input::Barrier { id, reply_to }) => {
+                let snap = self.state.to_snapshot();
+                let mut r = self.reply(&id, ReplyKind::Checkpoint);
+                r.t_begin_ns = now_ns;
+                out.push(Action::Checkpoint(Outgoing {
+                    to: reply_to,
+                    reply: r,
+                    attachment: snap,
+                }));
+            }
+            Err(e) => out.push(Action::Warn(format!("dropping malformed input: {e}"))),
+        }
+        out.push(Action::Ack);
+        if self
+            .stop_after
+            .as_ref()
+            .is_some_and(|(after, _)| self.state.last_seq >= *after)
+        {
+            let (_, p) = self.stop_after.take().expect("checked above");
+            self.finish_stop(p, out);
+        }
+    }
+
+    fn on_replay(&mut self, input: Result<Input, String>, out: &mut Vec<Action>) {
+        let Some(r) = self.replay.as_ref() else {
+            return;
+        };
+        let mut beyond = false;
+        // Barriers and malformed messages are dropped: replay has no effects.
+        if let Ok(Input::Data {
+            seq,
+            t_pub_ns,
+            payload,
+        }) = input
+        {
+            beyond = r.limit.is_some_and(|l| seq > l)
+                || r.finish.as_ref().is_some_and(|f| seq > f.until_seq);
+            if seq <= self.state.last_seq {
+                self.skipped += 1;
+            } else if !beyond {
+                let a = self.process(seq, t_pub_ns, &payload, Mode::Replay);
+                out.push(a);
+                self.replayed += 1;
+            }
+        }
+        out.push(Action::Ack);
+        // A message beyond the bound means the rest is not coming: the target stops either way.
+        let last_seq = self.state.last_seq;
+        let done = self
+            .replay
+            .as_ref()
+            .and_then(|r| r.finish.as_ref())
+            .is_some_and(|f| last_seq >= f.until_seq || beyond);
+        if done {
+            let f = self
+                .replay
+                .as_mut()
+                .and_then(|r| r.finish.take())
+                .expect("checked above");
+            self.finish_replay(f.go_live, f.reply, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod props;

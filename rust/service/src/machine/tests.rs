@@ -1,0 +1,1052 @@
+//! One test per transition of the core, without a broker.
+
+use super::*;
+use ms2m_wire::state::workload_payload;
+
+const BYTES: usize = 64;
+
+fn fresh() -> Core {
+    Core::new("t", ServiceState::new(BYTES))
+}
+
+fn live() -> Core {
+    let mut c = fresh();
+    assert_eq!(c.boot(true), vec![Action::StartLive]);
+    c
+}
+
+fn env(command: Command) -> Envelope {
+    Envelope {
+        corr: command.name().to_string(),
+        reply_to: "mgr".into(),
+        command,
+    }
+}
+
+fn cmd(c: &mut Core, command: Command) -> Vec<Action> {
+    c.handle(7, Event::Control(env(command), &[]))
+}
+
+fn data(seq: u64) -> Result<Input, String> {
+    Ok(Input::Data {
+        seq,
+        t_pub_ns: 1000 + seq,
+        payload: workload_payload(seq, 8),
+    })
+}
+
+fn barrier(id: &str) -> Result<Input, String> {
+    Ok(Input::Barrier {
+        id: id.into(),
+        reply_to: "mgr-cp".into(),
+    })
+}
+
+/// The state after applying `seqs` to a fresh state.
+fn state_of(seqs: impl IntoIterator<Item = u64>) -> ServiceState {
+    let mut s = ServiceState::new(BYTES);
+    for seq in seqs {
+        s.apply(seq, workload_payload(seq, 8).as_bytes());
+    }
+    s
+}
+
+fn processed(actions: &[Action]) -> Vec<(u64, Mode)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Process { seq, mode, .. } => Some((*seq, *mode)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(actions: &[Action]) -> Vec<&Reply> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply(o) => Some(&o.reply),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The only reply among `actions`.
+fn the_reply(actions: &[Action]) -> &Reply {
+    let r = replies(actions);
+    assert_eq!(r.len(), 1, "{actions:?}");
+    r[0]
+}
+
+/// Actions without their payloads, to check their order.
+fn shape(actions: &[Action]) -> Vec<&'static str> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::Process { .. } => "process",
+            Action::Ack => "ack",
+            Action::Reply(_) => "reply",
+            Action::Checkpoint(_) => "checkpoint",
+            Action::StartLive => "start_live",
+            Action::StopLive => "stop_live",
+            Action::OpenReplay { .. } => "open_replay",
+            Action::CloseReplay => "close_replay",
+            Action::Warn(_) => "warn",
+            Action::Exit => "exit",
+        })
+        .collect()
+}
+
+/// A core that is not live and replays `q` (the subscription opened fine).
+fn replaying(c: &mut Core, until_seq: Option<u64>) {
+    let a = cmd(
+        c,
+        Command::Replay {
+            queue: "q".into(),
+            until_seq,
+        },
+    );
+    assert_eq!(a, vec![Action::OpenReplay { queue: "q".into() }]);
+    assert!(
+        !c.polls_replay(),
+        "no replay deliveries before the subscription is open"
+    );
+    let a = c.handle(8, Event::ReplayOpened(Ok(())));
+    let r = the_reply(&a);
+    assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::Replay, None));
+    assert!(c.polls_replay());
+}
+
+/// A fresh core whose `replay` of `q` is still being opened (no `ReplayOpened` yet).
+fn opening() -> Core {
+    let mut c = fresh();
+    let a = cmd(
+        &mut c,
+        Command::Replay {
+            queue: "q".into(),
+            until_seq: None,
+        },
+    );
+    assert_eq!(shape(&a), ["open_replay"]);
+    c
+}
+
+/// Sends `command` with its own correlation id.
+fn cmd_as(c: &mut Core, corr: &str, command: Command) -> Vec<Action> {
+    let e = Envelope {
+        corr: corr.into(),
+        ..env(command)
+    };
+    c.handle(7, Event::Control(e, &[]))
+}
+
+/// The replies among `actions` as (corr, error).
+fn answers(actions: &[Action]) -> Vec<(&str, Option<&str>)> {
+    replies(actions)
+        .into_iter()
+        .map(|r| (r.corr.as_str(), r.error.as_deref()))
+        .collect()
+}
+
+/// A target restored at `at` that replays `q`.
+fn restored_and_replaying(at: u64, until_seq: Option<u64>) -> Core {
+    let mut c = fresh();
+    let snap = state_of(1..=at).to_snapshot();
+    let a = c.handle(5, Event::Control(env(Command::Restore), &snap));
+    assert_eq!(the_reply(&a).error, None);
+    replaying(&mut c, until_seq);
+    c
+}
+
+#[test]
+fn boot_goes_live_only_when_asked() {
+    let mut c = fresh();
+    assert_eq!(c.boot(false), vec![]);
+    assert!(!c.polls_live() && !c.polls_replay());
+    assert_eq!(c.boot(true), vec![Action::StartLive]);
+    assert!(c.polls_live());
+}
+
+#[test]
+fn status_reports_the_position() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    c.handle(0, Event::Live(data(2)));
+    let a = cmd(&mut c, Command::Status);
+    assert_eq!(shape(&a), ["reply"]);
+    let Action::Reply(o) = &a[0] else {
+        unreachable!()
+    };
+    assert_eq!(o.to, "mgr");
+    assert_eq!(
+        o.reply,
+        Reply {
+            corr: "status".into(),
+            instance: "t".into(),
+            kind: ReplyKind::Status,
+            last_seq: 2,
+            count: 2,
+            ..Reply::default()
+        }
+    );
+}
+
+#[test]
+fn live_data_is_applied_then_acked() {
+    let mut c = live();
+    let a = c.handle(0, Event::Live(data(1)));
+    assert_eq!(shape(&a), ["process", "ack"]);
+    let expected = state_of([1]);
+    assert_eq!(
+        a[0],
+        Action::Process {
+            seq: 1,
+            mode: Mode::Live,
+            t_pub_ns: 1001,
+            chain: expected.chain,
+        }
+    );
+    assert_eq!(c.state(), &expected);
+}
+
+#[test]
+fn live_barrier_takes_a_checkpoint_of_the_state_so_far() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    let a = c.handle(42, Event::Live(barrier("b1")));
+    assert_eq!(shape(&a), ["checkpoint", "ack"]);
+    let Action::Checkpoint(o) = &a[0] else {
+        unreachable!()
+    };
+    assert_eq!(o.to, "mgr-cp");
+    assert_eq!(o.reply.corr, "b1");
+    assert_eq!(o.reply.kind, ReplyKind::Checkpoint);
+    assert_eq!((o.reply.last_seq, o.reply.t_begin_ns), (1, 42));
+    assert_eq!(o.attachment, state_of([1]).to_snapshot());
+    assert_eq!(c.position().last_seq, 1, "a barrier is not a message");
+}
+
+#[test]
+fn malformed_live_input_is_reported_and_acked() {
+    let mut c = live();
+    let a = c.handle(0, Event::Live(Err("expected value".into())));
+    assert_eq!(
+        a,
+        vec![
+            Action::Warn("dropping malformed input: expected value".into()),
+            Action::Ack
+        ]
+    );
+    assert_eq!(c.position(), Position::default());
+}
+
+#[test]
+fn stop_live_without_a_position_stops_at_once() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    let a = cmd(&mut c, Command::StopLive { after_seq: None });
+    assert_eq!(shape(&a), ["stop_live", "reply"]);
+    assert_eq!(the_reply(&a).kind, ReplyKind::StopLive);
+    assert_eq!(the_reply(&a).last_seq, 1);
+    assert!(!c.polls_live());
+}
+
+#[test]
+fn stop_live_waits_for_after_seq_and_stops_after_the_ack() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    assert_eq!(
+        cmd(&mut c, Command::StopLive { after_seq: Some(3) }),
+        vec![]
+    );
+    assert!(c.polls_live(), "serves on until it has processed 3");
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(data(2)))),
+        ["process", "ack"]
+    );
+    let a = c.handle(0, Event::Live(data(3)));
+    // Ack first: a message applied must not go back to the queue when the channel closes.
+    assert_eq!(shape(&a), ["process", "ack", "stop_live", "reply"]);
+    let r = the_reply(&a);
+    assert_eq!(
+        (r.kind, r.corr.as_str(), r.last_seq),
+        (ReplyKind::StopLive, "stop_live", 3)
+    );
+    assert!(!c.polls_live());
+}
+
+#[test]
+fn stop_after_is_checked_after_barriers_and_malformed_input_too() {
+    let mut c = live();
+    cmd(&mut c, Command::StopLive { after_seq: Some(1) });
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(barrier("b")))),
+        ["checkpoint", "ack"]
+    );
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(Err("x".into())))),
+        ["warn", "ack"]
+    );
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(data(1)))),
+        ["process", "ack", "stop_live", "reply"]
+    );
+}
+
+#[test]
+fn stop_after_reached_inside_a_backlog_stops_at_the_first_message_past_it() {
+    // A gap in the stream (5 jumps over 4): the source stops at the first message at or past
+    // `after_seq`, and the rest of its prefetched backlog goes back to the queue.
+    let mut c = live();
+    cmd(&mut c, Command::StopLive { after_seq: Some(4) });
+    for seq in [1, 2, 3] {
+        assert_eq!(
+            shape(&c.handle(0, Event::Live(data(seq)))),
+            ["process", "ack"]
+        );
+    }
+    let a = c.handle(0, Event::Live(data(5)));
+    assert_eq!(shape(&a), ["process", "ack", "stop_live", "reply"]);
+    assert_eq!(the_reply(&a).last_seq, 5);
+    assert_eq!(
+        c.handle(0, Event::Live(data(6))),
+        vec![],
+        "not consumed any more"
+    );
+}
+
+#[test]
+fn stop_live_already_past_after_seq_stops_at_once() {
+    for after in [1, 2] {
+        let mut c = live();
+        c.handle(0, Event::Live(data(1)));
+        c.handle(0, Event::Live(data(2)));
+        let a = cmd(
+            &mut c,
+            Command::StopLive {
+                after_seq: Some(after),
+            },
+        );
+        assert_eq!(shape(&a), ["stop_live", "reply"], "after_seq {after}");
+    }
+}
+
+#[test]
+fn stop_live_when_not_live_replies_at_once() {
+    let mut c = fresh();
+    let a = cmd(&mut c, Command::StopLive { after_seq: Some(9) });
+    assert_eq!(shape(&a), ["reply"]);
+    assert_eq!(the_reply(&a).kind, ReplyKind::StopLive);
+}
+
+#[test]
+fn start_live_twice_consumes_once() {
+    let mut c = fresh();
+    assert_eq!(
+        shape(&cmd(&mut c, Command::StartLive)),
+        ["start_live", "reply"]
+    );
+    assert_eq!(shape(&cmd(&mut c, Command::StartLive)), ["reply"]);
+    assert_eq!(
+        the_reply(&cmd(&mut c, Command::StartLive)).kind,
+        ReplyKind::StartLive
+    );
+}
+
+#[test]
+fn snapshot_attaches_the_state() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    let a = cmd(&mut c, Command::Snapshot);
+    let Action::Reply(o) = &a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(o.reply.kind, ReplyKind::Snapshot);
+    assert_eq!(o.reply.t_begin_ns, 7);
+    assert_eq!(o.attachment, state_of([1]).to_snapshot());
+}
+
+#[test]
+fn restore_replaces_the_state_and_reports_the_restored_position() {
+    let mut c = fresh();
+    let snap = state_of(1..=4).to_snapshot();
+    let a = c.handle(9, Event::Control(env(Command::Restore), &snap));
+    let r = the_reply(&a);
+    assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::Restore, None));
+    assert_eq!((r.last_seq, r.count, r.t_begin_ns), (4, 4, 9));
+    assert_eq!(c.state(), &state_of(1..=4));
+}
+
+#[test]
+fn restore_while_live_is_refused() {
+    let mut c = live();
+    let snap = state_of(1..=4).to_snapshot();
+    let a = c.handle(0, Event::Control(env(Command::Restore), &snap));
+    let r = the_reply(&a);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("cannot restore while serving live")
+    );
+    assert_eq!(r.last_seq, 0);
+    assert_eq!(c.state(), &ServiceState::new(BYTES));
+}
+
+#[test]
+fn restore_of_an_invalid_snapshot_is_an_error_reply() {
+    for mut c in [fresh(), live(), restored_and_replaying(0, None)] {
+        let a = c.handle(0, Event::Control(env(Command::Restore), b"not a snapshot"));
+        let r = the_reply(&a);
+        // The decoding error wins over "while live" and "while replaying": the snapshot is
+        // looked at first.
+        assert_eq!(
+            r.error.as_deref(),
+            Some("invalid snapshot: missing MS2MSNAP header")
+        );
+        assert_eq!(c.state(), &ServiceState::new(BYTES));
+    }
+}
+
+#[test]
+fn restore_while_replaying_is_refused() {
+    // Rewinding the state mid-replay would apply the replayed seqs again.
+    let mut c = restored_and_replaying(2, None);
+    c.handle(0, Event::Replay(data(3)));
+    cmd(&mut c, Command::PauseReplay);
+    for mut c in [c, restored_and_replaying(3, None), opening()] {
+        let before = c.clone();
+        let snap = state_of(1..=1).to_snapshot();
+        let a = c.handle(0, Event::Control(env(Command::Restore), &snap));
+        assert_eq!(shape(&a), ["reply"]);
+        let r = the_reply(&a);
+        assert_eq!(
+            (r.kind, r.error.as_deref(), r.last_seq),
+            (
+                ReplyKind::Restore,
+                Some("cannot restore while replaying"),
+                before.position().last_seq
+            )
+        );
+        assert_eq!(c, before, "refused: nothing changed");
+    }
+}
+
+#[test]
+fn replay_that_cannot_be_opened_is_an_error_reply_and_can_be_retried() {
+    let mut c = fresh();
+    let a = cmd(
+        &mut c,
+        Command::Replay {
+            queue: "gone".into(),
+            until_seq: None,
+        },
+    );
+    assert_eq!(shape(&a), ["open_replay"]);
+    let a = c.handle(0, Event::ReplayOpened(Err("NOT_FOUND".into())));
+    let r = the_reply(&a);
+    assert_eq!(
+        (r.kind, r.error.as_deref()),
+        (ReplyKind::Replay, Some("NOT_FOUND"))
+    );
+    assert!(!c.polls_replay());
+    replaying(&mut c, None);
+}
+
+#[test]
+fn replay_opened_without_a_replay_waiting_is_ignored() {
+    let mut c = fresh();
+    assert_eq!(c.handle(0, Event::ReplayOpened(Ok(()))), vec![]);
+    replaying(&mut c, None);
+    assert_eq!(c.handle(0, Event::ReplayOpened(Ok(()))), vec![]);
+}
+
+#[test]
+fn replay_while_replaying_is_refused() {
+    let mut c = fresh();
+    replaying(&mut c, None);
+    let again = Command::Replay {
+        queue: "q2".into(),
+        until_seq: None,
+    };
+    let a = cmd(&mut c, again.clone());
+    assert_eq!(the_reply(&a).error.as_deref(), Some("already replaying"));
+    // Paused is still replaying.
+    cmd(&mut c, Command::PauseReplay);
+    let a = cmd(&mut c, again.clone());
+    assert_eq!(the_reply(&a).error.as_deref(), Some("already replaying"));
+    // Once finished, a new replay may start.
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 0,
+            go_live: false,
+        },
+    );
+    assert_eq!(shape(&cmd(&mut c, again)), ["open_replay"]);
+}
+
+#[test]
+fn replay_skips_what_the_snapshot_holds_and_applies_the_rest() {
+    let mut c = restored_and_replaying(3, None);
+    for seq in 1..=3 {
+        let a = c.handle(0, Event::Replay(data(seq)));
+        assert_eq!(shape(&a), ["ack"], "seq {seq} is in the snapshot");
+    }
+    for seq in 4..=5 {
+        let a = c.handle(0, Event::Replay(data(seq)));
+        assert_eq!(processed(&a), [(seq, Mode::Replay)]);
+        assert_eq!(shape(&a), ["process", "ack"]);
+    }
+    assert_eq!(
+        c.position(),
+        Position {
+            last_seq: 5,
+            count: 5,
+            replayed: 2,
+            skipped: 3
+        }
+    );
+    assert_eq!(c.state(), &state_of(1..=5));
+    assert_eq!(the_reply(&cmd(&mut c, Command::Status)).skipped, 3);
+}
+
+#[test]
+fn replay_drops_what_is_beyond_its_limit_and_goes_on() {
+    let mut c = restored_and_replaying(0, Some(2));
+    c.handle(0, Event::Replay(data(1)));
+    c.handle(0, Event::Replay(data(2)));
+    assert_eq!(shape(&c.handle(0, Event::Replay(data(3)))), ["ack"]);
+    assert!(
+        c.polls_replay(),
+        "without a finish_replay, the replay stays open"
+    );
+    assert_eq!(c.position().last_seq, 2);
+}
+
+#[test]
+fn barriers_and_malformed_input_in_replay_are_dropped() {
+    let mut c = restored_and_replaying(0, None);
+    assert_eq!(c.handle(0, Event::Replay(barrier("b"))), vec![Action::Ack]);
+    assert_eq!(
+        c.handle(0, Event::Replay(Err("bad".into()))),
+        vec![Action::Ack]
+    );
+    assert_eq!(c.position(), Position::default());
+}
+
+#[test]
+fn pause_replay_stops_taking_replayed_messages() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    let a = cmd(&mut c, Command::PauseReplay);
+    let r = the_reply(&a);
+    assert_eq!((r.kind, r.last_seq), (ReplyKind::PauseReplay, 1));
+    assert!(!c.polls_replay());
+    assert_eq!(
+        c.handle(0, Event::Replay(data(2))),
+        vec![],
+        "left alone while paused"
+    );
+    // Pausing with no replay just answers.
+    assert_eq!(shape(&cmd(&mut fresh(), Command::PauseReplay)), ["reply"]);
+}
+
+#[test]
+fn finish_replay_when_already_level_goes_live_at_once() {
+    let mut c = restored_and_replaying(5, None);
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 5,
+            go_live: true,
+        },
+    );
+    // Serving first, then the reply, then closing the replay nobody waits for.
+    assert_eq!(shape(&a), ["start_live", "reply", "close_replay"]);
+    assert_eq!(the_reply(&a).kind, ReplyKind::FinishReplay);
+    assert!(c.polls_live() && !c.polls_replay());
+}
+
+#[test]
+fn finish_replay_without_a_replay_answers_at_once() {
+    let mut c = fresh();
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 99,
+            go_live: true,
+        },
+    );
+    assert_eq!(shape(&a), ["start_live", "reply"]);
+    let mut c = fresh();
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 99,
+            go_live: false,
+        },
+    );
+    assert_eq!(shape(&a), ["reply"]);
+    assert!(!c.polls_live());
+}
+
+#[test]
+fn finish_replay_replays_up_to_until_seq_then_goes_live() {
+    let mut c = restored_and_replaying(2, None);
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 4,
+            go_live: true,
+        },
+    );
+    assert_eq!(a, vec![]);
+    assert_eq!(
+        shape(&c.handle(0, Event::Replay(data(3)))),
+        ["process", "ack"]
+    );
+    let a = c.handle(0, Event::Replay(data(4)));
+    assert_eq!(
+        shape(&a),
+        ["process", "ack", "start_live", "reply", "close_replay"]
+    );
+    let r = the_reply(&a);
+    assert_eq!(
+        (r.corr.as_str(), r.last_seq, r.replayed),
+        ("finish_replay", 4, 2)
+    );
+    assert!(c.polls_live() && !c.polls_replay());
+}
+
+#[test]
+fn finish_replay_without_go_live_stops_replaying_only() {
+    let mut c = restored_and_replaying(0, None);
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 1,
+            go_live: false,
+        },
+    );
+    let a = c.handle(0, Event::Replay(data(1)));
+    assert_eq!(shape(&a), ["process", "ack", "reply", "close_replay"]);
+    assert!(!c.polls_live() && !c.polls_replay());
+}
+
+#[test]
+fn pause_then_finish_resumes_the_replay() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    cmd(&mut c, Command::PauseReplay);
+    assert!(!c.polls_replay());
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 2,
+            go_live: true,
+        },
+    );
+    assert!(c.polls_replay(), "finish_replay unpauses");
+    let a = c.handle(0, Event::Replay(data(2)));
+    assert_eq!(
+        shape(&a),
+        ["process", "ack", "start_live", "reply", "close_replay"]
+    );
+}
+
+#[test]
+fn a_message_beyond_until_ends_the_replay() {
+    // 3 never comes (a gap): the first message past `until_seq` shows the rest is not coming.
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 3,
+            go_live: true,
+        },
+    );
+    c.handle(0, Event::Replay(data(2)));
+    let a = c.handle(0, Event::Replay(data(4)));
+    assert_eq!(shape(&a), ["ack", "start_live", "reply", "close_replay"]);
+    assert_eq!(the_reply(&a).last_seq, 2, "4 is dropped, not applied");
+}
+
+#[test]
+fn a_message_beyond_the_replay_limit_ends_a_pending_finish() {
+    let mut c = restored_and_replaying(0, Some(1));
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 5,
+            go_live: false,
+        },
+    );
+    c.handle(0, Event::Replay(data(1)));
+    let a = c.handle(0, Event::Replay(data(2)));
+    assert_eq!(shape(&a), ["ack", "reply", "close_replay"]);
+    assert_eq!(the_reply(&a).last_seq, 1);
+}
+
+#[test]
+fn barrier_met_during_replay_neither_checkpoints_nor_finishes() {
+    let mut c = restored_and_replaying(0, None);
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 1,
+            go_live: true,
+        },
+    );
+    assert_eq!(c.handle(0, Event::Replay(barrier("b"))), vec![Action::Ack]);
+    assert!(c.polls_replay());
+}
+
+#[test]
+fn digest_reports_the_state_digest() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    let a = cmd(&mut c, Command::Digest);
+    assert_eq!(
+        the_reply(&a).digest.as_deref(),
+        Some(state_of([1]).digest().as_str())
+    );
+}
+
+#[test]
+fn shutdown_stops_everything_answers_and_exits() {
+    let mut c = live();
+    let a = cmd(&mut c, Command::Shutdown);
+    assert_eq!(shape(&a), ["stop_live", "reply", "exit"]);
+    let mut c = restored_and_replaying(0, None);
+    let a = cmd(&mut c, Command::Shutdown);
+    assert_eq!(shape(&a), ["close_replay", "reply", "exit"]);
+    assert_eq!(the_reply(&a).kind, ReplyKind::Shutdown);
+    assert!(!c.polls_live() && !c.polls_replay());
+    assert_eq!(
+        cmd(&mut c, Command::Status),
+        vec![],
+        "nothing after the exit"
+    );
+}
+
+#[test]
+fn shutdown_answers_a_stop_live_still_waiting_with_an_error() {
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    assert_eq!(
+        cmd_as(&mut c, "stop", Command::StopLive { after_seq: Some(5) }),
+        vec![]
+    );
+    let a = cmd(&mut c, Command::Shutdown);
+    assert_eq!(shape(&a), ["stop_live", "reply", "reply", "exit"]);
+    assert_eq!(
+        answers(&a),
+        [
+            ("stop", Some("shut down before reaching seq 5")),
+            ("shutdown", None)
+        ]
+    );
+    let r = replies(&a);
+    assert_eq!((r[0].kind, r[0].last_seq), (ReplyKind::StopLive, 1));
+}
+
+#[test]
+fn shutdown_answers_a_finish_replay_still_waiting_with_an_error() {
+    let mut c = restored_and_replaying(0, None);
+    let finish = Command::FinishReplay {
+        until_seq: 4,
+        go_live: true,
+    };
+    assert_eq!(cmd_as(&mut c, "finish", finish), vec![]);
+    let a = cmd(&mut c, Command::Shutdown);
+    assert_eq!(shape(&a), ["close_replay", "reply", "reply", "exit"]);
+    assert_eq!(
+        answers(&a),
+        [
+            ("finish", Some("shut down before replaying up to seq 4")),
+            ("shutdown", None)
+        ]
+    );
+    assert_eq!(replies(&a)[0].kind, ReplyKind::FinishReplay);
+    assert!(!c.polls_live(), "did not go live");
+}
+
+#[test]
+fn shutdown_answers_a_replay_being_opened_with_an_error() {
+    let mut c = opening();
+    let a = cmd(&mut c, Command::Shutdown);
+    assert_eq!(shape(&a), ["close_replay", "reply", "reply", "exit"]);
+    assert_eq!(
+        answers(&a),
+        [
+            (
+                "replay",
+                Some("shut down before the replay queue was opened")
+            ),
+            ("shutdown", None)
+        ]
+    );
+    assert_eq!(
+        c.handle(0, Event::ReplayOpened(Ok(()))),
+        vec![],
+        "answered once, by the shutdown"
+    );
+}
+
+#[test]
+fn deliveries_from_queues_not_polled_are_left_alone() {
+    let mut c = fresh();
+    assert_eq!(c.handle(0, Event::Live(data(1))), vec![]);
+    assert_eq!(c.handle(0, Event::Replay(data(1))), vec![]);
+    assert_eq!(c.position(), Position::default());
+}
+
+#[test]
+fn a_second_stop_live_waiting_is_refused_and_the_first_waits_on() {
+    for second in [2, 5, 9] {
+        let mut c = live();
+        assert_eq!(
+            cmd_as(&mut c, "first", Command::StopLive { after_seq: Some(5) }),
+            vec![]
+        );
+        let before = c.clone();
+        let a = cmd_as(
+            &mut c,
+            "second",
+            Command::StopLive {
+                after_seq: Some(second),
+            },
+        );
+        assert_eq!(shape(&a), ["reply"]);
+        assert_eq!(
+            answers(&a),
+            [("second", Some("a stop_live is already waiting for seq 5"))]
+        );
+        assert_eq!(the_reply(&a).kind, ReplyKind::StopLive);
+        assert_eq!(c, before, "refused: nothing changed");
+        for seq in 1..=4 {
+            assert_eq!(
+                shape(&c.handle(0, Event::Live(data(seq)))),
+                ["process", "ack"]
+            );
+        }
+        let a = c.handle(0, Event::Live(data(5)));
+        assert_eq!(shape(&a), ["process", "ack", "stop_live", "reply"]);
+        assert_eq!(answers(&a), [("first", None)]);
+    }
+}
+
+#[test]
+fn an_immediate_stop_answers_the_stop_live_waiting_too() {
+    // Without `after_seq`, or already past it: the instance stops at once, which is what the
+    // waiting `stop_live` asked for, so both are answered.
+    for after_seq in [None, Some(1), Some(2)] {
+        let mut c = live();
+        c.handle(0, Event::Live(data(1)));
+        c.handle(0, Event::Live(data(2)));
+        cmd_as(&mut c, "first", Command::StopLive { after_seq: Some(3) });
+        let a = cmd_as(&mut c, "second", Command::StopLive { after_seq });
+        assert_eq!(shape(&a), ["stop_live", "reply", "reply"], "{after_seq:?}");
+        assert_eq!(answers(&a), [("first", None), ("second", None)]);
+        assert!(replies(&a).iter().all(|r| r.last_seq == 2));
+        assert!(!c.polls_live());
+        // No stale wait: serving live again, seq 3 does not stop the instance.
+        cmd(&mut c, Command::StartLive);
+        assert_eq!(
+            shape(&c.handle(0, Event::Live(data(3)))),
+            ["process", "ack"]
+        );
+        assert!(c.polls_live());
+    }
+}
+
+#[test]
+fn start_live_while_replaying_is_refused() {
+    // Paused, opening or replaying, a replay is open: serving live too could apply a seq from
+    // each queue, since live messages are not checked against `last_seq`.
+    let mut paused = restored_and_replaying(0, None);
+    cmd(&mut paused, Command::PauseReplay);
+    let mut finishing = restored_and_replaying(0, None);
+    cmd(
+        &mut finishing,
+        Command::FinishReplay {
+            until_seq: 3,
+            go_live: true,
+        },
+    );
+    for mut c in [
+        restored_and_replaying(0, None),
+        paused,
+        finishing,
+        opening(),
+    ] {
+        let before = c.clone();
+        let a = cmd(&mut c, Command::StartLive);
+        assert_eq!(shape(&a), ["reply"]);
+        let r = the_reply(&a);
+        assert_eq!(r.kind, ReplyKind::StartLive);
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "cannot serve live while replaying; finish_replay with go_live ends the \
+                 replay and goes live"
+            )
+        );
+        assert_eq!(c, before, "refused: nothing changed");
+        assert!(!c.polls_live());
+    }
+    // The way from replay to live.
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 1,
+            go_live: true,
+        },
+    );
+    assert_eq!(shape(&a), ["start_live", "reply", "close_replay"]);
+    assert!(c.polls_live() && !c.polls_replay());
+}
+
+#[test]
+fn replay_while_live_is_refused() {
+    let mut waiting = live();
+    cmd(&mut waiting, Command::StopLive { after_seq: Some(4) });
+    for mut c in [live(), waiting] {
+        c.handle(0, Event::Live(data(1)));
+        let before = c.clone();
+        let a = cmd(
+            &mut c,
+            Command::Replay {
+                queue: "q".into(),
+                until_seq: None,
+            },
+        );
+        assert_eq!(shape(&a), ["reply"]);
+        let r = the_reply(&a);
+        assert_eq!(
+            (r.kind, r.error.as_deref()),
+            (ReplyKind::Replay, Some("cannot replay while serving live"))
+        );
+        assert_eq!(c, before, "refused: nothing changed");
+        assert!(c.polls_live() && !c.polls_replay());
+    }
+    // Once stopped, the instance may replay.
+    let mut c = live();
+    cmd(&mut c, Command::StopLive { after_seq: None });
+    replaying(&mut c, None);
+}
+
+#[test]
+fn a_second_finish_replay_is_refused_and_the_first_waits_on() {
+    // Whether the second would finish at once (until 0) or wait, and whatever its go_live.
+    for (until_seq, go_live) in [(0, false), (2, false), (9, true)] {
+        let mut c = restored_and_replaying(0, None);
+        let first = Command::FinishReplay {
+            until_seq: 3,
+            go_live: true,
+        };
+        assert_eq!(cmd_as(&mut c, "first", first), vec![]);
+        let before = c.clone();
+        let a = cmd_as(
+            &mut c,
+            "second",
+            Command::FinishReplay { until_seq, go_live },
+        );
+        assert_eq!(shape(&a), ["reply"]);
+        assert_eq!(
+            answers(&a),
+            [(
+                "second",
+                Some("a finish_replay is already waiting for seq 3")
+            )]
+        );
+        assert_eq!(the_reply(&a).kind, ReplyKind::FinishReplay);
+        assert_eq!(c, before, "refused: nothing changed");
+        c.handle(0, Event::Replay(data(1)));
+        c.handle(0, Event::Replay(data(2)));
+        let a = c.handle(0, Event::Replay(data(3)));
+        assert_eq!(
+            shape(&a),
+            ["process", "ack", "start_live", "reply", "close_replay"]
+        );
+        assert_eq!(answers(&a), [("first", None)]);
+    }
+}
+
+#[test]
+fn finish_replay_while_the_replay_is_being_opened_is_refused() {
+    // Finishing would drop the `replay` reply the opening still owes.
+    for until_seq in [0, 5] {
+        let mut c = opening();
+        let before = c.clone();
+        let a = cmd(
+            &mut c,
+            Command::FinishReplay {
+                until_seq,
+                go_live: true,
+            },
+        );
+        assert_eq!(shape(&a), ["reply"]);
+        assert_eq!(
+            answers(&a),
+            [(
+                "finish_replay",
+                Some("cannot finish a replay still being opened")
+            )]
+        );
+        assert_eq!(c, before, "refused: nothing changed");
+        let a = c.handle(0, Event::ReplayOpened(Ok(())));
+        assert_eq!(answers(&a), [("replay", None)]);
+    }
+}
+
+#[test]
+fn pause_replay_while_a_finish_waits_is_refused() {
+    // Paused, the replay would never reach the finish's seq, and only a second
+    // `finish_replay` (refused) could resume it.
+    let mut c = restored_and_replaying(0, None);
+    cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 2,
+            go_live: false,
+        },
+    );
+    let before = c.clone();
+    let a = cmd(&mut c, Command::PauseReplay);
+    assert_eq!(shape(&a), ["reply"]);
+    let r = the_reply(&a);
+    assert_eq!(
+        (r.kind, r.error.as_deref()),
+        (
+            ReplyKind::PauseReplay,
+            Some("cannot pause: a finish_replay is waiting for seq 2")
+        )
+    );
+    assert_eq!(c, before, "refused: nothing changed");
+    assert!(c.polls_replay());
+}
+
+#[test]
+fn pause_replay_while_the_replay_is_being_opened_opens_it_paused() {
+    // Pausing while the subscription is being opened is harmless: it starts paused.
+    let mut c = opening();
+    assert_eq!(
+        answers(&cmd(&mut c, Command::PauseReplay)),
+        [("pause_replay", None)]
+    );
+    let a = c.handle(0, Event::ReplayOpened(Ok(())));
+    assert_eq!(answers(&a), [("replay", None)]);
+    assert!(!c.polls_replay(), "opened paused");
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 1,
+            go_live: false,
+        },
+    );
+    assert_eq!(a, vec![]);
+    assert!(c.polls_replay(), "finish_replay resumes it");
+}
