@@ -13,10 +13,13 @@ context managers, typed reports and the command line.
 
 import json as _json
 
-from . import profiles
+from . import profiles, report_types
 from ._native import (
     BrokerError,
     ConfigurationError,
+    DockerError,
+    HostError,
+    InstanceError,
     MigrationFailed,
     Ms2mError,
     OperationTimeout,
@@ -25,6 +28,7 @@ from ._native import (
 )
 from ._native import strategies as _strategies
 from ._native import strategy_phases as _strategy_phases
+from .defaults import MIGRATION_DEFAULTS
 from .experiment import Comparison, compare_strategies, summarize
 from .report import (
     REPORT_SCHEMA,
@@ -53,22 +57,30 @@ def cleanup(all: bool = False) -> dict[str, list[str]]:
     return dict(_json.loads(_cleanup(all=all)))
 
 
-def check_history(history: dict, cut_ns: int = 2**64 - 1, observed: dict | None = None) -> dict:
-    """Checks a saved history (``Testbed.history``) offline; returns the checker's verdict."""
+def check_history(
+    history: dict, cut_ns: int = 2**64 - 1, observed: dict | None = None
+) -> report_types.Verdict:
+    """Checks a saved history (``Testbed.history``) offline; returns the checker's verdict
+    (``observed``: the final state, as :class:`~ms2m.report_types.ObservedState`)."""
     from ._native import check_history as _check
 
     obs = None if observed is None else _json.dumps(observed)
-    return dict(_json.loads(_check(_json.dumps(history), cut_ns, obs)))
+    verdict: report_types.Verdict = _json.loads(_check(_json.dumps(history), cut_ns, obs))
+    return verdict
 
 
 __all__ = [
+    "MIGRATION_DEFAULTS",
     "REPORT_SCHEMA",
     "STRATEGIES",
     "STRATEGY_PHASES",
     "BrokerError",
     "Comparison",
     "ConfigurationError",
+    "DockerError",
     "Fault",
+    "HostError",
+    "InstanceError",
     "InvariantViolated",
     "MigrationFailed",
     "Ms2mError",
@@ -84,6 +96,7 @@ __all__ = [
     "load_reports",
     "profiles",
     "report_schema",
+    "report_types",
     "summarize",
     "sweep",
     "timeline_csv",

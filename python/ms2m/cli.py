@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import _native
+from .defaults import MIGRATION_DEFAULTS
 from .experiment import Comparison, compare_strategies, describe, format_table, summarize
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
@@ -105,6 +106,15 @@ def _testbed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amqp-url", help="use this existing broker instead of starting one")
 
 
+def _settle_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=MIGRATION_DEFAULTS["settle_s"],
+        help="observation after the cutover, for the 'after' latencies (default %(default)s)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms2m", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--state-bytes", type=int, default=1_000_000)
     c.add_argument("--message-bytes", type=int, default=64)
     c.add_argument("--warmup-s", type=float, default=2.0)
-    c.add_argument("--settle-s", type=float, default=1.0)
+    _settle_option(c)
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
     _testbed_options(c)
     c.set_defaults(func=_compare)
@@ -130,9 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--processing-ms", type=float, default=50.0)
     x.add_argument("--state-bytes", type=int, default=1_000_000)
     x.add_argument("--warmup-s", type=float, default=2.0)
-    x.add_argument("--settle-s", type=float, default=1.0)
-    x.add_argument("--replay-timeout-s", type=float, default=60.0)
-    x.add_argument("--replay-max-s", type=float, default=2.0, help="T_replay_max of the cutoff")
+    _settle_option(x)
+    x.add_argument(
+        "--replay-timeout-s",
+        type=float,
+        default=MIGRATION_DEFAULTS["replay_timeout_s"],
+        help="longest replay before a migration is aborted (default %(default)s)",
+    )
+    x.add_argument(
+        "--replay-max-s",
+        type=float,
+        default=MIGRATION_DEFAULTS["replay_max_s"],
+        help="T_replay_max of the cutoff (default %(default)s)",
+    )
     _testbed_options(x)
     x.set_defaults(func=_matrix)
 

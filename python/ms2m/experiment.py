@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _native
+from .defaults import MIGRATION_DEFAULTS
 from .report import Report
 from .sweeps import Grid, run_grid
 
@@ -27,7 +28,7 @@ class Comparison:
     state_bytes: int = 1_000_000
     message_bytes: int = 64
     warmup_s: float = 2.0
-    settle_s: float = 1.0
+    settle_s: float = MIGRATION_DEFAULTS["settle_s"]
     runtime: str = "auto"
 
     def validate(self) -> None:

@@ -53,13 +53,16 @@ def table(reports: Sequence[Report]) -> list[dict[str, Any]]:
                 "total_median_ms": statistics.median(x.total_ms for x in rs),
                 "ratio_to_stop_and_copy": down / cold[rate] if cold.get(rate) else None,
                 "runs_with_loss_or_dup": sum(1 for x in rs if x.lost or x.duplicated),
-                "aborted": sum(1 for x in rs if x.to_dict()["migration"]["status"] != "completed"),
-                "cutoff_fired": sum(
-                    1 for x in rs if (x.to_dict()["migration"].get("cutoff") or {}).get("fired")
-                ),
+                "aborted": sum(1 for x in rs if not x.completed),
+                "cutoff_fired": sum(1 for x in rs if _cutoff_fired(x)),
             }
         )
     return rows
+
+
+def _cutoff_fired(report: Report) -> bool:
+    cutoff = report.cutoff
+    return cutoff is not None and cutoff["fired"]
 
 
 def format_matrix(rows: Sequence[dict[str, Any]]) -> str:

@@ -88,7 +88,7 @@ def _phase_order(cols: Sequence[str]) -> list[str]:
 
 
 def _latencies(history: dict[str, Any], report: Report) -> dict[str, list[float]]:
-    m = report.to_dict()["migration"]
+    m = report.migration
     start, end = m["t_start_ns"], m["t_end_ns"]
     first: dict[int, dict[str, Any]] = {}
     for e in history["events"]:
@@ -126,13 +126,12 @@ def timeline(history: dict[str, Any], report: Report, *, ax: Axes | None = None)
     """Every message of one migration: when it was sent and when each instance processed it
     (live: dots, replay: crosses), over the shaded phases and the measured downtime (red)."""
     ax = _axes(ax)
-    d = report.to_dict()
-    t0 = d["migration"]["t_start_ns"]
+    t0 = report.migration["t_start_ns"]
 
     def s(ns: int) -> float:
         return (ns - t0) / 1e9
 
-    for i, p in enumerate(d["phases"]):
+    for i, p in enumerate(report.phase_spans):
         ax.axvspan(s(p["start_ns"]), s(p["end_ns"]), alpha=0.12, color=f"C{i % 10}")
         ax.text(
             s(p["start_ns"]),
@@ -143,7 +142,7 @@ def timeline(history: dict[str, Any], report: Report, *, ax: Axes | None = None)
             va="top",
             fontsize="x-small",
         )
-    interval = d["metrics"]["downtime"]["interval_ns"]
+    interval = report.metrics["downtime"]["interval_ns"]
     if interval:
         ax.axvspan(s(interval[0]), s(interval[1]), color="red", alpha=0.35, label="downtime")
     pub = history["published"]

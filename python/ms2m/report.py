@@ -6,17 +6,37 @@ The engine writes every field; this module only reads. The format is ``ms2m.repo
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _native
+from .report_types import (
+    Counts,
+    CutoffReport,
+    Environment,
+    Metrics,
+    MigrationOptions,
+    MigrationStatus,
+    MigrationSummary,
+    Phase,
+    Placement,
+    ReportDocument,
+    ServiceSpec,
+    StrategyName,
+    Verdict,
+    WorkloadSpec,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 REPORT_SCHEMA: str = _native.REPORT_SCHEMA
+
+_WINDOWS: tuple[Literal["before", "during", "after"], ...] = ("before", "during", "after")
+"""The latency windows of a report, relative to the migration."""
 
 
 class InvariantViolated(_native.Ms2mError):
@@ -35,15 +55,16 @@ class InvariantViolated(_native.Ms2mError):
 
 
 class Report:
-    """One migration's report. ``to_dict()`` gives the whole document."""
+    """One migration's report. ``to_dict()`` gives the whole document; the properties give its
+    parts, typed (:mod:`ms2m.report_types`) and copied, and its headline figures."""
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: ReportDocument | dict[str, Any]) -> None:
         schema = data.get("schema")
         if schema != REPORT_SCHEMA:
             raise _native.ConfigurationError(
                 f"not an ms2m report of format {REPORT_SCHEMA} (schema field: {schema!r})"
             )
-        self._d = data
+        self._d = cast(ReportDocument, data)
 
     @classmethod
     def from_json(cls, text: str) -> Report:
@@ -63,11 +84,72 @@ class Report:
         p.write_text(self.to_json())
         return p
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self._d))
+    def to_dict(self) -> ReportDocument:
+        """A copy of the whole document."""
+        return cast(ReportDocument, json.loads(json.dumps(self._d)))
 
     def to_json(self) -> str:
         return json.dumps(self._d, indent=2)
+
+    # -- the document's parts (copies) -----------------------------------------------------
+
+    @property
+    def service(self) -> ServiceSpec:
+        """The service's parameters."""
+        return copy.deepcopy(self._d["service"])
+
+    @property
+    def workload(self) -> WorkloadSpec | None:
+        """The workload that ran during the migration (None: none was running)."""
+        return copy.deepcopy(self._d["workload"])
+
+    @property
+    def options(self) -> MigrationOptions:
+        """The options the migration ran with."""
+        return copy.deepcopy(self._d["options"])
+
+    @property
+    def source(self) -> Placement:
+        return copy.deepcopy(self._d["source"])
+
+    @property
+    def target(self) -> Placement:
+        return copy.deepcopy(self._d["target"])
+
+    @property
+    def environment(self) -> Environment:
+        """The machine and software that produced the report."""
+        return copy.deepcopy(self._d["environment"])
+
+    @property
+    def phase_spans(self) -> list[Phase]:
+        """The phases in order, with their start and end on the host clock (ns)."""
+        return copy.deepcopy(self._d["phases"])
+
+    @property
+    def migration(self) -> MigrationSummary:
+        """The migration as the manager saw it: status, times, the strategy's outcome."""
+        return copy.deepcopy(self._d["migration"])
+
+    @property
+    def metrics(self) -> Metrics:
+        """Downtime (and its baseline), latencies, the workload's pacing error."""
+        return copy.deepcopy(self._d["metrics"])
+
+    @property
+    def counts(self) -> Counts:
+        """Messages published, confirmed and processed (live and in replay)."""
+        return copy.deepcopy(self._d["counts"])
+
+    @property
+    def verdict(self) -> Verdict:
+        """The checker's verdict (:attr:`valid`, :attr:`lost`... are its headlines)."""
+        return copy.deepcopy(self._d["verdict"])
+
+    @property
+    def leftovers(self) -> list[str]:
+        """Broker resources of the migration still present after it (empty: it cleaned up)."""
+        return list(self._d["leftovers"])
 
     # -- headline figures ------------------------------------------------------------------
 
@@ -76,8 +158,18 @@ class Report:
         return str(self._d["run_id"])
 
     @property
-    def strategy(self) -> str:
-        return str(self._d["strategy"])
+    def strategy(self) -> StrategyName:
+        return self._d["strategy"]
+
+    @property
+    def status(self) -> MigrationStatus:
+        """The migration's end: "completed", or "aborted" (rolled back)."""
+        return self._d["migration"]["status"]
+
+    @property
+    def cutoff(self) -> CutoffReport | None:
+        """What the ``ms2m_cutoff`` strategy decided (None for the other strategies)."""
+        return copy.deepcopy(self._d["migration"].get("cutoff"))
 
     @property
     def downtime_ms(self) -> float:
@@ -111,10 +203,6 @@ class Report:
     def phases(self) -> dict[str, float]:
         """Phase name to duration in milliseconds, in order."""
         return {p["name"]: float(p["duration_ms"]) for p in self._d["phases"]}
-
-    @property
-    def verdict(self) -> dict[str, Any]:
-        return dict(self._d["verdict"])
 
     @property
     def lost(self) -> int:
@@ -153,7 +241,7 @@ class Report:
     @property
     def completed(self) -> bool:
         """False for a migration that was aborted and rolled back."""
-        return self._d["migration"]["status"] == "completed"
+        return self.status == "completed"
 
     def write_interval_log(self, history: dict[str, Any], path: str | Path) -> Path:
         """Writes the latencies before, during and after this migration as an HdrHistogram
@@ -170,7 +258,7 @@ class Report:
         row: dict[str, Any] = {
             "run_id": self.run_id,
             "strategy": self.strategy,
-            "status": d["migration"]["status"],
+            "status": self.status,
             "rate": self.rate,
             "processing_ms": d["service"]["processing_ms"],
             "state_bytes": d["service"]["state_bytes"],
@@ -191,7 +279,7 @@ class Report:
         for name, ms in self.phases.items():
             row[f"phase_{name}_ms"] = ms
         row["pacing_p99_us"] = d["metrics"]["pacing_error"]["p99_us"]
-        for when in ("before", "during", "after"):
+        for when in _WINDOWS:
             lat = d["metrics"]["latency"][when]
             row[f"latency_{when}_p50_ms"] = lat["p50_ms"]
             row[f"latency_{when}_p99_ms"] = lat["p99_ms"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _native
+from .defaults import MIGRATION_DEFAULTS
 from .report import Report, to_dataframe
 from .testbed import RUNTIMES, Testbed
 
@@ -46,9 +47,9 @@ class Grid:
     prefetch: tuple[int, ...] = (1,)
     message_bytes: tuple[int, ...] = (64,)
     warmup_s: float = 2.0
-    settle_s: float = 1.0
-    replay_timeout_s: float = 60.0
-    replay_max_s: float = 2.0
+    settle_s: float = MIGRATION_DEFAULTS["settle_s"]
+    replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"]
+    replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"]
     hosts: tuple[str, str] = field(default=("edge-1", "edge-2"))
     #: "auto", "docker" or "local" (see :class:`~ms2m.Testbed`); part of what a folder holds.
     runtime: str = "auto"
@@ -244,9 +245,9 @@ def sweep(
     prefetch: int | Sequence[int] = 1,
     message_bytes: int | Sequence[int] = 64,
     warmup_s: float = 2.0,
-    settle_s: float = 1.0,
-    replay_timeout_s: float = 60.0,
-    replay_max_s: float = 2.0,
+    settle_s: float = MIGRATION_DEFAULTS["settle_s"],
+    replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"],
+    replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
     runtime: str = "auto",
     amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,

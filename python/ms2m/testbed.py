@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _native
+from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULTS
 from .profiles import Profile, constant
 from .report import Report
+from .report_types import PhaseName, Role
 
-DEFAULT_HOSTS = ("edge-1", "edge-2", "cloud")
 RUNTIMES = ("auto", "docker", "local")
 
 
@@ -54,8 +55,8 @@ class Fault:
     """A fault to inject into a migration: kill (SIGKILL) the ``kill`` instance ("source" or
     "target") when phase ``at_phase`` begins. Phases per strategy: ``STRATEGY_PHASES``."""
 
-    kill: str
-    at_phase: str
+    kill: Role
+    at_phase: PhaseName
 
 
 def _options(
@@ -129,7 +130,7 @@ class Testbed:
     container on exit.
 
     Args:
-        hosts: names of the hosts instances can be placed on.
+        hosts: names of the hosts instances can be placed on (default: the engine's).
         runtime: where the broker and the instances run: ``"docker"`` (containers),
             ``"local"`` (Debian's ``rabbitmq-server`` and the ``ms2m-service`` binary as local
             processes), or ``"auto"`` (docker where a Docker daemon answers, local otherwise).
@@ -140,7 +141,8 @@ class Testbed:
         service_image: image of the reference service (default ``ms2m/service:dev``).
         service_binary: local runtime: the ``ms2m-service`` binary (default
             ``$MS2M_SERVICE_BIN``, ``ms2m-service`` on PATH, or this checkout's release build).
-        broker_startup_timeout_s: longest wait for the broker to accept connections.
+        broker_startup_timeout_s: longest wait for the broker to accept connections (default:
+            the engine's).
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class Testbed:
         broker_image: str | None = None,
         service_image: str | None = None,
         service_binary: str | None = None,
-        broker_startup_timeout_s: float = 90.0,
+        broker_startup_timeout_s: float = BROKER_STARTUP_TIMEOUT_S,
     ) -> None:
         self._config = _config(
             hosts,
@@ -343,11 +345,11 @@ class Testbed:
         *,
         to: str,
         strategy: str = "ms2m",
-        reply_timeout_s: float = 60.0,
-        replay_timeout_s: float = 60.0,
-        settle_s: float = 1.0,
-        drain_timeout_s: float = 60.0,
-        replay_max_s: float = 2.0,
+        reply_timeout_s: float = MIGRATION_DEFAULTS["reply_timeout_s"],
+        replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"],
+        settle_s: float = MIGRATION_DEFAULTS["settle_s"],
+        drain_timeout_s: float = MIGRATION_DEFAULTS["drain_timeout_s"],
+        replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
     ) -> Report:
         """Migrates ``service`` to host ``to`` and returns the checked report.
@@ -355,7 +357,8 @@ class Testbed:
         After the cutover the workload goes on for ``settle_s`` seconds (the "after" latencies),
         then the engine waits until every message sent so far was processed (at most
         ``drain_timeout_s``) and checks the whole history. ``replay_max_s`` is T_replay_max of
-        the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`).
+        the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`). Every
+        option defaults to the engine's value (``ms2m.defaults.MIGRATION_DEFAULTS``).
 
         Raises:
             ConfigurationError: unknown strategy or host, or bad options (nothing started).
@@ -374,11 +377,11 @@ class Testbed:
         *,
         to: str,
         strategy: str = "ms2m",
-        reply_timeout_s: float = 60.0,
-        replay_timeout_s: float = 60.0,
-        settle_s: float = 1.0,
-        drain_timeout_s: float = 60.0,
-        replay_max_s: float = 2.0,
+        reply_timeout_s: float = MIGRATION_DEFAULTS["reply_timeout_s"],
+        replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"],
+        settle_s: float = MIGRATION_DEFAULTS["settle_s"],
+        drain_timeout_s: float = MIGRATION_DEFAULTS["drain_timeout_s"],
+        replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
     ) -> Report:
         """Async twin of :meth:`migrate`."""

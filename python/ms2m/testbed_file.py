@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _native
+from .defaults import DEFAULT_HOSTS, MIGRATION_DEFAULTS
 from .report import Report
 from .sweeps import Grid, run_grid
 from .testbed import Testbed
@@ -127,9 +128,9 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         prefetch=tuple(int(v) for v in axis("prefetch", 1)),
         message_bytes=tuple(int(v) for v in axis("message_bytes", 64)),
         warmup_s=float(wl.get("warmup_s", 2.0)),
-        settle_s=float(sw.get("settle_s", 1.0)),
-        replay_timeout_s=float(sw.get("replay_timeout_s", 60.0)),
-        replay_max_s=float(sw.get("replay_max_s", 2.0)),
+        settle_s=float(sw.get("settle_s", MIGRATION_DEFAULTS["settle_s"])),
+        replay_timeout_s=float(sw.get("replay_timeout_s", MIGRATION_DEFAULTS["replay_timeout_s"])),
+        replay_max_s=float(sw.get("replay_max_s", MIGRATION_DEFAULTS["replay_max_s"])),
         hosts=(svc.get("host", "edge-1"), sw.get("to", "edge-2")),
         runtime=data.get("testbed", {}).get("runtime", "auto"),
     )
@@ -140,7 +141,7 @@ def _run_migrations(data: dict[str, Any], out: Path, progress: TextIO | None) ->
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     kwargs = {k: v for k, v in tbc.items() if k != "hosts"}
-    with Testbed(hosts=tbc.get("hosts", ("edge-1", "edge-2", "cloud")), **kwargs) as tb:
+    with Testbed(hosts=tbc.get("hosts", DEFAULT_HOSTS), **kwargs) as tb:
         service = tb.deploy(
             svc["name"],
             host=svc.get("host", "edge-1"),
@@ -159,6 +160,7 @@ def _run_migrations(data: dict[str, Any], out: Path, progress: TextIO | None) ->
                 time.sleep(wl.get("warmup_s", 2.0))
                 for i, m in enumerate(data["migration"], 1):
                     opts = {k: v for k, v in m.items() if k not in ("to", "strategy")}
+                    report: Report | None
                     try:
                         report = tb.migrate(
                             service, to=m["to"], strategy=m.get("strategy", "ms2m"), **opts

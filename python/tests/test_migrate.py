@@ -20,7 +20,7 @@ def _assert_clean(report: ms2m.Report) -> None:
     assert report.state_consistent is True, report.verdict["state"]
     report.assert_valid()
     assert report.verdict["expected"] > 0
-    assert report.to_dict()["leftovers"] == []
+    assert report.leftovers == []
 
 
 @pytest.mark.parametrize("strategy", ms2m.STRATEGIES)
@@ -36,7 +36,7 @@ def test_migration_loses_nothing(testbed: ms2m.Testbed, strategy: str, tmp_path)
         assert report.strategy == strategy
         assert testbed.service(svc.name).host == "edge-2"
         assert report.checkpoint_bytes > 1_000_000
-        assert report.to_dict()["target"]["host"] == "edge-2"
+        assert report.target["host"] == "edge-2"
         # A saved report loads back equal.
         path = report.save(tmp_path)
         assert ms2m.Report.load(path).to_dict() == report.to_dict()
@@ -96,7 +96,7 @@ def test_failed_migration_raises_with_the_report_of_the_aborted_run(testbed: ms2
                     settle_s=0.3,
                 )
         report = info.value.report  # type: ignore[attr-defined]
-        assert report.to_dict()["migration"]["status"] == "aborted"
+        assert report.status == "aborted"
         assert report.lost == 0 and report.duplicated == 0 and report.state_consistent
         assert testbed.service(svc.name).host == "edge-1"
         with pytest.raises(ms2m.ConfigurationError, match="not a phase of stop_and_copy"):
@@ -120,7 +120,7 @@ def test_async_twin_gives_a_valid_report():
 
     report = asyncio.run(run())
     _assert_clean(report)
-    assert report.to_dict()["target"]["host"] == "cloud"
+    assert report.target["host"] == "cloud"
 
 
 def test_history_is_exported_and_checks_again_offline(testbed: ms2m.Testbed):
@@ -131,7 +131,7 @@ def test_history_is_exported_and_checks_again_offline(testbed: ms2m.Testbed):
             report = testbed.migrate(svc, to="edge-2", settle_s=0.2)
         history = testbed.history(svc)
         observed = report.verdict["state"]["observed"]
-        cut = report.to_dict()["counts"]["cut_ns"]
+        cut = report.counts["cut_ns"]
         again = ms2m.check_history(history, cut, observed)
         assert again["result"] == "valid", json.dumps(again)[:500]
         assert again["expected"] == report.verdict["expected"]
@@ -154,9 +154,7 @@ def test_sweep_runs_resumes_and_leaves_the_broker_clean(tmp_path):
     )
     reports = run_grid(grid, tmp_path, progress=None)
     assert [r.strategy for r in reports] == ["stop_and_copy", "ms2m"] * 2
-    assert (
-        sorted(r.to_dict()["service"]["state_bytes"] for r in reports) == [1000] * 2 + [10_000] * 2
-    )
+    assert sorted(r.service["state_bytes"] for r in reports) == [1000] * 2 + [10_000] * 2
     for r in reports:
         r.assert_valid()
     # Resuming: a finished sweep runs nothing again; a missing report is run again.

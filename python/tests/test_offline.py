@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
 import ms2m
+from ms2m import _native
+from ms2m import report_types as rt
 from ms2m.cli import main as cli_main
 from ms2m.experiment import format_table
 
@@ -72,7 +77,10 @@ def test_exception_hierarchy():
         ms2m.RuntimeUnavailable,
         ms2m.MigrationFailed,
         ms2m.BrokerError,
+        ms2m.DockerError,
+        ms2m.InstanceError,
         ms2m.OperationTimeout,
+        ms2m.HostError,
         ms2m.InvariantViolated,
     ):
         assert issubclass(cls, ms2m.Ms2mError)
@@ -216,3 +224,321 @@ def test_sweep_runtime_is_checked_and_old_folders_still_resume(tmp_path):
     _check_folder(tmp_path, grid)
     with pytest.raises(ms2m.ConfigurationError, match="other parameters"):
         _check_folder(tmp_path, Grid(strategies=("ms2m",), rates=(1.0,), runtime="local"))
+
+
+# -- typed reports: the TypedDicts of ms2m.report_types mirror the shipped schema ------------
+
+SCHEMA = json.loads((Path(ms2m.__file__).parent / "report.schema.json").read_text())
+DEFS = SCHEMA["$defs"]
+JSON_TYPES: dict[object, str] = {
+    int: "integer",
+    float: "number",
+    str: "string",
+    bool: "boolean",
+    list: "array",
+    tuple: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+def _typeddict(name: str) -> type:
+    """The TypedDict mirroring schema definition ``name`` (the root is ReportDocument)."""
+    td = getattr(rt, "ReportDocument" if name == "Report" else name, None)
+    assert td is not None and typing.is_typeddict(td), f"no TypedDict for schema's {name}"
+    return td
+
+
+def _schema_types(node: dict) -> set[str]:
+    """JSON types a schema node allows, through references and alternatives."""
+    if "$ref" in node:
+        return _schema_types(DEFS[node["$ref"].rsplit("/", 1)[1]])
+    alternatives = node.get("anyOf") or node.get("oneOf")
+    if alternatives:
+        return set().union(*(_schema_types(a) for a in alternatives))
+    t = node["type"]
+    return {t} if isinstance(t, str) else set(t)
+
+
+def _hint_types(hint: object) -> set[str]:
+    """JSON types a Python annotation allows."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_hint_types(a) for a in typing.get_args(hint)))
+    if origin is typing.Literal:
+        assert all(isinstance(a, str) for a in typing.get_args(hint)), hint
+        return {"string"}
+    if typing.is_typeddict(hint):
+        return {"object"}
+    return {JSON_TYPES[origin or hint]}
+
+
+def _string_values(d: dict) -> set[str] | None:
+    """The values of a closed vocabulary (an enum, or a oneOf of string constants)."""
+    if "enum" in d:
+        return set(d["enum"])
+    branches = d.get("oneOf", [])
+    if branches and all(b.get("type") == "string" and "const" in b for b in branches):
+        return {b["const"] for b in branches}
+    return None
+
+
+def _schema_refs(node: dict) -> set[str]:
+    """Object definitions (TypedDicts, the Profile union) a schema node refers to."""
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[1]
+        d = DEFS[name]
+        return (
+            {name} if "properties" in d or ("oneOf" in d and _string_values(d) is None) else set()
+        )
+    out: set[str] = set()
+    for key in ("anyOf", "oneOf", "prefixItems"):
+        for sub in node.get(key, []):
+            out |= _schema_refs(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            out |= _schema_refs(node[key])
+    return out
+
+
+def _hint_refs(hint: object) -> set[str]:
+    if hint == rt.Profile:
+        return {"Profile"}
+    if typing.is_typeddict(hint):
+        return {typing.cast(type, hint).__name__}
+    return set().union(set(), *(_hint_refs(a) for a in typing.get_args(hint)))
+
+
+def _schema_enums(node: dict) -> set[frozenset[str]]:
+    """Closed vocabularies a schema node refers to."""
+    if "$ref" in node:
+        values = _string_values(DEFS[node["$ref"].rsplit("/", 1)[1]])
+        return set() if values is None else {frozenset(values)}
+    return set().union(set(), *(_schema_enums(a) for a in node.get("anyOf", [])))
+
+
+def _hint_literals(hint: object) -> set[frozenset[str]]:
+    if typing.get_origin(hint) is typing.Literal:
+        return {frozenset(typing.get_args(hint))}
+    return set().union(set(), *(_hint_literals(a) for a in typing.get_args(hint)))
+
+
+def _check_object(where: str, schema: dict, td: typing.Any) -> None:
+    hints = typing.get_type_hints(td)
+    props = schema["properties"]
+    assert set(hints) == set(props), (
+        f"{where}: only in the schema {sorted(set(props) - set(hints))}, "
+        f"only in the TypedDict {sorted(set(hints) - set(props))}"
+    )
+    # The engine writes every key (None where it has no value).
+    assert td.__required_keys__ == set(props), where
+    for key, node in props.items():
+        hint = hints[key]
+        assert _hint_types(hint) == _schema_types(node), f"{where}.{key}: {hint} vs {node}"
+        assert _hint_refs(hint) == _schema_refs(node), f"{where}.{key}: {hint} vs {node}"
+        assert _schema_enums(node) <= _hint_literals(hint), f"{where}.{key}: {hint} vs {node}"
+
+
+def test_every_schema_definition_has_a_matching_typeddict():
+    _check_object("Report", SCHEMA, rt.ReportDocument)
+    for name, d in DEFS.items():
+        if "properties" in d:
+            # MigrationSummary: its own fields and the strategy's Outcome, flattened.
+            _check_object(name, d, _typeddict(name))
+        elif _string_values(d) is not None:
+            alias = getattr(rt, name, None)
+            assert typing.get_origin(alias) is typing.Literal, f"no Literal for schema's {name}"
+            assert set(typing.get_args(alias)) == _string_values(d), name
+        elif name == "Profile":
+            by_kind = {
+                typing.get_type_hints(td)["kind"].__args__[0]: td
+                for td in typing.get_args(rt.Profile)
+            }
+            kinds = [branch["properties"]["kind"]["const"] for branch in d["oneOf"]]
+            assert sorted(by_kind) == sorted(kinds)
+            for branch in d["oneOf"]:
+                kind = branch["properties"]["kind"]["const"]
+                _check_object(f"Profile[{kind}]", branch, by_kind[kind])
+        else:
+            raise AssertionError(f"schema definition {name} has no Python counterpart")
+    assert set(rt.MigrationSummary.__required_keys__) >= set(rt.Outcome.__required_keys__)
+
+
+def test_strategy_and_phase_names_are_the_engines():
+    assert set(typing.get_args(rt.StrategyName)) == set(ms2m.STRATEGIES)
+    phases = {p for ps in ms2m.STRATEGY_PHASES.values() for p in ps}
+    assert set(typing.get_args(rt.PhaseName)) == phases | {"abort"}
+
+
+def _report_doc(strategy: rt.StrategyName = "ms2m_cutoff", fired: bool = True) -> rt.ReportDocument:
+    lat: rt.LatencySummary = {
+        "count": 3,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "p999_ms": 2.0,
+        "max_ms": 2.0,
+    }
+    none: rt.Finding = {"count": 0, "examples": []}
+    cutoff: rt.CutoffReport = {
+        "replay_max_s": 2.0,
+        "lambda": 10.0,
+        "mu": 20.0,
+        "t_cutoff_s": 4.0,
+        "fired": fired,
+        "fired_at_ns": 1_500 if fired else None,
+    }
+    return {
+        "schema": ms2m.REPORT_SCHEMA,
+        "run_id": "run-1",
+        "strategy": strategy,
+        "service": {
+            "name": "counter",
+            "host": "edge-1",
+            "processing_ms": 50.0,
+            "state_bytes": 1000,
+            "prefetch": 1,
+        },
+        "workload": {"profile": {"kind": "constant", "rate": 10.0}, "message_bytes": 64, "seed": 0},
+        "workload_rate": 10.0,
+        "options": ms2m.MIGRATION_DEFAULTS,
+        "source": {"instance": "counter-1", "host": "edge-1"},
+        "target": {"instance": "counter-2", "host": "edge-2"},
+        "environment": {
+            "ms2m_version": ms2m.__version__,
+            "crates": {},
+            "runtime": "local",
+            "broker_image": "b",
+            "broker_version": None,
+            "service_image": "s",
+            "docker_version": None,
+            "kernel": None,
+            "hostname": None,
+            "cores": 2,
+        },
+        "phases": [
+            {"name": "prepare", "start_ns": 1_000, "end_ns": 1_400, "duration_ms": 0.0004},
+            {"name": "replay", "start_ns": 1_400, "end_ns": 2_000, "duration_ms": 0.0006},
+        ],
+        "migration": {
+            "status": "completed",
+            "failed_phase": None,
+            "error": None,
+            "t_start_ns": 1_000,
+            "t_end_ns": 2_000,
+            "total_ms": 0.001,
+            "control_plane_downtime_ms": 0.0005,
+            "checkpoint_bytes": 1000,
+            "messages_replayed": 4,
+            "replay_skipped": 0,
+            "t_source_stop_ns": None,
+            "t_target_live_ns": 1_900,
+            "lambda": 10.0,
+            "mu": 20.0,
+            "cutoff": cutoff if strategy == "ms2m_cutoff" else None,
+            "fault": None,
+        },
+        "metrics": {
+            "pacing_error": {
+                "count": 3,
+                "p50_us": 1.0,
+                "p99_us": 5.0,
+                "p999_us": 5.0,
+                "max_us": 5.0,
+            },
+            "downtime": {"ms": 0.5, "window_ns": [1_000, 2_000], "interval_ns": [1_400, 1_900]},
+            "baseline_downtime": {"ms": 0.1, "window_ns": [0, 1_000], "interval_ns": None},
+            "latency": {"before": lat, "during": lat, "after": lat},
+        },
+        "counts": {
+            "published": 3,
+            "confirmed": 3,
+            "processed_live": 3,
+            "processed_replay": 4,
+            "malformed_events": 0,
+            "cut_ns": 3_000,
+        },
+        "verdict": {
+            "result": "valid",
+            "expected": 3,
+            "lost": none,
+            "duplicated": none,
+            "reordered": none,
+            "unconfirmed_processed": none,
+            "state": {
+                "consistent": True,
+                "observed": {"instance": "counter-2", "last_seq": 3, "count": 3, "digest": "d"},
+                "expected_digest": "d",
+            },
+        },
+        "leftovers": [],
+    }
+
+
+def test_report_accessors_are_typed_copies_of_the_document():
+    doc = _report_doc()
+    try:
+        import jsonschema
+    except ImportError:
+        pass
+    else:
+        jsonschema.validate(json.loads(json.dumps(doc)), SCHEMA)
+    report = ms2m.Report.from_json(json.dumps(doc))
+    assert report.to_dict() == json.loads(json.dumps(doc))
+    assert report.strategy == "ms2m_cutoff" and report.status == "completed"
+    assert report.options == ms2m.MIGRATION_DEFAULTS
+    assert report.phase_spans[1]["name"] == "replay"
+    assert report.phases == {"prepare": 0.0004, "replay": 0.0006}
+    assert report.metrics["downtime"]["interval_ns"] == [1_400, 1_900]
+    assert report.cutoff is not None and report.cutoff["fired"]
+    assert report.verdict["state"]["observed"] == doc["verdict"]["state"]["observed"]
+    report.verdict["lost"]["count"] = 7  # a copy: the report is unchanged
+    assert report.lost == 0 and report.valid
+    row = report.summary()
+    assert row["latency_during_p99_ms"] == 2.0 and row["phase_replay_ms"] == 0.0006
+
+    from ms2m.matrix import table
+
+    aborted = _report_doc("ms2m", fired=False)
+    aborted["migration"]["status"] = "aborted"
+    reports = [report, ms2m.Report(aborted), ms2m.Report(_report_doc(fired=False))]
+    rows = {r["strategy"]: r for r in table(reports)}
+    assert rows["ms2m"]["aborted"] == 1 and rows["ms2m"]["cutoff_fired"] == 0
+    assert rows["ms2m_cutoff"]["aborted"] == 0 and rows["ms2m_cutoff"]["cutoff_fired"] == 1
+
+
+# -- defaults: read once from the engine, used by every signature and the CLI ---------------
+
+
+def test_migration_defaults_are_the_engines_everywhere(capsys):
+    from ms2m.experiment import Comparison
+    from ms2m.sweeps import Grid, sweep
+
+    defaults = ms2m.MIGRATION_DEFAULTS
+    schema = DEFS["MigrationOptions"]["properties"]
+    assert defaults == {k: v["default"] for k, v in schema.items()}
+    # Floats, as the literals they replace were: a sweep folder holds them as JSON.
+    assert all(isinstance(v, float) for k, v in defaults.items() if k != "fault")
+    for fn in (ms2m.Testbed.migrate, ms2m.Testbed.migrate_async):
+        params = inspect.signature(fn).parameters
+        for key, value in defaults.items():
+            assert params[key].default == value, (fn.__name__, key)
+    grid = Grid(strategies=("ms2m",), rates=(1.0,))
+    params = inspect.signature(sweep).parameters
+    swept = {
+        k: v for k, v in defaults.items() if k in ("settle_s", "replay_timeout_s", "replay_max_s")
+    }
+    for key, value in swept.items():
+        assert getattr(grid, key) == value
+        assert params[key].default == value
+    assert Comparison().settle_s == defaults["settle_s"]
+    testbed = json.loads(_native.default_testbed_config())
+    params = inspect.signature(ms2m.Testbed).parameters
+    assert params["broker_startup_timeout_s"].default == testbed["broker_startup_timeout_s"]
+    assert tuple(params["hosts"].default) == tuple(testbed["hosts"])
+
+    with pytest.raises(SystemExit):
+        cli_main(["matrix", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for key, value in swept.items():
+        assert f"--{key.replace('_', '-')}" in help_text
+        assert f"(default {value})" in help_text

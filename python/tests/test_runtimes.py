@@ -49,7 +49,7 @@ def test_local_runtime_migrates_real_processes(local_testbed: ms2m.Testbed):
             report = local_testbed.migrate(svc, to="edge-2", strategy="ms2m", settle_s=0.3)
         report.assert_valid()
         assert report.lost == 0 and report.duplicated == 0 and report.state_consistent
-        env = report.to_dict()["environment"]
+        env = report.environment
         assert env["runtime"] == "local"
         assert env["broker_version"], env
         assert env["docker_version"] is None
@@ -74,7 +74,7 @@ def test_migrates_on_the_chosen_runtime_and_broker(ms2m_testbed, ms2m_service):
         time.sleep(0.5)
         report = ms2m_testbed.migrate(ms2m_service, to="edge-2", strategy="ms2m", settle_s=0.3)
     report.assert_valid()
-    assert report.to_dict()["environment"]["broker_image"].startswith("external amqp://")
+    assert report.environment["broker_image"].startswith("external amqp://")
 """
 
 

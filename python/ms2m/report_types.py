@@ -1,0 +1,345 @@
+"""Typed views of a report (format ``ms2m.report/1``) and of its parts.
+
+One TypedDict per definition of ``report.schema.json``, the JSON Schema the engine generates
+from its Rust types, under the same name (the document itself is :class:`ReportDocument`).
+``tests/test_offline.py`` checks every definition's properties against its TypedDict's keys,
+their JSON types and nullability, so these cannot drift from the engine.
+
+Every key is present in a report the engine writes; a value the engine could not know is
+``None``. Closed vocabularies are ``Literal`` types.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, TypedDict, Union
+
+StrategyName = Literal["stop_and_copy", "ms2m", "ms2m_cutoff", "ms2m_sequential"]
+"""The strategies (``ms2m.STRATEGIES``; a plain string in the schema, as test builds of the
+engine know one more)."""
+
+PhaseName = Literal[
+    "prepare", "stop", "checkpoint", "transfer", "restore", "replay", "finalize", "abort"
+]
+"""The phases of a migration (``ms2m.STRATEGY_PHASES``), and ``abort``: the rollback of a failed
+one."""
+
+MigrationStatus = Literal["completed", "aborted"]
+"""How a migration ended; ``aborted``: rolled back (see ``failed_phase`` and ``error``)."""
+
+CheckResult = Literal["valid", "invalid", "unknown"]
+"""The overall result of a check; ``unknown``: nothing is broken, but the final state could not
+be observed."""
+
+Role = Literal["source", "target"]
+"""Which instance a fault hits."""
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+class ServiceSpec(TypedDict):
+    """A service to deploy: the reference service's parameters."""
+
+    name: str
+    host: str
+    processing_ms: float
+    state_bytes: int
+    prefetch: int
+
+
+class Step(TypedDict):
+    """One step of a ``steps`` profile: ``rate`` msg/s from ``at_s`` seconds on."""
+
+    at_s: float
+    rate: float
+
+
+class ConstantProfile(TypedDict):
+    kind: Literal["constant"]
+    rate: float
+
+
+class StepsProfile(TypedDict):
+    kind: Literal["steps"]
+    steps: list[Step]
+
+
+class PoissonProfile(TypedDict):
+    kind: Literal["poisson"]
+    rate: float
+
+
+class BurstsProfile(TypedDict):
+    kind: Literal["bursts"]
+    base_rate: float
+    burst_rate: float
+    burst_s: float
+    period_s: float
+
+
+Profile = Union[ConstantProfile, StepsProfile, PoissonProfile, BurstsProfile]
+"""How the send rate evolves (``ms2m.profiles`` builds them)."""
+
+
+class WorkloadSpec(TypedDict):
+    """An open-loop workload: messages sent on an absolute schedule."""
+
+    profile: Profile
+    message_bytes: int
+    seed: int
+
+
+class Fault(TypedDict):
+    """A fault to inject: kill the ``kill`` instance (SIGKILL) when phase ``at_phase`` begins."""
+
+    kill: Role
+    at_phase: PhaseName
+
+
+class MigrationOptions(TypedDict):
+    """Knobs of one migration (``ms2m.defaults.MIGRATION_DEFAULTS``: the engine's defaults)."""
+
+    reply_timeout_s: float
+    replay_timeout_s: float
+    settle_s: float
+    drain_timeout_s: float
+    replay_max_s: float
+    fault: Fault | None
+
+
+class Placement(TypedDict):
+    """Where an instance ran."""
+
+    instance: str
+    host: str
+
+
+class Environment(TypedDict):
+    """The machine and software that produced a report."""
+
+    ms2m_version: str
+    crates: dict[str, str]
+    runtime: str
+    broker_image: str
+    broker_version: str | None
+    service_image: str
+    docker_version: str | None
+    kernel: str | None
+    hostname: str | None
+    cores: int
+
+
+# -- the migration -----------------------------------------------------------------------------
+
+
+class Phase(TypedDict):
+    """One phase of a migration, on the host clock."""
+
+    name: PhaseName
+    start_ns: int
+    end_ns: int
+    duration_ms: float
+
+
+# ``lambda`` is a keyword, hence the functional syntax.
+CutoffReport = TypedDict(
+    "CutoffReport",
+    {
+        "replay_max_s": float,
+        "lambda": float,
+        "mu": float,
+        "t_cutoff_s": Optional[float],
+        "fired": bool,
+        "fired_at_ns": Optional[int],
+    },
+)
+"""What the ``ms2m_cutoff`` strategy decided: ``lambda`` and ``mu`` (msg/s) when the replay
+began, T_cutoff = ``replay_max_s`` * mu / lambda, and whether the cutoff ended the replay."""
+
+Outcome = TypedDict(
+    "Outcome",
+    {
+        "checkpoint_bytes": int,
+        "messages_replayed": int,
+        "replay_skipped": int,
+        "t_source_stop_ns": Optional[int],
+        "t_target_live_ns": Optional[int],
+        "lambda": float,
+        "mu": Optional[float],
+        "cutoff": Optional[CutoffReport],
+        "fault": Optional[str],
+    },
+)
+"""What a strategy found out while it ran (flattened into :class:`MigrationSummary`)."""
+
+
+class MigrationSummary(Outcome):
+    """The migration itself, as the manager saw it (with the strategy's :data:`Outcome`)."""
+
+    status: MigrationStatus
+    failed_phase: PhaseName | None
+    error: str | None
+    t_start_ns: int
+    t_end_ns: int
+    total_ms: float
+    control_plane_downtime_ms: float | None
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+class PacingSummary(TypedDict):
+    """How late the workload sent its messages (actual minus scheduled), microseconds."""
+
+    count: int
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    max_us: float
+
+
+class Downtime(TypedDict):
+    """The longest stretch of a window in which a message waited and no instance processed
+    one; ``interval_ns`` is where it lies (``None``: there was none). Both are ``[start, end]``
+    on the host clock."""
+
+    ms: float
+    window_ns: list[int]
+    interval_ns: list[int] | None
+
+
+class LatencySummary(TypedDict):
+    """Percentiles of one latency histogram, milliseconds."""
+
+    count: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+
+
+class LatencyReport(TypedDict):
+    """Latency percentiles by when the message was sent relative to the migration."""
+
+    before: LatencySummary
+    during: LatencySummary
+    after: LatencySummary
+
+
+class Metrics(TypedDict):
+    pacing_error: PacingSummary
+    downtime: Downtime
+    #: The same figure over an equal window before the migration: the noise floor.
+    baseline_downtime: Downtime
+    latency: LatencyReport
+
+
+class Counts(TypedDict):
+    published: int
+    confirmed: int
+    processed_live: int
+    processed_replay: int
+    malformed_events: int
+    #: Messages sent after this instant are outside the check.
+    cut_ns: int
+
+
+# -- the checker's verdict ---------------------------------------------------------------------
+
+
+class Finding(TypedDict):
+    """A count with a few of the offending sequence numbers."""
+
+    count: int
+    examples: list[int]
+
+
+class ObservedState(TypedDict):
+    """What the final instance reported of its state."""
+
+    instance: str
+    last_seq: int
+    count: int
+    digest: str
+
+
+class StateVerdict(TypedDict):
+    """Whether the final state equals the fold of the confirmed log (``None``: unknown)."""
+
+    consistent: bool | None
+    observed: ObservedState | None
+    expected_digest: str | None
+
+
+class Verdict(TypedDict):
+    """The checker's verdict: valid only if every sub-verdict holds."""
+
+    result: CheckResult
+    expected: int
+    lost: Finding
+    duplicated: Finding
+    reordered: Finding
+    unconfirmed_processed: Finding
+    state: StateVerdict
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+class ReportDocument(TypedDict):
+    """The report of one migration, as JSON (``Report.to_dict()``)."""
+
+    schema: str
+    run_id: str
+    strategy: StrategyName
+    service: ServiceSpec
+    workload: WorkloadSpec | None
+    #: The workload's long-run mean rate, msg/s.
+    workload_rate: float | None
+    options: MigrationOptions
+    source: Placement
+    target: Placement
+    environment: Environment
+    phases: list[Phase]
+    migration: MigrationSummary
+    metrics: Metrics
+    counts: Counts
+    verdict: Verdict
+    #: Broker resources of the migration still present after it (empty: it cleaned up).
+    leftovers: list[str]
+
+
+__all__ = [
+    "BurstsProfile",
+    "CheckResult",
+    "ConstantProfile",
+    "Counts",
+    "CutoffReport",
+    "Downtime",
+    "Environment",
+    "Fault",
+    "Finding",
+    "LatencyReport",
+    "LatencySummary",
+    "Metrics",
+    "MigrationOptions",
+    "MigrationStatus",
+    "MigrationSummary",
+    "ObservedState",
+    "Outcome",
+    "PacingSummary",
+    "Phase",
+    "PhaseName",
+    "Placement",
+    "PoissonProfile",
+    "Profile",
+    "ReportDocument",
+    "Role",
+    "ServiceSpec",
+    "StateVerdict",
+    "Step",
+    "StepsProfile",
+    "StrategyName",
+    "Verdict",
+    "WorkloadSpec",
+]
