@@ -6,6 +6,7 @@
 //! answer is in [`crate::machine`].
 
 use crate::machine::{Action, Core, Event as CoreEvent, Outgoing};
+use crate::pipeline::Pipeline;
 use crate::Config;
 use anyhow::{Context, Result};
 use futures_lite::StreamExt;
@@ -14,6 +15,7 @@ use lapin::{
     options::*,
     types::{FieldTable, ShortString},
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    PublisherConfirm,
 };
 use ms2m_wire::{
     control::{self, Envelope, Reply},
@@ -22,6 +24,7 @@ use ms2m_wire::{
     Input, Mode, OutputEvent,
 };
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
@@ -98,6 +101,8 @@ struct Instance {
     conn: Connection,
     /// Publishes replies and output events, with publisher confirms.
     out: Channel,
+    /// Confirms of output events, then acks, in order (see [`crate::pipeline`]).
+    pipeline: Pipeline,
     core: Core,
     live: Option<Subscription>,
     /// A channel opened ahead of going live (while replaying), so that the cutover waits for
@@ -110,6 +115,7 @@ enum Event {
     Control(Option<lapin::Result<Delivery>>),
     Live(Option<lapin::Result<Delivery>>),
     Replay(Option<lapin::Result<Delivery>>),
+    PipelineFailed(anyhow::Error),
     Terminate,
 }
 
@@ -150,6 +156,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg,
         conn,
         out,
+        pipeline: Pipeline::start(),
         live: None,
         standby: None,
         replay: None,
@@ -166,12 +173,14 @@ pub async fn run(cfg: Config) -> Result<()> {
         let event = tokio::select! {
             biased;
             _ = sigterm.recv() => Event::Terminate,
+            e = inst.pipeline.failed() => Event::PipelineFailed(e),
             d = control.consumer.next() => Event::Control(d),
             d = next_of(&mut inst.live), if polls_live => Event::Live(d),
             d = next_of(&mut inst.replay), if polls_replay => Event::Replay(d),
         };
         let flow = match event {
             Event::Terminate => Flow::Exit,
+            Event::PipelineFailed(e) => return Err(e),
             Event::Control(d) => {
                 let d = d.context("control queue closed")??;
                 d.ack(BasicAckOptions::default()).await?;
@@ -205,6 +214,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             break;
         }
     }
+    let _ = inst.pipeline.flush().await;
     let _ = control.close().await;
     let _ = inst.conn.close(200, "instance exits".into()).await;
     Ok(())
@@ -219,6 +229,8 @@ impl Instance {
     /// Executes the core's actions in order; `delivery` is the message they are about, if any.
     async fn execute(&mut self, actions: Vec<Action>, delivery: Option<&Delivery>) -> Result<Flow> {
         let mut todo = VecDeque::from(actions);
+        // The output event of the delivery being handled, whose confirm its ack waits for.
+        let mut confirm = None;
         while let Some(action) = todo.pop_front() {
             match action {
                 Action::Process {
@@ -226,18 +238,18 @@ impl Instance {
                     mode,
                     t_pub_ns,
                     chain,
-                } => self.publish_output(seq, mode, t_pub_ns, &chain).await?,
+                } => confirm = Some(self.publish_output(seq, mode, t_pub_ns, &chain).await?),
                 Action::Ack => {
-                    delivery
-                        .context("the core acked without a delivery")?
-                        .ack(BasicAckOptions::default())
-                        .await?;
+                    let d = delivery.context("the core acked without a delivery")?;
+                    self.pipeline.push(confirm.take(), d.acker.clone())?;
                 }
                 Action::Reply(o) => self.send(o).await?,
                 Action::Checkpoint(o) => self.send_in_background(o),
                 Action::StartLive => self.start_live().await?,
                 Action::StopLive => {
                     if let Some(sub) = self.live.take() {
+                        // Nothing applied may go back to the queue.
+                        self.pipeline.flush().await?;
                         sub.close().await?;
                     }
                 }
@@ -259,11 +271,15 @@ impl Instance {
                 }
                 Action::CloseReplay => {
                     if let Some(sub) = self.replay.take() {
+                        self.pipeline.flush().await?;
                         sub.close().await?;
                     }
                 }
                 Action::Warn(message) => eprintln!("ms2m-service: {message}"),
-                Action::Exit => return Ok(Flow::Exit),
+                Action::Exit => {
+                    self.pipeline.flush().await?;
+                    return Ok(Flow::Exit);
+                }
             }
         }
         Ok(Flow::Continue)
@@ -308,20 +324,18 @@ impl Instance {
         Ok(())
     }
 
-    /// Spends the processing time on a message the core applied, then reports it on the output
-    /// exchange and awaits the confirm. The state changed before the wait rather than after it;
-    /// nobody can tell, since nothing else is handled meanwhile.
+    /// Spends the processing time on a message the core applied, then publishes its output
+    /// event; the confirm is the pipeline's to await. The state changed before the wait rather
+    /// than after it; nobody can tell, since nothing else is handled meanwhile.
     async fn publish_output(
         &self,
         seq: u64,
         mode: Mode,
         t_pub_ns: u64,
         chain: &[u8; 32],
-    ) -> Result<()> {
+    ) -> Result<PublisherConfirm> {
         let t_start_ns = now_ns();
-        if !self.cfg.processing.is_zero() {
-            tokio::time::sleep(self.cfg.processing).await;
-        }
+        spend(self.cfg.processing).await;
         let event = OutputEvent {
             instance: self.cfg.instance.clone(),
             seq,
@@ -331,7 +345,8 @@ impl Instance {
             t_end_ns: now_ns(),
             chain: ms2m_wire::hex(chain),
         };
-        self.out
+        let confirm = self
+            .out
             .basic_publish(
                 names::output_exchange(&self.cfg.service).into(),
                 "".into(),
@@ -339,8 +354,44 @@ impl Instance {
                 &serde_json::to_vec(&event)?,
                 BasicProperties::default(),
             )
-            .await?
             .await?;
-        Ok(())
+        Ok(confirm)
+    }
+}
+
+/// Below this much of a processing time, tokio's timer (1 ms granularity, up to about a
+/// millisecond late) hands over to the thread's own sleep.
+const COARSE: Duration = Duration::from_millis(2);
+/// The last part of a processing time is spun: with 1 ns timer slack ([`precise_sleep`]) a
+/// thread's sleep wakes 5-40 us late here.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Spends `d` precisely, as a service busy for that long would, without holding a core for
+/// it: tokio's timer until [`COARSE`] before the deadline (the event loop's other tasks run
+/// meanwhile), the thread's sleep until [`SPIN`] before it, then a spin.
+async fn spend(d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let deadline = Instant::now() + d;
+    if d > COARSE {
+        tokio::time::sleep_until((deadline - COARSE).into()).await;
+    }
+    let rest = deadline.saturating_duration_since(Instant::now());
+    if rest > SPIN {
+        std::thread::sleep(rest - SPIN);
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+/// Asks for the smallest timer slack on the calling thread (the event loop's), so that its
+/// short sleeps end when asked rather than up to 50 us later (Linux's default slack).
+pub fn precise_sleep() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) changes only the calling thread's timer slack; a failure
+    // leaves it as it was.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
 }

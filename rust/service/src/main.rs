@@ -14,6 +14,7 @@
 
 mod instance;
 mod machine;
+mod pipeline;
 
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
@@ -93,6 +94,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The runtime is current-thread: the event loop runs on this thread, which spends the
+    // processing times.
+    instance::precise_sleep();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
