@@ -223,6 +223,12 @@ class Report:
         return None if v is None else bool(v)
 
     @property
+    def processing_achieved_ms(self) -> float:
+        """Median time an instance spent on a live message (compare ``service.processing_ms``;
+        ``metrics["processing"]["off_target"]`` says when they differ by more than 5%)."""
+        return float(self._d["metrics"]["processing"]["p50_ms"])
+
+    @property
     def valid(self) -> bool:
         return self._d["verdict"]["result"] == "valid"
 
@@ -279,6 +285,9 @@ class Report:
         for name, ms in self.phases.items():
             row[f"phase_{name}_ms"] = ms
         row["pacing_p99_us"] = d["metrics"]["pacing_error"]["p99_us"]
+        row["processing_achieved_ms"] = self.processing_achieved_ms
+        row["processing_off_target"] = d["metrics"]["processing"]["off_target"]
+        row["recorder_lag_p99_ms"] = d["metrics"]["recorder_lag"]["p99_ms"]
         for when in _WINDOWS:
             lat = d["metrics"]["latency"][when]
             row[f"latency_{when}_p50_ms"] = lat["p50_ms"]

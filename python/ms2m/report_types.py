@@ -198,6 +198,22 @@ class PacingSummary(TypedDict):
     max_us: float
 
 
+class ProcessingSummary(TypedDict):
+    """Processing time asked of the service against what its instances spent per live
+    message (``t_end - t_start`` of its output event), milliseconds."""
+
+    asked_ms: float
+    count: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    #: (p50 - asked) / asked; None when nothing was asked or processed.
+    deviation: float | None
+    #: The median is off what was asked by more than 5% (and more than 2 us).
+    off_target: bool
+
+
 class Downtime(TypedDict):
     """The longest stretch of a window in which a message waited and no instance processed
     one; ``interval_ns`` is where it lies (``None``: there was none). Both are ``[start, end]``
@@ -232,6 +248,9 @@ class Metrics(TypedDict):
     #: The same figure over an equal window before the migration: the noise floor.
     baseline_downtime: Downtime
     latency: LatencyReport
+    processing: ProcessingSummary
+    #: How late output events reached the recorder (from the instance's ``t_end_ns``).
+    recorder_lag: LatencySummary
 
 
 class Counts(TypedDict):
@@ -332,6 +351,7 @@ __all__ = [
     "PhaseName",
     "Placement",
     "PoissonProfile",
+    "ProcessingSummary",
     "Profile",
     "ReportDocument",
     "Role",

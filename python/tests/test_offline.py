@@ -448,6 +448,17 @@ def _report_doc(strategy: rt.StrategyName = "ms2m_cutoff", fired: bool = True) -
             "downtime": {"ms": 0.5, "window_ns": [1_000, 2_000], "interval_ns": [1_400, 1_900]},
             "baseline_downtime": {"ms": 0.1, "window_ns": [0, 1_000], "interval_ns": None},
             "latency": {"before": lat, "during": lat, "after": lat},
+            "processing": {
+                "asked_ms": 50.0,
+                "count": 3,
+                "p50_ms": 50.1,
+                "p99_ms": 50.3,
+                "p999_ms": 50.3,
+                "max_ms": 50.3,
+                "deviation": 0.002,
+                "off_target": False,
+            },
+            "recorder_lag": lat,
         },
         "counts": {
             "published": 3,

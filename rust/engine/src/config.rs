@@ -145,6 +145,11 @@ pub(crate) fn valid_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest state whose checkpoint fits in one broker message of 128 MiB (the testbeds'
+/// `max_message_size`, RabbitMQ's default), less room for the snapshot's and the envelope's
+/// headers. A larger one would make the broker close the source's channel mid-checkpoint.
+pub const MAX_STATE_BYTES: u64 = (128 << 20) - (4 << 10);
+
 /// A service to deploy: the reference service's parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ServiceSpec {
@@ -168,9 +173,11 @@ impl ServiceSpec {
                 self.processing_ms
             ));
         }
-        if self.state_bytes > 1 << 30 {
+        if self.state_bytes > MAX_STATE_BYTES {
             return refuse(format!(
-                "state_bytes {} exceeds the 1 GiB the broker can carry as a checkpoint",
+                "state_bytes {} is too large: a checkpoint crosses the broker as one message, and \
+                 the testbed's brokers take at most 128 MiB (RabbitMQ's max_message_size); use \
+                 at most {MAX_STATE_BYTES} bytes",
                 self.state_bytes
             ));
         }
@@ -232,5 +239,18 @@ mod tests {
         }
         .validate(&tb)
         .is_err());
+        let e = ServiceSpec {
+            state_bytes: 200 << 20,
+            ..spec()
+        }
+        .validate(&tb)
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 134213632 bytes"), "{e}");
+        ServiceSpec {
+            state_bytes: MAX_STATE_BYTES,
+            ..spec()
+        }
+        .validate(&tb)
+        .unwrap();
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::history::{History, PublishOutcome};
 use hdrhistogram::Histogram;
+use ms2m_wire::Mode;
 use serde::{Deserialize, Serialize};
 
 /// A half-open interval of host-clock nanoseconds.
@@ -80,7 +81,7 @@ pub fn downtime(history: &History, window: Span, t_cut_ns: u64) -> Downtime {
         history
             .events
             .iter()
-            .filter(|e| e.mode == ms2m_wire::Mode::Live)
+            .filter(|e| e.mode == Mode::Live)
             .map(|e| (e.t_start_ns, e.t_end_ns))
             .collect(),
     );
@@ -114,7 +115,7 @@ pub struct PacingSummary {
 
 /// Pacing error of every message sent up to `t_cut_ns`.
 pub fn pacing(history: &History, t_cut_ns: u64) -> PacingSummary {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds");
+    let mut h = new_histogram_ns();
     for p in history.published.iter().filter(|p| p.t_pub_ns <= t_cut_ns) {
         h.saturating_record(p.t_pub_ns.saturating_sub(p.t_sched_ns).max(1));
     }
@@ -126,6 +127,54 @@ pub fn pacing(history: &History, t_cut_ns: u64) -> PacingSummary {
         p999_us,
         max_us,
     }
+}
+
+/// The processing time asked of the service against what its instances spent on each live
+/// message (`t_end - t_start` of its output event), milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ProcessingSummary {
+    pub asked_ms: f64,
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// (p50 - asked) / asked; None when nothing was asked or nothing processed.
+    pub deviation: Option<f64>,
+    /// The median is off what was asked by more than [`PROCESSING_TOLERANCE`] (and by more
+    /// than [`PROCESSING_FLOOR_MS`]): the service did not run at the rate the run assumed.
+    pub off_target: bool,
+}
+
+/// Relative difference between asked and achieved processing time that a report flags.
+pub const PROCESSING_TOLERANCE: f64 = 0.05;
+/// Differences below this are the clock's and the event's own cost, not the service's.
+pub const PROCESSING_FLOOR_MS: f64 = 0.002;
+
+/// Achieved processing time of the live messages of `history`, against `asked_ms`.
+pub fn processing(history: &History, asked_ms: f64) -> ProcessingSummary {
+    let mut h = new_histogram_ns();
+    for e in history.events.iter().filter(|e| e.mode == Mode::Live) {
+        h.saturating_record(e.t_end_ns.saturating_sub(e.t_start_ns).max(1));
+    }
+    let [p50_ms, p99_ms, p999_ms, max_ms] = quantiles(&h, 1e-6);
+    let measured = !h.is_empty();
+    let off = (p50_ms - asked_ms).abs();
+    ProcessingSummary {
+        asked_ms,
+        count: h.len(),
+        p50_ms,
+        p99_ms,
+        p999_ms,
+        max_ms,
+        deviation: (measured && asked_ms > 0.0).then(|| (p50_ms - asked_ms) / asked_ms),
+        off_target: measured && off > PROCESSING_FLOOR_MS && off > PROCESSING_TOLERANCE * asked_ms,
+    }
+}
+
+/// A histogram of nanoseconds, 1 ns to 1 h, 3 significant digits.
+fn new_histogram_ns() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds")
 }
 
 /// p50, p99, p99.9 and max of a histogram, each times `scale` (zeros when it is empty).
@@ -193,7 +242,6 @@ pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
 mod tests {
     use super::*;
     use crate::checker::tests::{event, published};
-    use ms2m_wire::Mode;
 
     fn hist(events: Vec<ms2m_wire::OutputEvent>, n: u64) -> History {
         History {
@@ -290,5 +338,31 @@ mod tests {
         assert_eq!((l.before.len(), l.during.len(), l.after.len()), (2, 3, 4));
         let s = summarize(&l.after);
         assert!((s.p50_ms - 2.0).abs() < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn processing_is_compared_with_what_was_asked() {
+        // Live messages took 50 us each (one took 80); a replayed one does not count.
+        let mut events: Vec<_> = (1..=9)
+            .map(|i| event(i, i * 1_000_000, i * 1_000_000 + 50_000, Mode::Live))
+            .collect();
+        events.push(event(10, 20_000_000, 20_080_000, Mode::Live));
+        events.push(event(10, 30_000_000, 39_000_000, Mode::Replay));
+        let h = hist(events, 10);
+        let p = processing(&h, 0.05);
+        assert_eq!(p.count, 10);
+        assert!((p.p50_ms - 0.05).abs() < 1e-4, "{p:?}");
+        assert!((p.max_ms - 0.08).abs() < 1e-4, "{p:?}");
+        assert!(p.deviation.unwrap().abs() < 0.01 && !p.off_target, "{p:?}");
+        // Asked for 40 us, 50 us is 25% too long.
+        let p = processing(&h, 0.04);
+        assert!(p.off_target && p.deviation.unwrap() > 0.2, "{p:?}");
+        // Asked for nothing: 50 us is off, but there is no relative deviation.
+        let p = processing(&h, 0.0);
+        assert!(p.off_target && p.deviation.is_none(), "{p:?}");
+        // Within the floor: 1 us over is the clock's, not the service's.
+        let h = hist(vec![event(1, 0, 1_000, Mode::Live)], 1);
+        assert!(!processing(&h, 0.0).off_target);
+        assert!(!processing(&hist(Vec::new(), 0), 5.0).off_target);
     }
 }

@@ -1,11 +1,14 @@
-//! Recorder: consumes every output event of a service into the history.
+//! Recorder: consumes every output event of a service into the history, and measures its own
+//! lag (from an event's `t_end_ns` at the instance to its arrival here).
 
 use crate::broker;
 use crate::broker::Rpc;
 use crate::error::Result;
+use crate::metrics::{self, LatencySummary};
 use futures_lite::StreamExt;
+use hdrhistogram::Histogram;
 use lapin::{options::*, types::FieldTable};
-use ms2m_wire::{names, OutputEvent};
+use ms2m_wire::{names, now_ns, OutputEvent};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -13,6 +16,8 @@ use tokio::task::JoinHandle;
 pub struct Recorder {
     events: Arc<Mutex<Vec<OutputEvent>>>,
     malformed: Arc<Mutex<u64>>,
+    /// Arrival minus `t_end_ns` of every event, microseconds.
+    lag: Arc<Mutex<Histogram<u64>>>,
     task: JoinHandle<()>,
     conn: lapin::Connection,
 }
@@ -40,11 +45,17 @@ impl Recorder {
             .await?;
         let events: Arc<Mutex<Vec<OutputEvent>>> = Arc::default();
         let malformed: Arc<Mutex<u64>> = Arc::default();
-        let (ev, bad) = (events.clone(), malformed.clone());
+        let lag = Arc::new(Mutex::new(metrics::new_histogram()));
+        let (ev, bad, late) = (events.clone(), malformed.clone(), lag.clone());
         let task = tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
+                let arrived = now_ns();
                 match serde_json::from_slice::<OutputEvent>(&d.data) {
-                    Ok(e) => ev.lock().unwrap().push(e),
+                    Ok(e) => {
+                        let us = arrived.saturating_sub(e.t_end_ns) / 1_000;
+                        late.lock().unwrap().saturating_record(us.max(1));
+                        ev.lock().unwrap().push(e);
+                    }
                     Err(_) => *bad.lock().unwrap() += 1,
                 }
             }
@@ -52,6 +63,7 @@ impl Recorder {
         Ok(Recorder {
             events,
             malformed,
+            lag,
             task,
             conn,
         })
@@ -65,6 +77,11 @@ impl Recorder {
     /// Runs `f` on the recorded events without copying them.
     pub fn with_events<T>(&self, f: impl FnOnce(&[OutputEvent]) -> T) -> T {
         f(&self.events.lock().unwrap())
+    }
+
+    /// How late output events reached the recorder (from `t_end_ns`), over every event so far.
+    pub fn lag(&self) -> LatencySummary {
+        metrics::summarize(&self.lag.lock().unwrap())
     }
 
     /// Output events that were not valid JSON events.

@@ -4,7 +4,7 @@
 use crate::checker::{self, ObservedState, Verdict};
 use crate::config::ServiceSpec;
 use crate::history::{History, PublishOutcome};
-use crate::metrics::{self, Downtime, Latencies, LatencySummary, PacingSummary};
+use crate::metrics::{self, Downtime, Latencies, LatencySummary, PacingSummary, ProcessingSummary};
 use crate::strategies::{
     Failure, MigrationOptions, Outcome, Phase, PhaseName, Placement, Strategy,
 };
@@ -106,6 +106,11 @@ pub struct Metrics {
     /// The same figure over an equal window before the migration: the testbed's noise floor.
     pub baseline_downtime: Downtime,
     pub latency: LatencyReport,
+    /// The processing time asked of the service against what its instances spent.
+    pub processing: ProcessingSummary,
+    /// How late output events reached the recorder (from the instance's `t_end_ns`): the
+    /// instrument's own delay, over every event of the service so far.
+    pub recorder_lag: LatencySummary,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -171,6 +176,7 @@ pub(crate) struct RunRecord<'a> {
     pub cut_ns: u64,
     pub observed: Option<ObservedState>,
     pub malformed_events: u64,
+    pub recorder_lag: LatencySummary,
     pub leftovers: Vec<String>,
 }
 
@@ -191,6 +197,7 @@ impl Report {
             t_start,
         );
         let lat = Latencies::compute(history, (t_start, t_end));
+        let processing = metrics::processing(history, run.service.processing_ms);
         let live = history
             .events
             .iter()
@@ -235,6 +242,8 @@ impl Report {
                     during: metrics::summarize(&lat.during),
                     after: metrics::summarize(&lat.after),
                 },
+                processing,
+                recorder_lag: run.recorder_lag,
             },
             counts: Counts {
                 published: history.published.len() as u64,

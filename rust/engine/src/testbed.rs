@@ -374,6 +374,7 @@ impl Testbed {
             cut_ns,
             observed,
             malformed_events: d.recorder.malformed(),
+            recorder_lag: d.recorder.lag(),
             leftovers,
         });
         match failure {
