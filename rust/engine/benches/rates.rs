@@ -1,0 +1,235 @@
+//! How fast the reference service runs against a real broker, and what a migration costs there:
+//! for each processing time, the highest live rate it sustains (prefetch 100: no backlog
+//! growing over the window), the rate at which a target replays a backlog, and one ms2m
+//! migration at 80% of the live rate.
+//!
+//! Run with `cargo bench -p ms2m-engine --bench rates` (part of `make bench`). Environment:
+//! `MS2M_RUNTIME` (auto, docker, local), `MS2M_BENCH_WINDOW_S` (the window a rate must hold
+//! for, default 10), `MS2M_BENCH_PROCESSING_MS` (comma-separated, default 0,0.05,0.2,1).
+//! Figures depend on the machine's load: they are measured here, never asserted in tests.
+
+use anyhow::{ensure, Context, Result};
+use ms2m_engine::config::RuntimeKind;
+use ms2m_engine::history::{History, PublishOutcome};
+use ms2m_engine::{
+    MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
+};
+use ms2m_wire::{now_ns, Mode};
+use std::time::Duration;
+
+const PREFETCH: u16 = 100;
+const RATES: [f64; 14] = [
+    250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0, 12000.0,
+    15000.0, 20000.0, 25000.0,
+];
+
+fn env_f64s(name: &str, default: &[f64]) -> Result<Vec<f64>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|x| x.trim().parse().with_context(|| format!("{name}: {x:?}")))
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+fn spec(name: String, processing_ms: f64) -> ServiceSpec {
+    ServiceSpec {
+        name,
+        host: "edge-1".into(),
+        processing_ms,
+        state_bytes: 1 << 20,
+        prefetch: PREFETCH,
+    }
+}
+
+/// Confirmed messages sent by `t` minus messages processed live by `t`.
+fn backlog(h: &History, t: u64) -> i64 {
+    let sent = h
+        .published
+        .iter()
+        .filter(|p| p.t_pub_ns <= t && p.outcome == PublishOutcome::Confirmed)
+        .count() as i64;
+    let done = h
+        .events
+        .iter()
+        .filter(|e| e.mode == Mode::Live && e.t_end_ns <= t)
+        .count() as i64;
+    sent - done
+}
+
+/// Whether a fresh service keeps up with `rate` over `window`: its backlog at the end of the
+/// window is no larger than at the start, give or take its prefetch and 1% of the window's
+/// messages.
+async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration) -> Result<bool> {
+    let name = format!("live-{}", now_ns() % 1_000_000_000);
+    tb.deploy(spec(name.clone(), processing_ms)).await?;
+    let run = async {
+        tb.start_workload(&name, WorkloadSpec::constant(rate))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let t0 = now_ns();
+        tokio::time::sleep(window).await;
+        let t1 = now_ns();
+        tb.stop_workload(&name).await?;
+        // Output events of the window's last messages are still on their way to the recorder.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let h = tb.history(&name).await?;
+        let (b0, b1) = (backlog(&h, t0), backlog(&h, t1));
+        let slack = i64::from(PREFETCH) + (rate * window.as_secs_f64() / 100.0) as i64;
+        Ok::<_, anyhow::Error>(b1 <= b0 + slack)
+    }
+    .await;
+    tb.remove(&name).await?;
+    run
+}
+
+/// The highest of [`RATES`] the service sustains (0 if none), trying them in order and
+/// stopping at the first it cannot hold.
+async fn highest_live(tb: &Testbed, processing_ms: f64, window: Duration) -> Result<f64> {
+    let capacity = if processing_ms > 0.0 {
+        1000.0 / processing_ms
+    } else {
+        f64::INFINITY
+    };
+    let mut best = 0.0;
+    for rate in RATES.into_iter().filter(|r| *r <= capacity) {
+        let ok = sustains(tb, processing_ms, rate, window).await?;
+        eprintln!("  processing {processing_ms} ms: {rate} msg/s sustained: {ok}");
+        if !ok {
+            break;
+        }
+        best = rate;
+    }
+    Ok(best)
+}
+
+/// Migrates a service under `rate` with `strategy`; the report and the history.
+async fn migrate(
+    tb: &Testbed,
+    processing_ms: f64,
+    rate: f64,
+    strategy: Strategy,
+) -> Result<(Report, History)> {
+    let name = format!("mig-{}", now_ns() % 1_000_000_000);
+    tb.deploy(spec(name.clone(), processing_ms)).await?;
+    let run = async {
+        tb.start_workload(&name, WorkloadSpec::constant(rate))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let opts = MigrationOptions {
+            replay_timeout_s: 30.0,
+            ..MigrationOptions::default()
+        };
+        let report = tb
+            .migrate(&name, "edge-2", strategy, opts)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tb.stop_workload(&name).await?;
+        Ok::<_, anyhow::Error>((report, tb.history(&name).await?))
+    }
+    .await;
+    tb.remove(&name).await?;
+    run
+}
+
+/// How fast the target replayed: ms2m_sequential's target replays a backlog that no longer
+/// grows (up to where the source stopped), back to back.
+fn replay_rate(h: &History) -> Option<f64> {
+    let replayed: Vec<_> = h.events.iter().filter(|e| e.mode == Mode::Replay).collect();
+    let first = replayed.iter().map(|e| e.t_start_ns).min()?;
+    let last = replayed.iter().map(|e| e.t_end_ns).max()?;
+    (replayed.len() > 10 && last > first)
+        .then(|| replayed.len() as f64 / ((last - first) as f64 / 1e9))
+}
+
+struct Row {
+    processing_ms: f64,
+    live: f64,
+    replay: Option<f64>,
+    replayed: u64,
+    ms2m: Report,
+}
+
+fn main() -> Result<()> {
+    let window = Duration::from_secs_f64(env_f64s("MS2M_BENCH_WINDOW_S", &[10.0])?[0]);
+    let processing = env_f64s("MS2M_BENCH_PROCESSING_MS", &[0.0, 0.05, 0.2, 1.0])?;
+    let runtime = match std::env::var("MS2M_RUNTIME").as_deref() {
+        Ok("local") => RuntimeKind::Local,
+        Ok("docker") => RuntimeKind::Docker,
+        _ => RuntimeKind::Auto,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let tb = Testbed::start(TestbedConfig {
+            runtime,
+            ..TestbedConfig::default()
+        })
+        .await?;
+        let mut rows = Vec::new();
+        let result = async {
+            for &p in &processing {
+                let live = highest_live(&tb, p, window).await?;
+                ensure!(
+                    live > 0.0,
+                    "the service sustains none of {RATES:?} at {p} ms"
+                );
+                let (seq, hist) = migrate(&tb, p, live * 0.8, Strategy::Ms2mSequential).await?;
+                let (ms2m, _) = migrate(&tb, p, live * 0.8, Strategy::Ms2m).await?;
+                rows.push(Row {
+                    processing_ms: p,
+                    live,
+                    replay: replay_rate(&hist),
+                    replayed: seq.migration.outcome.messages_replayed,
+                    ms2m,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        tb.close().await?;
+        result?;
+        println!(
+            "\nservice rates ({} runtime, prefetch {PREFETCH}, 1 MiB state, {} s windows)",
+            tb.runtime().name(),
+            window.as_secs_f64()
+        );
+        println!(
+            "{:>13} {:>10} {:>9} {:>8} | {:>16} {:>9} {:>5} {:>4} {:>5} {:>11}",
+            "processing ms",
+            "live msg/s",
+            "replay/s",
+            "replayed",
+            "ms2m downtime ms",
+            "total ms",
+            "lost",
+            "dup",
+            "state",
+            "achieved ms"
+        );
+        for r in &rows {
+            let m = &r.ms2m;
+            println!(
+                "{:>13} {:>10.0} {:>9} {:>8} | {:>16.3} {:>9.1} {:>5} {:>4} {:>5} {:>11.4}",
+                r.processing_ms,
+                r.live,
+                r.replay.map_or("-".into(), |v| format!("{v:.0}")),
+                r.replayed,
+                m.metrics.downtime.ms,
+                m.migration.total_ms,
+                m.verdict.lost.count,
+                m.verdict.duplicated.count,
+                match m.verdict.state.consistent {
+                    Some(true) => "ok",
+                    Some(false) => "BAD",
+                    None => "?",
+                },
+                m.metrics.processing.p50_ms,
+            );
+        }
+        Ok(())
+    })
+}
