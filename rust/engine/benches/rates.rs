@@ -11,6 +11,8 @@
 use anyhow::{ensure, Context, Result};
 use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::history::{History, PublishOutcome};
+use ms2m_engine::report::MigrationStatus;
+use ms2m_engine::testbed::MigrationError;
 use ms2m_engine::{
     MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
 };
@@ -104,7 +106,8 @@ async fn highest_live(tb: &Testbed, processing_ms: f64, window: Duration) -> Res
     Ok(best)
 }
 
-/// Migrates a service under `rate` with `strategy`; the report and the history.
+/// Migrates a service under `rate` with `strategy`; the report (also of an aborted migration:
+/// that is a result here) and the history.
 async fn migrate(
     tb: &Testbed,
     processing_ms: f64,
@@ -121,10 +124,13 @@ async fn migrate(
             replay_timeout_s: 30.0,
             ..MigrationOptions::default()
         };
-        let report = tb
-            .migrate(&name, "edge-2", strategy, opts)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = match tb.migrate(&name, "edge-2", strategy, opts).await {
+            Ok(r) => r,
+            Err(MigrationError {
+                report: Some(r), ..
+            }) => *r,
+            Err(e) => return Err(e.into()),
+        };
         tb.stop_workload(&name).await?;
         Ok::<_, anyhow::Error>((report, tb.history(&name).await?))
     }
@@ -198,12 +204,13 @@ fn main() -> Result<()> {
             window.as_secs_f64()
         );
         println!(
-            "{:>13} {:>10} {:>9} {:>8} | {:>16} {:>9} {:>5} {:>4} {:>5} {:>11}",
+            "{:>13} {:>10} {:>9} {:>8} | {:>9} {:>16} {:>9} {:>5} {:>4} {:>5} {:>11}",
             "processing ms",
             "live msg/s",
             "replay/s",
             "replayed",
-            "ms2m downtime ms",
+            "ms2m",
+            "downtime ms",
             "total ms",
             "lost",
             "dup",
@@ -213,11 +220,15 @@ fn main() -> Result<()> {
         for r in &rows {
             let m = &r.ms2m;
             println!(
-                "{:>13} {:>10.0} {:>9} {:>8} | {:>16.3} {:>9.1} {:>5} {:>4} {:>5} {:>11.4}",
+                "{:>13} {:>10.0} {:>9} {:>8} | {:>9} {:>16.3} {:>9.1} {:>5} {:>4} {:>5} {:>11.4}",
                 r.processing_ms,
                 r.live,
                 r.replay.map_or("-".into(), |v| format!("{v:.0}")),
                 r.replayed,
+                match m.migration.status {
+                    MigrationStatus::Completed => "completed",
+                    MigrationStatus::Aborted => "aborted",
+                },
                 m.metrics.downtime.ms,
                 m.migration.total_ms,
                 m.verdict.lost.count,
