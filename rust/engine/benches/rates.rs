@@ -60,16 +60,35 @@ fn backlog(h: &History, t: u64) -> i64 {
     sent - done
 }
 
-/// Whether a fresh service keeps up with `rate` over `window`: its backlog at the end of the
-/// window is no larger than at the start, give or take its prefetch and 1% of the window's
-/// messages.
-async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration) -> Result<bool> {
-    let name = format!("live-{}", now_ns() % 1_000_000_000);
+/// Deploys a fresh service, drives it at `rate` for 2 s, runs `f` on it, and removes it
+/// whatever happened.
+async fn under_load<T, Fut>(
+    tb: &Testbed,
+    processing_ms: f64,
+    rate: f64,
+    f: impl FnOnce(String) -> Fut,
+) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let name = format!("bench-{}", now_ns() % 1_000_000_000);
     tb.deploy(spec(name.clone(), processing_ms)).await?;
     let run = async {
         tb.start_workload(&name, WorkloadSpec::constant(rate))
             .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
+        f(name.clone()).await
+    }
+    .await;
+    tb.remove(&name).await?;
+    run
+}
+
+/// Whether a fresh service keeps up with `rate` over `window`: its backlog at the end of the
+/// window is no larger than at the start, give or take its prefetch and 1% of the window's
+/// messages.
+async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration) -> Result<bool> {
+    under_load(tb, processing_ms, rate, |name| async move {
         let t0 = now_ns();
         tokio::time::sleep(window).await;
         let t1 = now_ns();
@@ -79,11 +98,9 @@ async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration)
         let h = tb.history(&name).await?;
         let (b0, b1) = (backlog(&h, t0), backlog(&h, t1));
         let slack = i64::from(PREFETCH) + (rate * window.as_secs_f64() / 100.0) as i64;
-        Ok::<_, anyhow::Error>(b1 <= b0 + slack)
-    }
-    .await;
-    tb.remove(&name).await?;
-    run
+        Ok(b1 <= b0 + slack)
+    })
+    .await
 }
 
 /// The highest of [`RATES`] the service sustains (0 if none), trying them in order and
@@ -114,12 +131,7 @@ async fn migrate(
     rate: f64,
     strategy: Strategy,
 ) -> Result<(Report, History)> {
-    let name = format!("mig-{}", now_ns() % 1_000_000_000);
-    tb.deploy(spec(name.clone(), processing_ms)).await?;
-    let run = async {
-        tb.start_workload(&name, WorkloadSpec::constant(rate))
-            .await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    under_load(tb, processing_ms, rate, |name| async move {
         let opts = MigrationOptions {
             replay_timeout_s: 30.0,
             ..MigrationOptions::default()
@@ -132,11 +144,9 @@ async fn migrate(
             Err(e) => return Err(e.into()),
         };
         tb.stop_workload(&name).await?;
-        Ok::<_, anyhow::Error>((report, tb.history(&name).await?))
-    }
-    .await;
-    tb.remove(&name).await?;
-    run
+        Ok((report, tb.history(&name).await?))
+    })
+    .await
 }
 
 /// How fast the target replayed: ms2m_sequential's target replays a backlog that no longer

@@ -9,7 +9,7 @@ use crate::history::{History, PublishOutcome, Published};
 use crate::recorder::Recorder;
 use crate::report::{Environment, Report, RunRecord};
 use crate::runtime::{BrokerEndpoint, Runtime};
-use crate::strategies::{self, Ctx, MigrationOptions, Placement, RateProbe, Strategy};
+use crate::strategies::{self, Ctx, Failure, MigrationOptions, Placement, RateProbe, Strategy};
 use crate::workload::{Workload, WorkloadSpec};
 use ms2m_wire::{control::Command, names, now_ns, Mode};
 use serde::Serialize;
@@ -352,6 +352,7 @@ impl Testbed {
             .await;
         let leftovers = self.leftovers(service, &plan, failure.is_none()).await?;
         let history = d.history();
+        let error = failure.as_ref().map(Failure::to_error);
         let report = Report::assemble(RunRecord {
             run_id: format!("{}-{}", self.id, plan.number),
             strategy,
@@ -363,7 +364,7 @@ impl Testbed {
             environment: self.environment(),
             phases: timeline.phases().to_vec(),
             outcome,
-            failure: failure.clone(),
+            failure,
             window: (t_start, t_end),
             steady_since_ns: d
                 .workload
@@ -377,10 +378,10 @@ impl Testbed {
             recorder_lag: d.recorder.lag(),
             leftovers,
         });
-        match failure {
+        match error {
             None => Ok(report),
-            Some(f) => Err(MigrationError {
-                error: f.to_error(),
+            Some(error) => Err(MigrationError {
+                error,
                 report: Some(Box::new(report)),
             }),
         }

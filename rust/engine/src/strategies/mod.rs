@@ -21,22 +21,15 @@ use crate::config::ServiceSpec;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use ms2m_wire::{control::Command, now_ns};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
+use strum::IntoStaticStr;
 
 /// The migration strategies this engine implements, one file each under `strategies/`.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    schemars::JsonSchema,
-    strum::IntoStaticStr,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, IntoStaticStr,
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
@@ -106,7 +99,7 @@ impl std::fmt::Display for Strategy {
 }
 
 /// Where an instance ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Placement {
     pub instance: String,
     pub host: String,
@@ -122,7 +115,7 @@ pub trait RateProbe: Sync {
 }
 
 /// What the cutoff strategy decided, and from which measurements.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CutoffReport {
     pub replay_max_s: f64,
     /// Arrival rate measured when the replay began, msg/s.
@@ -138,7 +131,7 @@ pub struct CutoffReport {
 }
 
 /// What a strategy found out while it ran.
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Outcome {
     pub checkpoint_bytes: u64,
     /// Messages the target applied in replay mode.

@@ -1,21 +1,14 @@
 //! The phases a migration passes through, and their timestamps on the host clock.
 
 use ms2m_wire::now_ns;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use strum::IntoStaticStr;
 
 /// A phase of a migration. Each strategy runs a subset, in its own order; a failed migration
 /// ends in `abort`.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    schemars::JsonSchema,
-    strum::IntoStaticStr,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, IntoStaticStr,
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
@@ -52,7 +45,7 @@ impl std::fmt::Display for PhaseName {
 }
 
 /// One phase of a migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Phase {
     pub name: PhaseName,
     pub start_ns: u64,
