@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from . import _native
 from .report_types import (
+    CheckpointStats,
     Counts,
     CutoffReport,
     Environment,
@@ -196,6 +197,12 @@ class Report:
         return int(self._d["migration"]["checkpoint_bytes"])
 
     @property
+    def checkpoint(self) -> CheckpointStats | None:
+        """How the checkpoint travelled: chunks, write and fetch times and MiB/s (None: no
+        checkpoint was taken, as in a migration aborted before)."""
+        return self._d["migration"].get("checkpoint")
+
+    @property
     def messages_replayed(self) -> int:
         return int(self._d["migration"]["messages_replayed"])
 
@@ -261,6 +268,7 @@ class Report:
     def summary(self) -> dict[str, Any]:
         """One flat row: configuration, headline metrics and verdicts."""
         d = self._d
+        cp = self.checkpoint
         row: dict[str, Any] = {
             "run_id": self.run_id,
             "strategy": self.strategy,
@@ -276,6 +284,8 @@ class Report:
             "total_ms": self.total_ms,
             "checkpoint_bytes": self.checkpoint_bytes,
             "messages_replayed": self.messages_replayed,
+            "checkpoint_write_mib_s": None if cp is None else cp["write_mib_s"],
+            "checkpoint_fetch_mib_s": None if cp is None else cp["fetch_mib_s"],
             "lost": self.lost,
             "duplicated": self.duplicated,
             "reordered": self.reordered,

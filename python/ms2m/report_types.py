@@ -90,10 +90,12 @@ class WorkloadSpec(TypedDict):
 
 
 class Fault(TypedDict):
-    """A fault to inject: kill the ``kill`` instance (SIGKILL) when phase ``at_phase`` begins."""
+    """A fault to inject: kill the ``kill`` instance (SIGKILL) ``after_ms`` into phase
+    ``at_phase`` (0: as it begins)."""
 
     kill: Role
     at_phase: PhaseName
+    after_ms: float
 
 
 class MigrationOptions(TypedDict):
@@ -105,6 +107,7 @@ class MigrationOptions(TypedDict):
     drain_timeout_s: float
     replay_max_s: float
     fault: Fault | None
+    chunk_bytes: int
 
 
 class Placement(TypedDict):
@@ -156,10 +159,27 @@ CutoffReport = TypedDict(
 """What the ``ms2m_cutoff`` strategy decided: ``lambda`` and ``mu`` (msg/s) when the replay
 began, T_cutoff = ``replay_max_s`` * mu / lambda, and whether the cutoff ended the replay."""
 
+
+class CheckpointStats(TypedDict):
+    """How the checkpoint travelled: written by the source to its queue in ``chunks`` chunks
+    (``write_ms``, from the snapshot to the broker's last confirm), then fetched and checked by
+    the target (``fetch_ms``; None when it never was). Throughputs in MiB/s."""
+
+    bytes: int
+    chunks: int
+    chunk_bytes: int
+    sha256: str
+    write_ms: float
+    write_mib_s: float
+    fetch_ms: float | None
+    fetch_mib_s: float | None
+
+
 Outcome = TypedDict(
     "Outcome",
     {
         "checkpoint_bytes": int,
+        "checkpoint": Optional[CheckpointStats],
         "messages_replayed": int,
         "replay_skipped": int,
         "t_source_stop_ns": Optional[int],

@@ -50,6 +50,7 @@ class Grid:
     settle_s: float = MIGRATION_DEFAULTS["settle_s"]
     replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"]
     replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"]
+    chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"]
     hosts: tuple[str, str] = field(default=("edge-1", "edge-2"))
     #: "auto", "docker" or "local" (see :class:`~ms2m.Testbed`); part of what a folder holds.
     runtime: str = "auto"
@@ -219,6 +220,7 @@ def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
                     settle_s=grid.settle_s,
                     replay_timeout_s=grid.replay_timeout_s,
                     replay_max_s=grid.replay_max_s,
+                    chunk_bytes=grid.chunk_bytes,
                 )
             except _native.MigrationFailed as e:
                 # An aborted migration is a result too: its report says what happened.
@@ -248,6 +250,7 @@ def sweep(
     settle_s: float = MIGRATION_DEFAULTS["settle_s"],
     replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"],
     replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
+    chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
     runtime: str = "auto",
     amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,
@@ -267,6 +270,7 @@ def sweep(
         settle_s=settle_s,
         replay_timeout_s=replay_timeout_s,
         replay_max_s=replay_max_s,
+        chunk_bytes=chunk_bytes,
         runtime=runtime,
     )
     return to_dataframe(run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url))

@@ -53,10 +53,12 @@ def _name(service: Service | str) -> str:
 @dataclass(frozen=True)
 class Fault:
     """A fault to inject into a migration: kill (SIGKILL) the ``kill`` instance ("source" or
-    "target") when phase ``at_phase`` begins. Phases per strategy: ``STRATEGY_PHASES``."""
+    "target") ``after_ms`` into phase ``at_phase`` (0: as it begins; a kill still pending when
+    the phase ends does not happen). Phases per strategy: ``STRATEGY_PHASES``."""
 
     kill: Role
     at_phase: PhaseName
+    after_ms: float = 0.0
 
 
 def _options(
@@ -66,6 +68,7 @@ def _options(
     drain_timeout_s: float,
     replay_max_s: float,
     fault: Fault | None,
+    chunk_bytes: int,
 ) -> str:
     if fault is not None and fault.kill not in ("source", "target"):
         raise _native.ConfigurationError(
@@ -78,7 +81,10 @@ def _options(
             "settle_s": settle_s,
             "drain_timeout_s": drain_timeout_s,
             "replay_max_s": replay_max_s,
-            "fault": None if fault is None else {"kill": fault.kill, "at_phase": fault.at_phase},
+            "fault": None
+            if fault is None
+            else {"kill": fault.kill, "at_phase": fault.at_phase, "after_ms": fault.after_ms},
+            "chunk_bytes": chunk_bytes,
         }
     )
 
@@ -351,13 +357,15 @@ class Testbed:
         drain_timeout_s: float = MIGRATION_DEFAULTS["drain_timeout_s"],
         replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
+        chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
     ) -> Report:
         """Migrates ``service`` to host ``to`` and returns the checked report.
 
         After the cutover the workload goes on for ``settle_s`` seconds (the "after" latencies),
         then the engine waits until every message sent so far was processed (at most
         ``drain_timeout_s``) and checks the whole history. ``replay_max_s`` is T_replay_max of
-        the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`). Every
+        the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`);
+        ``chunk_bytes`` is the largest chunk the checkpoint is streamed in (4 KiB to 64 MiB). Every
         option defaults to the engine's value (``ms2m.defaults.MIGRATION_DEFAULTS``).
 
         Raises:
@@ -366,7 +374,13 @@ class Testbed:
                 could. Its ``report`` attribute holds the checked report of the aborted run.
         """
         options = _options(
-            reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s, replay_max_s, fault
+            reply_timeout_s,
+            replay_timeout_s,
+            settle_s,
+            drain_timeout_s,
+            replay_max_s,
+            fault,
+            chunk_bytes,
         )
         with _report_on_failure():
             return Report.from_json(self._native.migrate(_name(service), to, strategy, options))
@@ -383,10 +397,17 @@ class Testbed:
         drain_timeout_s: float = MIGRATION_DEFAULTS["drain_timeout_s"],
         replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
+        chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
     ) -> Report:
         """Async twin of :meth:`migrate`."""
         options = _options(
-            reply_timeout_s, replay_timeout_s, settle_s, drain_timeout_s, replay_max_s, fault
+            reply_timeout_s,
+            replay_timeout_s,
+            settle_s,
+            drain_timeout_s,
+            replay_max_s,
+            fault,
+            chunk_bytes,
         )
         with _report_on_failure():
             text = await self._native.migrate_async(_name(service), to, strategy, options)

@@ -45,6 +45,7 @@ SECTIONS: dict[str, set[str]] = {
         "replay_max_s",
         "reply_timeout_s",
         "drain_timeout_s",
+        "chunk_bytes",
     },
     "sweep": {
         "strategies",
@@ -58,6 +59,7 @@ SECTIONS: dict[str, set[str]] = {
         "settle_s",
         "replay_timeout_s",
         "replay_max_s",
+        "chunk_bytes",
     },
 }
 
@@ -131,6 +133,7 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         settle_s=float(sw.get("settle_s", MIGRATION_DEFAULTS["settle_s"])),
         replay_timeout_s=float(sw.get("replay_timeout_s", MIGRATION_DEFAULTS["replay_timeout_s"])),
         replay_max_s=float(sw.get("replay_max_s", MIGRATION_DEFAULTS["replay_max_s"])),
+        chunk_bytes=int(sw.get("chunk_bytes", MIGRATION_DEFAULTS["chunk_bytes"])),
         hosts=(svc.get("host", "edge-1"), sw.get("to", "edge-2")),
         runtime=data.get("testbed", {}).get("runtime", "auto"),
     )

@@ -36,6 +36,10 @@ def test_migration_loses_nothing(testbed: ms2m.Testbed, strategy: str, tmp_path)
         assert report.strategy == strategy
         assert testbed.service(svc.name).host == "edge-2"
         assert report.checkpoint_bytes > 1_000_000
+        cp = report.checkpoint
+        assert cp is not None and cp["bytes"] == report.checkpoint_bytes and cp["chunks"] == 1
+        assert cp["fetch_mib_s"] is not None and cp["fetch_mib_s"] > 0
+        assert report.summary()["checkpoint_write_mib_s"] == cp["write_mib_s"]
         assert report.target["host"] == "edge-2"
         # A saved report loads back equal.
         path = report.save(tmp_path)
@@ -73,6 +77,14 @@ def test_bad_arguments_are_refused_and_the_service_keeps_serving(testbed: ms2m.T
             testbed.deploy("py-bad", host="edge-1")
         with pytest.raises(ms2m.ConfigurationError, match="non-negative integer"):
             testbed.deploy("py-bad-3", host="edge-1", state_bytes=-5)
+        with pytest.raises(ms2m.ConfigurationError, match="too large for this machine"):
+            testbed.deploy("py-bad-4", host="edge-1", state_bytes=1 << 50)
+        with pytest.raises(ms2m.ConfigurationError, match="chunk_bytes must be"):
+            testbed.migrate(svc, to="edge-2", chunk_bytes=256 << 20)
+        with pytest.raises(ms2m.ConfigurationError, match="after_ms"):
+            testbed.migrate(
+                svc, to="edge-2", fault=ms2m.Fault(kill="target", at_phase="replay", after_ms=-1)
+            )
         # Nothing was disturbed: a real migration still succeeds afterwards.
         with testbed.workload(svc, rate=20):
             time.sleep(0.5)

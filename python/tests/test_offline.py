@@ -528,7 +528,10 @@ def test_migration_defaults_are_the_engines_everywhere(capsys):
     schema = DEFS["MigrationOptions"]["properties"]
     assert defaults == {k: v["default"] for k, v in schema.items()}
     # Floats, as the literals they replace were: a sweep folder holds them as JSON.
-    assert all(isinstance(v, float) for k, v in defaults.items() if k != "fault")
+    assert all(
+        isinstance(v, float) for k, v in defaults.items() if k not in ("fault", "chunk_bytes")
+    )
+    assert isinstance(defaults["chunk_bytes"], int)
     for fn in (ms2m.Testbed.migrate, ms2m.Testbed.migrate_async):
         params = inspect.signature(fn).parameters
         for key, value in defaults.items():

@@ -1,7 +1,8 @@
 //! How fast the reference service runs against a real broker, and what a migration costs there:
 //! for each processing time, the highest live rate it sustains (prefetch 100: no backlog
 //! growing over the window), the rate at which a target replays a backlog, and one ms2m
-//! migration at 80% of the live rate.
+//! migration at 80% of the live rate. Beside them, what the broker alone carries with the
+//! service's pattern (the physical limit here), and the service's share of it.
 //!
 //! Run with `cargo bench -p ms2m-engine --bench rates` (part of `make bench`). Environment:
 //! `MS2M_RUNTIME` (auto, docker, local), `MS2M_BENCH_WINDOW_S` (the window a rate must hold
@@ -9,6 +10,8 @@
 //! Figures depend on the machine's load: they are measured here, never asserted in tests.
 
 use anyhow::{ensure, Context, Result};
+use futures_lite::StreamExt;
+use lapin::{options::*, types::FieldTable, BasicProperties, Channel, Connection};
 use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::history::{History, PublishOutcome};
 use ms2m_engine::report::MigrationStatus;
@@ -17,7 +20,8 @@ use ms2m_engine::{
     MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
 };
 use ms2m_wire::{now_ns, Mode};
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 const PREFETCH: u16 = 100;
 const RATES: [f64; 14] = [
@@ -159,6 +163,136 @@ fn replay_rate(h: &History) -> Option<f64> {
         .then(|| replayed.len() as f64 / ((last - first) as f64 / 1e9))
 }
 
+/// Messages the broker-alone measurement sends.
+const ALONE_MESSAGES: usize = 100_000;
+
+async fn queue(ch: &Channel, name: &str) -> Result<()> {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// What RabbitMQ alone carries with the service's publish/consume/confirm pattern, msg/s: a
+/// producer publishes with confirms (up to 1,000 unconfirmed); a worker on its own connection
+/// consumes with prefetch 100 and, per message, publishes an output message with a confirm and
+/// acks the input once that confirm is in, in order; a recorder consumes the outputs. The rate
+/// is messages over the time from the first publish to the last output received. No
+/// processing, no state, no JSON: the ceiling the reference service is compared with.
+async fn broker_alone(url: &str, n: usize) -> Result<f64> {
+    let tag = now_ns() % 1_000_000_000;
+    let (input, output) = (format!("alone-{tag}.in"), format!("alone-{tag}.out"));
+    let producer = Connection::connect(url, Default::default()).await?;
+    let worker = Connection::connect(url, Default::default()).await?;
+    let recorder = Connection::connect(url, Default::default()).await?;
+    let pch = producer.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    queue(&pch, &input).await?;
+    queue(&pch, &output).await?;
+
+    let win = worker.create_channel().await?;
+    win.basic_qos(100, BasicQosOptions::default()).await?;
+    let wout = worker.create_channel().await?;
+    wout.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut work = win
+        .basic_consume(
+            input.as_str().into(),
+            "worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(lapin::PublisherConfirm, lapin::Acker)>();
+    let out_queue = output.clone();
+    let worker_task = tokio::spawn(async move {
+        while let Some(Ok(d)) = work.next().await {
+            let confirm = wout
+                .basic_publish(
+                    "".into(),
+                    out_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &d.data,
+                    BasicProperties::default(),
+                )
+                .await?;
+            if tx.send((confirm, d.acker)).is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let acker_task = tokio::spawn(async move {
+        while let Some((confirm, acker)) = rx.recv().await {
+            confirm.await?;
+            acker.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(())
+    });
+    let rch = recorder.create_channel().await?;
+    let mut recorded = rch
+        .basic_consume(
+            output.as_str().into(),
+            "recorder".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let recorder_task = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            match recorded.next().await {
+                Some(Ok(_)) => seen += 1,
+                _ => break,
+            }
+        }
+        (seen, Instant::now())
+    });
+
+    let t0 = Instant::now();
+    let mut in_flight = VecDeque::new();
+    for seq in 0..n {
+        let body = format!(
+            r#"{{"kind":"data","seq":{seq},"t_pub_ns":{},"payload":"abcdefghijklmnopqrstuvwxyz234567abcdefghijklmnopqrstuvwxyz234567"}}"#,
+            now_ns()
+        );
+        in_flight.push_back(
+            pch.basic_publish(
+                "".into(),
+                input.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await?,
+        );
+        if in_flight.len() >= 1000 {
+            in_flight.pop_front().expect("not empty").await?;
+        }
+    }
+    while let Some(c) = in_flight.pop_front() {
+        c.await?;
+    }
+    let (seen, t1) = tokio::time::timeout(Duration::from_secs(120), recorder_task).await??;
+    worker_task.abort();
+    acker_task.abort();
+    for q in [&input, &output] {
+        pch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for c in [producer, worker, recorder] {
+        let _ = c.close(200, "done".into()).await;
+    }
+    ensure!(seen == n, "only {seen} of {n} messages came through");
+    Ok(n as f64 / (t1 - t0).as_secs_f64())
+}
+
 struct Row {
     processing_ms: f64,
     live: f64,
@@ -186,7 +320,10 @@ fn main() -> Result<()> {
         })
         .await?;
         let mut rows = Vec::new();
+        let mut alone = 0.0;
         let result = async {
+            alone = broker_alone(tb.amqp_url(), ALONE_MESSAGES).await?;
+            eprintln!("  RabbitMQ alone: {alone:.0} msg/s");
             for &p in &processing {
                 let live = highest_live(&tb, p, window).await?;
                 ensure!(
@@ -227,6 +364,11 @@ fn main() -> Result<()> {
             "state",
             "achieved ms"
         );
+        println!(
+            "{:>13} {:>10.0}   RabbitMQ alone, same publish/consume/confirm pattern, {ALONE_MESSAGES} messages",
+            "broker",
+            alone
+        );
         for r in &rows {
             let m = &r.ms2m;
             println!(
@@ -249,6 +391,12 @@ fn main() -> Result<()> {
                     None => "?",
                 },
                 m.metrics.processing.p50_ms,
+            );
+        }
+        if let Some(r) = rows.iter().find(|r| r.processing_ms == 0.0) {
+            println!(
+                "live at 0 ms processing is {:.0}% of what RabbitMQ alone carries",
+                100.0 * r.live / alone
             );
         }
         Ok(())

@@ -7,7 +7,7 @@ use lapin::{
     options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
     ExchangeKind,
 };
-use ms2m_wire::control::{self, Command, Envelope, Reply};
+use ms2m_wire::control::{self, Command, Envelope, Reply, StreamTo};
 use ms2m_wire::{names, Input};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,12 +268,13 @@ impl Link {
         rx
     }
 
-    /// Publishes a barrier through the input exchange; the live instance's checkpoint comes
-    /// back as a reply with `corr == id`.
-    pub async fn publish_barrier(&self, service: &str, id: &str) -> Result<()> {
+    /// Publishes a barrier through the input exchange; the live instance streams its
+    /// checkpoint to `stream` and replies with `corr == id`.
+    pub async fn publish_barrier(&self, service: &str, id: &str, stream: StreamTo) -> Result<()> {
         let body = serde_json::to_vec(&Input::Barrier {
             id: id.to_string(),
             reply_to: self.reply_queue.clone(),
+            stream: Some(stream),
         })
         .expect("barrier serializes");
         self.publish(&names::input_exchange(service), "", &body)
@@ -304,14 +305,19 @@ impl Link {
 
     /// Declares an instance's control queue, so commands can wait there before it starts.
     pub async fn declare_control_queue(&self, service: &str, instance: &str) -> Result<()> {
-        let q = names::control_queue(service, instance);
+        self.declare_queue(&names::control_queue(service, instance))
+            .await
+    }
+
+    /// Declares a plain queue (idempotent).
+    pub async fn declare_queue(&self, queue: &str) -> Result<()> {
         self.channel
             .queue_declare(
-                q.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions::default(),
                 FieldTable::default(),
             )
-            .rpc(format!("declaring queue {q}"))
+            .rpc(format!("declaring queue {queue}"))
             .await?;
         Ok(())
     }

@@ -145,10 +145,40 @@ pub(crate) fn valid_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The largest state whose checkpoint fits in one broker message of 128 MiB (the testbeds'
-/// `max_message_size`, RabbitMQ's default), less room for the snapshot's and the envelope's
-/// headers. A larger one would make the broker close the source's channel mid-checkpoint.
-pub const MAX_STATE_BYTES: u64 = (128 << 20) - (4 << 10);
+/// Copies of a state that exist at once during a migration on one machine: the source's state
+/// and the snapshot it streams, the checkpoint held by the broker, the target's fetched buffer
+/// (which becomes its state), and the checker's reference fold.
+pub const STATE_COPIES: u64 = 5;
+
+/// Refuses a state that `available` bytes of memory (None: unknown, nothing refused) cannot
+/// hold [`STATE_COPIES`] times: better a clear error at deploy than an instance or the broker
+/// killed for memory in the middle of a checkpoint.
+pub fn check_state_fits(state_bytes: u64, available: Option<u64>) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let needed = state_bytes.saturating_mul(STATE_COPIES);
+    if needed > available {
+        return refuse(format!(
+            "state_bytes {state_bytes} is too large for this machine: a migration holds about \
+             {STATE_COPIES} copies of the state at once (source, its snapshot, the broker, the \
+             target, the checker), {:.1} GiB, and {:.1} GiB of memory is available; use at most \
+             {} bytes or free memory",
+            needed as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64,
+            available / STATE_COPIES
+        ));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of this machine, bytes (None where /proc/meminfo does not say).
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
 
 /// A service to deploy: the reference service's parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -171,14 +201,6 @@ impl ServiceSpec {
             return refuse(format!(
                 "processing_ms must be a finite number >= 0, got {}",
                 self.processing_ms
-            ));
-        }
-        if self.state_bytes > MAX_STATE_BYTES {
-            return refuse(format!(
-                "state_bytes {} is too large: a checkpoint crosses the broker as one message, and \
-                 the testbed's brokers take at most 128 MiB (RabbitMQ's max_message_size); use \
-                 at most {MAX_STATE_BYTES} bytes",
-                self.state_bytes
             ));
         }
         if self.prefetch == 0 {
@@ -239,18 +261,21 @@ mod tests {
         }
         .validate(&tb)
         .is_err());
-        let e = ServiceSpec {
-            state_bytes: 200 << 20,
-            ..spec()
-        }
-        .validate(&tb)
-        .unwrap_err();
-        assert!(e.to_string().contains("at most 134213632 bytes"), "{e}");
         ServiceSpec {
-            state_bytes: MAX_STATE_BYTES,
+            state_bytes: 1 << 30,
             ..spec()
         }
         .validate(&tb)
         .unwrap();
+    }
+
+    #[test]
+    fn a_state_too_large_for_memory_is_refused_with_the_figures() {
+        check_state_fits(1 << 30, None).unwrap();
+        check_state_fits(1 << 30, Some(5 << 30)).unwrap();
+        let e = check_state_fits(1 << 30, Some(4 << 30)).unwrap_err();
+        assert!(e.to_string().contains("5.0 GiB"), "{e}");
+        assert!(e.to_string().contains("at most 858993459 bytes"), "{e}");
+        assert!(available_memory().is_some_and(|m| m > 0));
     }
 }

@@ -218,6 +218,7 @@ impl Testbed {
     /// Declares the service's topology, starts its recorder and its first instance (live).
     pub async fn deploy(&self, spec: ServiceSpec) -> Result<ServiceInfo> {
         spec.validate(&self.cfg)?;
+        crate::config::check_state_fits(spec.state_bytes, crate::config::available_memory())?;
         if self.services.lock().await.contains_key(&spec.name) {
             return Err(Error::Config(format!(
                 "a service named {:?} is already deployed",
@@ -410,6 +411,7 @@ impl Testbed {
         self.queues_used.lock().await.extend([
             names::control_queue(&service, &plan.target.instance),
             names::replay_queue(&service, &plan.migration_id),
+            names::checkpoint_queue(&service, &plan.migration_id),
         ]);
         Ok(plan)
     }
@@ -443,7 +445,7 @@ impl Testbed {
         })
     }
 
-    /// Broker resources of the migration still present: its replay queue, and the control
+    /// Broker resources of the migration still present: its replay and checkpoint queues, and the control
     /// queue of the instance that is no longer part of the service.
     async fn leftovers(
         &self,
@@ -459,6 +461,7 @@ impl Testbed {
         let mut leftovers = Vec::new();
         for q in [
             names::replay_queue(service, &plan.migration_id),
+            names::checkpoint_queue(service, &plan.migration_id),
             names::control_queue(service, &retired.instance),
         ] {
             if self.link.queue_exists(&q).await? {

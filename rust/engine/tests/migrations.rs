@@ -45,7 +45,8 @@ fn main() {
                 prefetch_larger_than_one,
                 processing_time_of_50_us_is_achieved,
                 thousands_of_messages_per_second,
-                large_state_of_64_mib,
+                large_state_of_200_mib_with_every_strategy,
+                target_killed_in_the_middle_of_a_chunked_transfer,
                 several_migrations_in_a_row,
                 near_capacity_19_msg_s,
                 plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so,
@@ -63,6 +64,8 @@ fn main() {
                 several_migrations_in_a_row,
                 processing_time_of_50_us_is_achieved,
                 target_killed_during_transfer_restore_or_replay,
+                target_killed_in_the_middle_of_a_chunked_transfer,
+                large_state_of_200_mib_with_every_strategy,
                 external_broker_is_used_and_left_clean,
             ],
         ),
@@ -340,18 +343,56 @@ async fn thousands_of_messages_per_second(tb: &Testbed) -> Result<()> {
     Ok(())
 }
 
-async fn large_state_of_64_mib(tb: &Testbed) -> Result<()> {
-    for strategy in [Strategy::Ms2m, Strategy::StopAndCopy] {
-        let name = format!("large-{}", strategy.name().replace('_', "-"));
-        with_service(tb, spec(&name, 64 << 20), 10.0, |name| async move {
-            let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
-            clean(&r)?;
-            ensure!(r.migration.outcome.checkpoint_bytes > 64 << 20);
-            Ok(())
-        })
-        .await?;
-    }
-    Ok(())
+/// Larger than a broker message (128 MiB): the checkpoint crosses in chunks.
+async fn large_state_of_200_mib_with_every_strategy(tb: &Testbed) -> Result<()> {
+    with_service(tb, spec("large", 200 << 20), 10.0, |name| async move {
+        for (to, strategy) in [
+            ("edge-2", Strategy::Ms2m),
+            ("cloud", Strategy::StopAndCopy),
+            ("edge-1", Strategy::Ms2mCutoff),
+            ("edge-2", Strategy::Ms2mSequential),
+        ] {
+            let r = tb.migrate(&name, to, strategy, opts()).await?;
+            clean(&r).with_context(|| strategy.name())?;
+            let cp = r
+                .migration
+                .outcome
+                .checkpoint
+                .as_ref()
+                .context("checkpoint stats")?;
+            ensure!(cp.bytes > 200 << 20 && cp.bytes == r.migration.outcome.checkpoint_bytes);
+            ensure!(cp.chunks == 26, "{} chunks of 8 MiB", cp.chunks);
+            ensure!(
+                cp.write_mib_s > 0.0 && cp.fetch_mib_s.is_some_and(|t| t > 0.0),
+                "{cp:?}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// A kill while the target is fetching the chunks: the source never stopped serving.
+async fn target_killed_in_the_middle_of_a_chunked_transfer(tb: &Testbed) -> Result<()> {
+    with_service(
+        tb,
+        spec("kill-chunked", 200 << 20),
+        10.0,
+        |name| async move {
+            let fault = Fault {
+                kill: Role::Target,
+                at_phase: PhaseName::Transfer,
+                // 200 chunks of 1 MiB take far longer than this to fetch.
+                after_ms: 50.0,
+            };
+            let o = MigrationOptions {
+                chunk_bytes: 1 << 20,
+                ..opts()
+            };
+            assert_rolled_back_with(tb, &name, Strategy::Ms2m, fault, o).await
+        },
+    )
+    .await
 }
 
 async fn several_migrations_in_a_row(tb: &Testbed) -> Result<()> {
@@ -467,9 +508,19 @@ async fn assert_rolled_back(
     strategy: Strategy,
     fault: Fault,
 ) -> Result<()> {
+    assert_rolled_back_with(tb, name, strategy, fault, opts()).await
+}
+
+async fn assert_rolled_back_with(
+    tb: &Testbed,
+    name: &str,
+    strategy: Strategy,
+    fault: Fault,
+    o: MigrationOptions,
+) -> Result<()> {
     let o = MigrationOptions {
         fault: Some(fault.clone()),
-        ..opts()
+        ..o
     };
     match tb.migrate(name, "edge-2", strategy, o).await {
         Err(MigrationError {
@@ -488,7 +539,8 @@ async fn assert_rolled_back(
             ensure!(reason.contains("exited"), "{reason}");
             let r = report.context("report of the aborted run")?;
             ensure!(r.migration.status == MigrationStatus::Aborted);
-            ensure!(r.migration.outcome.fault.is_some());
+            let note = r.migration.outcome.fault.as_deref().unwrap_or_default();
+            ensure!(note.contains(fault.at_phase.name()), "fault: {note:?}");
             let v = &r.verdict;
             ensure!(
                 v.lost.count == 0 && v.duplicated.count == 0 && v.reordered.count == 0,
@@ -512,6 +564,7 @@ async fn target_killed_during_transfer_restore_or_replay(tb: &Testbed) -> Result
             let fault = Fault {
                 kill: Role::Target,
                 at_phase: phase,
+                after_ms: 0.0,
             };
             assert_rolled_back(tb, &name, Strategy::Ms2m, fault).await
         })
@@ -526,6 +579,7 @@ async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> 
         let fault = Fault {
             kill: Role::Target,
             at_phase: PhaseName::Restore,
+            after_ms: 0.0,
         };
         assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
     })
@@ -538,6 +592,7 @@ async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
             fault: Some(Fault {
                 kill: Role::Source,
                 at_phase: PhaseName::Replay,
+                after_ms: 0.0,
             }),
             drain_timeout_s: 3.0,
             ..opts()

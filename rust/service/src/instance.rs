@@ -18,13 +18,22 @@ use lapin::{
     PublisherConfirm,
 };
 use ms2m_wire::{
-    control::{self, Envelope, Reply},
+    control::{self, Checkpoint, ChunkHeader, Envelope, Reply, StreamTo},
     names, now_ns,
     state::ServiceState,
     Input, Mode, OutputEvent,
 };
+use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Chunks of a checkpoint published and not yet confirmed: enough to keep the broker busy,
+/// few enough that the frames waiting in the client stay a few chunks' worth of memory.
+const STREAM_WINDOW: usize = 4;
+/// Longest wait for the next chunk of a checkpoint being fetched: a source that died
+/// mid-stream must fail the fetch, not hang the target.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
@@ -86,6 +95,111 @@ async fn publish_reply(
     )
     .await
     .map(drop)
+}
+
+/// Sends `o`: streams its attachment (a snapshot) to `o.stream` on `stream_channel` first when
+/// it has a stream, and replies with the stream's description, or with why streaming failed:
+/// nothing about a checkpoint stops the instance. The reply is stamped when it goes out.
+async fn deliver(
+    out: &Channel,
+    stream_channel: Option<Result<Channel>>,
+    o: Outgoing,
+) -> lapin::Result<()> {
+    let Outgoing {
+        to,
+        mut reply,
+        attachment,
+        stream,
+    } = o;
+    let attachment = match (stream, stream_channel) {
+        (Some(stream), Some(channel)) => {
+            let streamed = match channel {
+                Ok(channel) => {
+                    let r = stream_checkpoint(&channel, attachment, &stream).await;
+                    let _ = channel.close(200, "checkpoint streamed".into()).await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match streamed {
+                Ok(checkpoint) => reply.checkpoint = Some(checkpoint),
+                Err(e) => {
+                    reply.error = Some(format!(
+                        "streaming the checkpoint to {} failed: {e:#}",
+                        stream.queue
+                    ))
+                }
+            }
+            Vec::new()
+        }
+        _ => attachment,
+    };
+    reply.t_ns = now_ns();
+    publish_reply(out, &to, &reply, &attachment).await
+}
+
+/// Writes `snapshot` to `to.queue` as chunks of at most `to.chunk_bytes`, at most
+/// [`STREAM_WINDOW`] unconfirmed at a time, hashing each on the blocking pool while it
+/// travels (the event loop keeps serving). Done when the broker confirmed every chunk.
+async fn stream_checkpoint(
+    channel: &Channel,
+    snapshot: Vec<u8>,
+    to: &StreamTo,
+) -> Result<Checkpoint> {
+    let snapshot = Arc::new(snapshot);
+    let total = snapshot.len() as u64;
+    let mut in_flight = VecDeque::new();
+    let mut hasher = Sha256::new();
+    let mut chunks = 0;
+    for (header, range) in ChunkHeader::split(total, to.chunk_bytes) {
+        let body = control::encode(&header, &snapshot[range.clone()]);
+        // Mandatory: a chunk for a queue that does not exist comes back instead of vanishing.
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                to.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default(),
+            )
+            .await?;
+        drop(body);
+        in_flight.push_back(confirm);
+        let snap = snapshot.clone();
+        hasher = tokio::task::spawn_blocking(move || {
+            hasher.update(&snap[range]);
+            hasher
+        })
+        .await?;
+        if in_flight.len() >= STREAM_WINDOW {
+            confirmed(in_flight.pop_front().expect("not empty"), &to.queue).await?;
+        }
+        chunks = header.count;
+    }
+    while let Some(c) = in_flight.pop_front() {
+        confirmed(c, &to.queue).await?;
+    }
+    Ok(Checkpoint {
+        queue: to.queue.clone(),
+        bytes: total,
+        chunks,
+        sha256: ms2m_wire::hex(&hasher.finalize()),
+    })
+}
+
+/// Waits for a chunk's confirm; a nack or a chunk returned unroutable is an error.
+async fn confirmed(confirm: PublisherConfirm, queue: &str) -> Result<()> {
+    let c = confirm.await?;
+    if c.is_nack() {
+        anyhow::bail!("the broker refused (nacked) a chunk");
+    }
+    if c.take_message().is_some() {
+        anyhow::bail!("queue {queue} does not exist (a chunk came back unroutable)");
+    }
+    Ok(())
 }
 
 /// Waits for the next delivery of an optional subscription; pends forever when there is none.
@@ -244,7 +358,13 @@ impl Instance {
                     self.pipeline.push(confirm.take(), d.acker.clone())?;
                 }
                 Action::Reply(o) => self.send(o).await?,
-                Action::Checkpoint(o) => self.send_in_background(o),
+                Action::Checkpoint(o) => self.send_in_background(o).await,
+                Action::Fetch(checkpoint) => {
+                    let fetched = self.fetch(&checkpoint).await.map_err(|e| {
+                        format!("fetching the checkpoint from {}: {e:#}", checkpoint.queue)
+                    });
+                    todo.extend(self.core.handle(now_ns(), CoreEvent::Fetched(fetched)));
+                }
                 Action::StartLive => self.start_live().await?,
                 Action::StopLive => {
                     if let Some(sub) = self.live.take() {
@@ -289,27 +409,49 @@ impl Instance {
     /// confirm: the manager has the reply as soon as the broker routes it, and a reply that goes
     /// missing shows as the manager's timeout.
     async fn send(&self, o: Outgoing) -> Result<()> {
-        let reply = Reply {
-            t_ns: now_ns(),
-            ..o.reply
-        };
-        publish_reply(&self.out, &o.to, &reply, &o.attachment).await?;
+        let channel = self.stream_channel(&o).await;
+        deliver(&self.out, channel, o).await?;
         Ok(())
     }
 
     /// Sends a checkpoint without holding up the event loop: the core copied the state, and
     /// writing its megabytes happens while the instance goes on serving.
-    fn send_in_background(&self, o: Outgoing) {
+    async fn send_in_background(&self, o: Outgoing) {
+        let channel = self.stream_channel(&o).await;
         let out = self.out.clone();
-        let reply = Reply {
-            t_ns: now_ns(),
-            ..o.reply
-        };
         tokio::spawn(async move {
-            if let Err(e) = publish_reply(&out, &o.to, &reply, &o.attachment).await {
+            if let Err(e) = deliver(&out, channel, o).await {
                 eprintln!("ms2m-service: sending the checkpoint failed: {e}");
             }
         });
+    }
+
+    /// A channel of its own for streaming `o`'s checkpoint, if it streams one: a broker error
+    /// on it (a chunk refused) closes that channel, never the one output events go out on.
+    async fn stream_channel(&self, o: &Outgoing) -> Option<Result<Channel>> {
+        o.stream.as_ref()?;
+        Some(
+            async {
+                let channel = self.conn.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok(channel)
+            }
+            .await,
+        )
+    }
+
+    /// Reads a streamed checkpoint: every chunk in order, its size and SHA-256 checked. The
+    /// chunks are acked as they arrive, so the broker lets go of them; the buffer is the one
+    /// copy of the checkpoint here (the restore takes it over).
+    async fn fetch(&self, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
+        let mut sub =
+            Subscription::open(&self.conn, &checkpoint.queue, "fetch", STREAM_WINDOW as u16)
+                .await?;
+        let fetched = read_chunks(&mut sub.consumer, checkpoint).await;
+        let _ = sub.close().await;
+        fetched
     }
 
     async fn start_live(&mut self) -> Result<()> {
@@ -357,6 +499,61 @@ impl Instance {
             .await?;
         Ok(confirm)
     }
+}
+
+/// The chunks of `checkpoint`, reassembled and checked.
+async fn read_chunks(consumer: &mut Consumer, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(checkpoint.bytes as usize)
+        .with_context(|| format!("no memory for a checkpoint of {} bytes", checkpoint.bytes))?;
+    let mut hasher = Sha256::new();
+    for index in 0..checkpoint.chunks {
+        let d = tokio::time::timeout(CHUNK_TIMEOUT, consumer.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "chunk {index} of {} did not arrive within {} s",
+                    checkpoint.chunks,
+                    CHUNK_TIMEOUT.as_secs()
+                )
+            })?
+            .context("the checkpoint queue's consumer closed")??;
+        let (header, data) = control::decode::<ChunkHeader>(&d.data)?;
+        let expected = (index, checkpoint.chunks, buf.len() as u64, checkpoint.bytes);
+        if (header.index, header.count, header.offset, header.total) != expected {
+            anyhow::bail!(
+                "chunk out of place: got {header:?}, expected index {index} of {} at offset {} \
+                 of {} bytes",
+                checkpoint.chunks,
+                buf.len(),
+                checkpoint.bytes
+            );
+        }
+        if buf.len() + data.len() > checkpoint.bytes as usize {
+            anyhow::bail!(
+                "the chunks hold more than the {} bytes announced",
+                checkpoint.bytes
+            );
+        }
+        hasher.update(data);
+        buf.extend_from_slice(data);
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    if buf.len() as u64 != checkpoint.bytes {
+        anyhow::bail!(
+            "{} bytes arrived, {} announced",
+            buf.len(),
+            checkpoint.bytes
+        );
+    }
+    let sha256 = ms2m_wire::hex(&hasher.finalize());
+    if sha256 != checkpoint.sha256 {
+        anyhow::bail!(
+            "SHA-256 {sha256} differs from the source's {}",
+            checkpoint.sha256
+        );
+    }
+    Ok(buf)
 }
 
 /// Below this much of a processing time, tokio's timer (1 ms granularity, up to about a

@@ -21,7 +21,7 @@
 //! its own reply.
 
 use ms2m_wire::{
-    control::{Command, Envelope, Reply, ReplyKind},
+    control::{Checkpoint, Command, Envelope, Reply, ReplyKind, StreamTo},
     state::ServiceState,
     Input, Mode,
 };
@@ -31,6 +31,9 @@ use ms2m_wire::{
 pub enum Event<'a> {
     /// A decoded control command and its attachment (the snapshot, for `restore`).
     Control(Envelope, &'a [u8]),
+    /// The outcome of [`Action::Fetch`]: the checkpoint's bytes, checked against its size and
+    /// SHA-256, or why they could not be read.
+    Fetched(Result<Vec<u8>, String>),
     /// A delivery from the primary queue: the parsed input, or why it did not parse.
     Live(Result<Input, String>),
     /// A delivery from the replay queue: the parsed input, or why it did not parse.
@@ -48,6 +51,9 @@ pub struct Outgoing {
     pub to: String,
     pub reply: Reply,
     pub attachment: Vec<u8>,
+    /// Where to stream `attachment` (a snapshot) in chunks instead of attaching it; the reply
+    /// then describes the stream in `checkpoint`.
+    pub stream: Option<StreamTo>,
 }
 
 /// What the I/O loop must do, in the order given.
@@ -68,6 +74,8 @@ pub enum Action {
     Reply(Outgoing),
     /// Send a checkpoint in the background: the instance serves on while its megabytes travel.
     Checkpoint(Outgoing),
+    /// Read the checkpoint described from its queue and report with [`Event::Fetched`].
+    Fetch(Checkpoint),
     /// Start consuming the primary queue.
     StartLive,
     /// Close the primary queue's channel: messages fetched but not acked go back to the queue.
@@ -137,6 +145,10 @@ pub struct Core {
     replay: Option<Replaying>,
     replayed: u64,
     skipped: u64,
+    /// A `fetch` in progress, with the checkpoint it reads and when it began.
+    fetching: Option<(Pending, Checkpoint, u64)>,
+    /// The checkpoint fetched last, for the next `restore` without attachment.
+    fetched: Option<Vec<u8>>,
     exited: bool,
 }
 
@@ -150,6 +162,8 @@ impl Core {
             replay: None,
             replayed: 0,
             skipped: 0,
+            fetching: None,
+            fetched: None,
             exited: false,
         }
     }
@@ -208,6 +222,7 @@ impl Core {
             Event::Replay(input) if self.polls_replay() => self.on_replay(input, &mut out),
             Event::Live(_) | Event::Replay(_) => {}
             Event::ReplayOpened(result) => self.on_replay_opened(result, &mut out),
+            Event::Fetched(result) => self.on_fetched(result, &mut out),
         }
         out
     }
@@ -231,6 +246,7 @@ impl Core {
             to,
             reply,
             attachment,
+            stream: None,
         }));
     }
 
@@ -303,25 +319,54 @@ impl Core {
                 // Stops at once; a `stop_live` waiting is answered by the stop.
                 _ => self.finish_stop(pending, out),
             },
-            Command::Snapshot => {
+            Command::Snapshot { stream } => {
                 let snap = self.state.to_snapshot();
                 let mut r = self.reply(&pending.corr, kind);
                 r.t_begin_ns = now_ns;
-                self.send(out, pending.reply_to, r, snap);
+                out.push(Action::Reply(Outgoing {
+                    to: pending.reply_to,
+                    reply: r,
+                    attachment: snap,
+                    stream,
+                }));
+            }
+            Command::Fetch(checkpoint) => {
+                if self.fetching.is_some() {
+                    self.refuse(out, pending, "already fetching a checkpoint".into());
+                } else {
+                    self.fetching = Some((pending, checkpoint.clone(), now_ns));
+                    out.push(Action::Fetch(checkpoint));
+                }
             }
             Command::Restore => {
-                // An invalid snapshot is reported as such even while live or replaying.
-                let error = match ServiceState::from_snapshot(attachment) {
-                    Ok(_) if self.live => Some("cannot restore while serving live".to_string()),
-                    // Rewinding the state under a replay would apply its seqs again.
-                    Ok(_) if self.replay.is_some() => {
-                        Some("cannot restore while replaying".to_string())
-                    }
-                    Ok(s) => {
+                // Rewinding the state under a replay would apply its seqs again.
+                let busy = if self.live {
+                    Some("cannot restore while serving live")
+                } else if self.replay.is_some() {
+                    Some("cannot restore while replaying")
+                } else {
+                    None
+                };
+                // An invalid snapshot is reported as such even while live or replaying; a
+                // fetched checkpoint is kept for a restore that may come later.
+                let restored = if !attachment.is_empty() {
+                    ServiceState::from_snapshot(attachment)
+                } else if busy.is_none() && self.fetched.is_some() {
+                    ServiceState::from_snapshot_vec(self.fetched.take().expect("checked"))
+                } else if busy.is_none() {
+                    Err(ms2m_wire::state::SnapshotError(
+                        "nothing to restore: no snapshot attached and no checkpoint fetched".into(),
+                    ))
+                } else {
+                    Ok(ServiceState::new(0))
+                };
+                let error = match (restored, busy) {
+                    (Err(e), _) => Some(e.to_string()),
+                    (Ok(_), Some(busy)) => Some(busy.to_string()),
+                    (Ok(s), None) => {
                         self.state = s;
                         None
                     }
-                    Err(e) => Some(e.to_string()),
                 };
                 // Built after the restore, so that it reports the restored position.
                 let mut r = self.reply(&pending.corr, kind);
@@ -403,6 +448,9 @@ impl Core {
         if let Some((after, w)) = self.stop_after.take() {
             dropped.push((w, format!("shut down before reaching seq {after}")));
         }
+        if let Some((w, c, _)) = self.fetching.take() {
+            dropped.push((w, format!("shut down while fetching {}", c.queue)));
+        }
         self.stop_live(out);
         if let Some(r) = self.replay.take() {
             out.push(Action::CloseReplay);
@@ -420,6 +468,22 @@ impl Core {
         self.answer(out, p);
         self.exited = true;
         out.push(Action::Exit);
+    }
+
+    fn on_fetched(&mut self, result: Result<Vec<u8>, String>, out: &mut Vec<Action>) {
+        let Some((pending, checkpoint, began_ns)) = self.fetching.take() else {
+            return;
+        };
+        match result {
+            Ok(bytes) => {
+                self.fetched = Some(bytes);
+                let mut r = self.reply(&pending.corr, pending.kind);
+                r.t_begin_ns = began_ns;
+                r.checkpoint = Some(checkpoint);
+                self.send(out, pending.reply_to, r, Vec::new());
+            }
+            Err(e) => self.refuse(out, pending, e),
+        }
     }
 
     fn on_replay_opened(&mut self, result: Result<(), String>, out: &mut Vec<Action>) {
@@ -481,7 +545,11 @@ impl Core {
                 let a = self.process(seq, t_pub_ns, &payload, Mode::Live);
                 out.push(a);
             }
-            Ok(Input::Barrier { id, reply_to }) => {
+            Ok(Input::Barrier {
+                id,
+                reply_to,
+                stream,
+            }) => {
                 let snap = self.state.to_snapshot();
                 let mut r = self.reply(&id, ReplyKind::Checkpoint);
                 r.t_begin_ns = now_ns;
@@ -489,6 +557,7 @@ impl Core {
                     to: reply_to,
                     reply: r,
                     attachment: snap,
+                    stream,
                 }));
             }
             Err(e) => out.push(Action::Warn(format!("dropping malformed input: {e}"))),

@@ -3,8 +3,15 @@
 //! Commands go to the instance's control queue ([`crate::names::control_queue`]); replies go to
 //! the queue named in the command's `reply_to`. Every control message body is an envelope:
 //! a 4-byte little-endian length `n`, `n` bytes of JSON, then an optional binary attachment
-//! (the snapshot, for `restore` commands and `checkpoint`/`snapshot` replies). An instance
-//! handles control messages between two data messages, never during one.
+//! (a small snapshot, for `restore` commands and `checkpoint`/`snapshot` replies that do not
+//! stream). An instance handles control messages between two data messages, never during one.
+//!
+//! Checkpoints of any size are streamed instead: the source writes the snapshot to a queue of
+//! its own as [`ChunkHeader`] envelopes of at most [`StreamTo::chunk_bytes`] each (every one
+//! far below the broker's message limit) and replies with a [`Checkpoint`] (size, chunk count,
+//! SHA-256); the manager relays that description in a [`Command::Fetch`], the target reads and
+//! checks the chunks, and a [`Command::Restore`] without attachment applies what was fetched.
+//! The manager never holds the state.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,9 +39,18 @@ pub enum Command {
     /// `stop_live` with the last processed sequence number. A second one that would wait is
     /// refused while one waits; one that stops at once answers the waiting one too.
     StopLive { after_seq: Option<u64> },
-    /// Reply with a snapshot of the state as attachment.
-    Snapshot,
-    /// Replace the state with the attached snapshot. Refused while live or replaying.
+    /// Take a snapshot of the state and stream it to `stream` (the reply then describes it in
+    /// `checkpoint`, once every chunk is confirmed by the broker); without `stream`, reply with
+    /// the snapshot as attachment.
+    Snapshot {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<StreamTo>,
+    },
+    /// Read a streamed checkpoint from its queue, check its size and SHA-256, and keep it for
+    /// the next `restore`. Replies once all of it is in (or with why it is not).
+    Fetch(Checkpoint),
+    /// Replace the state with the attached snapshot or, without attachment, with the checkpoint
+    /// fetched last. Refused while live or replaying.
     Restore,
     /// Replay `queue` without side effects: skip messages at or below `last_seq`, apply the
     /// rest, but never one above `until_seq` when given (those are dropped). Refused while live
@@ -71,7 +87,8 @@ impl Command {
             Command::Status => ReplyKind::Status,
             Command::StartLive => ReplyKind::StartLive,
             Command::StopLive { .. } => ReplyKind::StopLive,
-            Command::Snapshot => ReplyKind::Snapshot,
+            Command::Snapshot { .. } => ReplyKind::Snapshot,
+            Command::Fetch(_) => ReplyKind::Fetch,
             Command::Restore => ReplyKind::Restore,
             Command::Replay { .. } => ReplyKind::Replay,
             Command::PauseReplay => ReplyKind::PauseReplay,
@@ -95,6 +112,7 @@ pub enum ReplyKind {
     StartLive,
     StopLive,
     Snapshot,
+    Fetch,
     Restore,
     Replay,
     PauseReplay,
@@ -107,11 +125,12 @@ pub enum ReplyKind {
 
 impl ReplyKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ReplyKind; 11] = [
+    pub const ALL: [ReplyKind; 12] = [
         ReplyKind::Status,
         ReplyKind::StartLive,
         ReplyKind::StopLive,
         ReplyKind::Snapshot,
+        ReplyKind::Fetch,
         ReplyKind::Restore,
         ReplyKind::Replay,
         ReplyKind::PauseReplay,
@@ -128,6 +147,7 @@ impl ReplyKind {
             ReplyKind::StartLive => "start_live",
             ReplyKind::StopLive => "stop_live",
             ReplyKind::Snapshot => "snapshot",
+            ReplyKind::Fetch => "fetch",
             ReplyKind::Restore => "restore",
             ReplyKind::Replay => "replay",
             ReplyKind::PauseReplay => "pause_replay",
@@ -170,6 +190,61 @@ pub struct Reply {
     /// Replayed messages skipped because the snapshot already held them.
     #[serde(default)]
     pub skipped: u64,
+    /// The checkpoint streamed (`checkpoint` and `snapshot` replies with a stream) or fetched
+    /// (`fetch` replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Where to stream a checkpoint: the queue, and the largest chunk to write to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamTo {
+    pub queue: String,
+    pub chunk_bytes: u32,
+}
+
+/// A checkpoint written to `queue` as `chunks` chunks, `bytes` in all, whose concatenation has
+/// the SHA-256 `sha256` (lower-case hex).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub queue: String,
+    pub bytes: u64,
+    pub chunks: u32,
+    pub sha256: String,
+}
+
+/// The header of one message on a checkpoint queue; the chunk's bytes are its attachment.
+/// Chunks are published in order: `index` from 0 to `count - 1`, `offset` where the chunk's
+/// bytes start in the snapshot, `total` the snapshot's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    pub index: u32,
+    pub count: u32,
+    pub offset: u64,
+    pub total: u64,
+}
+
+impl ChunkHeader {
+    /// The chunks of a snapshot of `total` bytes cut at `chunk_bytes` (an empty snapshot is one
+    /// empty chunk, so that every stream ends with a message).
+    pub fn split(
+        total: u64,
+        chunk_bytes: u32,
+    ) -> impl Iterator<Item = (ChunkHeader, std::ops::Range<usize>)> {
+        let size = u64::from(chunk_bytes.max(1));
+        let count = total.div_ceil(size).max(1);
+        (0..count).map(move |i| {
+            let offset = i * size;
+            let end = (offset + size).min(total);
+            let header = ChunkHeader {
+                index: i as u32,
+                count: count as u32,
+                offset,
+                total,
+            };
+            (header, offset as usize..end as usize)
+        })
+    }
 }
 
 /// Why an envelope could not be decoded.
@@ -240,7 +315,8 @@ mod tests {
             (Command::Status, "status"),
             (Command::StartLive, "start_live"),
             (Command::StopLive { after_seq: Some(3) }, "stop_live"),
-            (Command::Snapshot, "snapshot"),
+            (Command::Snapshot { stream: None }, "snapshot"),
+            (Command::Fetch(Checkpoint::default()), "fetch"),
             (Command::Restore, "restore"),
             (
                 Command::Replay {
@@ -279,6 +355,7 @@ mod tests {
             "start_live",
             "stop_live",
             "snapshot",
+            "fetch",
             "restore",
             "replay",
             "pause_replay",
@@ -324,6 +401,59 @@ mod tests {
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(body);
         assert!(decode::<Reply>(&framed).is_err());
+    }
+
+    #[test]
+    fn snapshot_without_stream_keeps_its_old_json() {
+        let (env, _): (Envelope, _) = decode(&encode(
+            &serde_json::json!({"corr": "1", "reply_to": "m", "cmd": "snapshot"}),
+            b"",
+        ))
+        .unwrap();
+        assert_eq!(env.command, Command::Snapshot { stream: None });
+        let fetch = Command::Fetch(Checkpoint {
+            queue: "q".into(),
+            bytes: 9,
+            chunks: 2,
+            sha256: "ab".into(),
+        });
+        let json = serde_json::to_value(&fetch).unwrap();
+        assert_eq!(json["cmd"], "fetch");
+        assert_eq!(json["queue"], "q");
+        assert_eq!(serde_json::from_value::<Command>(json).unwrap(), fetch);
+    }
+
+    #[test]
+    fn chunks_cover_the_snapshot_in_order() {
+        let chunks: Vec<_> = ChunkHeader::split(10, 4).collect();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(
+            chunks[2].0,
+            ChunkHeader {
+                index: 2,
+                count: 3,
+                offset: 8,
+                total: 10
+            }
+        );
+        assert_eq!(
+            chunks.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            [0..4, 4..8, 8..10]
+        );
+        let empty: Vec<_> = ChunkHeader::split(0, 4).collect();
+        assert_eq!(
+            empty,
+            [(
+                ChunkHeader {
+                    index: 0,
+                    count: 1,
+                    offset: 0,
+                    total: 0
+                },
+                0..0
+            )]
+        );
+        assert_eq!(ChunkHeader::split(8, 4).count(), 2);
     }
 
     #[test]

@@ -35,8 +35,14 @@ pub enum Input {
     },
     /// A marker published through the input exchange by the migration manager. It lands in every
     /// queue bound to the exchange behind all messages routed before it; an instance serving live
-    /// that reaches it takes a checkpoint and sends it to `reply_to`.
-    Barrier { id: String, reply_to: String },
+    /// that reaches it takes a checkpoint, streams it to `stream` (see [`control::StreamTo`];
+    /// without one, as the reply's attachment) and replies to `reply_to`.
+    Barrier {
+        id: String,
+        reply_to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<control::StreamTo>,
+    },
 }
 
 /// Whether an instance processed a message as live work or while replaying the backlog.

@@ -30,3 +30,9 @@ pub fn control_queue(service: &str, instance: &str) -> String {
 pub fn replay_queue(service: &str, migration_id: &str) -> String {
     format!("{service}.replay.{migration_id}")
 }
+
+/// Queue a source streams the checkpoint of migration `migration_id` to, chunk by chunk, for
+/// the target to fetch.
+pub fn checkpoint_queue(service: &str, migration_id: &str) -> String {
+    format!("{service}.ckpt.{migration_id}")
+}

@@ -103,6 +103,28 @@ impl ServiceState {
 
     /// Restores a state from [`ServiceState::to_snapshot`]'s bytes.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let header = SnapshotHeader::parse(bytes)?;
+        Ok(header.with_data(bytes[HEADER_LEN..].to_vec()))
+    }
+
+    /// [`ServiceState::from_snapshot`] without a second copy of the payload: the snapshot's
+    /// buffer becomes the state's (for states of gigabytes, where a copy is a copy too many).
+    pub fn from_snapshot_vec(mut bytes: Vec<u8>) -> Result<Self, SnapshotError> {
+        let header = SnapshotHeader::parse(&bytes)?;
+        bytes.drain(..HEADER_LEN);
+        Ok(header.with_data(bytes))
+    }
+}
+
+/// A snapshot's header, checked against the snapshot's length.
+struct SnapshotHeader {
+    last_seq: u64,
+    count: u64,
+    chain: [u8; 32],
+}
+
+impl SnapshotHeader {
+    fn parse(bytes: &[u8]) -> Result<Self, SnapshotError> {
         if bytes.len() < HEADER_LEN || &bytes[..8] != SNAPSHOT_MAGIC {
             return Err(SnapshotError("missing MS2MSNAP header".into()));
         }
@@ -113,22 +135,27 @@ impl ServiceState {
                 "version {version}, this build reads {SNAPSHOT_VERSION}"
             )));
         }
-        let last_seq = u64_at(12);
-        let count = u64_at(20);
-        let chain: [u8; 32] = bytes[28..60].try_into().unwrap();
-        let len = u64_at(60) as usize;
-        if bytes.len() != HEADER_LEN + len {
+        let len = u64_at(60);
+        if (bytes.len() - HEADER_LEN) as u64 != len {
             return Err(SnapshotError(format!(
                 "payload of {} bytes, header says {len}",
                 bytes.len() - HEADER_LEN
             )));
         }
-        Ok(ServiceState {
-            last_seq,
-            count,
-            chain,
-            data: bytes[HEADER_LEN..].to_vec(),
+        Ok(SnapshotHeader {
+            last_seq: u64_at(12),
+            count: u64_at(20),
+            chain: bytes[28..60].try_into().unwrap(),
         })
+    }
+
+    fn with_data(self, data: Vec<u8>) -> ServiceState {
+        ServiceState {
+            last_seq: self.last_seq,
+            count: self.count,
+            chain: self.chain,
+            data,
+        }
     }
 }
 
@@ -161,6 +188,7 @@ mod tests {
         let back = ServiceState::from_snapshot(&s.to_snapshot()).unwrap();
         assert_eq!(back, s);
         assert_eq!(back.digest(), s.digest());
+        assert_eq!(ServiceState::from_snapshot_vec(s.to_snapshot()).unwrap(), s);
     }
 
     #[test]
@@ -179,6 +207,7 @@ mod tests {
         let s = ServiceState::new(10).to_snapshot();
         assert!(ServiceState::from_snapshot(&s[..s.len() - 1]).is_err());
         assert!(ServiceState::from_snapshot(b"nope").is_err());
+        assert!(ServiceState::from_snapshot_vec(s[..s.len() - 1].to_vec()).is_err());
     }
 
     #[test]

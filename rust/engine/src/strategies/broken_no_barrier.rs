@@ -12,13 +12,22 @@ use std::time::Duration;
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.enter(PhaseName::Checkpoint).await?;
     let source = ctx.source.clone();
-    let (_, snapshot) = ctx.command(&source, Command::Snapshot, &[]).await?;
-    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
+    let stream = ctx.checkpoint_stream().await?;
+    let (snapshot, _) = ctx
+        .command(
+            &source,
+            Command::Snapshot {
+                stream: Some(stream),
+            },
+            &[],
+        )
+        .await?;
+    let checkpoint = ctx.took_checkpoint(&snapshot)?;
     // Widen the gap so that some messages surely fall into it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let queue = ms2m::prepare(ctx, true).await?;
-    let restored = ms2m::transfer(ctx, snapshot).await?;
-    ms2m::restore(ctx, restored).await?;
+    let unfetched = ms2m::transfer(ctx, checkpoint).await?;
+    ms2m::restore(ctx, unfetched).await?;
     ctx.enter(PhaseName::Replay).await?;
     ms2m::start_replay(ctx, &queue, None).await?;
     ms2m::catch_up(ctx, &queue, None).await?;

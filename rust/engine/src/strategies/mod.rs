@@ -13,19 +13,22 @@ mod options;
 mod stop_and_copy;
 mod timeline;
 
-pub use options::{Fault, MigrationOptions, Role};
+pub use options::{Fault, MigrationOptions, Role, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 pub use timeline::{Phase, PhaseName, Timeline};
 
 use crate::broker::{Answer, Link, Sent};
 use crate::config::ServiceSpec;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
-use ms2m_wire::{control::Command, now_ns};
+use ms2m_wire::control::{Checkpoint, Command, Reply, StreamTo};
+use ms2m_wire::{names, now_ns};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 use strum::IntoStaticStr;
+use tokio::time::Instant;
 
 /// The migration strategies this engine implements, one file each under `strategies/`.
 #[derive(
@@ -130,10 +133,45 @@ pub struct CutoffReport {
     pub fired_at_ns: Option<u64>,
 }
 
+/// How the checkpoint travelled: written by the source to its queue in chunks, then fetched
+/// by the target. Times are the instances' own (host clock).
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct CheckpointStats {
+    pub bytes: u64,
+    pub chunks: u32,
+    /// The largest chunk asked for (`chunk_bytes`).
+    pub chunk_bytes: u32,
+    /// SHA-256 of the snapshot, checked by the target.
+    pub sha256: String,
+    /// From the source taking the snapshot to the broker confirming its last chunk, ms.
+    pub write_ms: f64,
+    pub write_mib_s: f64,
+    /// From the target asking for the first chunk to holding all of them, checked, ms.
+    pub fetch_ms: Option<f64>,
+    pub fetch_mib_s: Option<f64>,
+}
+
+/// MiB per second of `bytes` moved in `ms` milliseconds (0 for no time).
+fn mib_s(bytes: u64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        bytes as f64 / (1 << 20) as f64 / (ms / 1e3)
+    } else {
+        0.0
+    }
+}
+
+/// Milliseconds between two instance readings of the host clock.
+fn span_ms(begin_ns: u64, end_ns: u64) -> f64 {
+    end_ns.saturating_sub(begin_ns) as f64 / 1e6
+}
+
 /// What a strategy found out while it ran.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct Outcome {
     pub checkpoint_bytes: u64,
+    /// How the checkpoint was written and fetched (None: no checkpoint was taken).
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointStats>,
     /// Messages the target applied in replay mode.
     pub messages_replayed: u64,
     /// Replayed messages the target dropped because its snapshot already held them.
@@ -170,8 +208,13 @@ pub(crate) struct Ctx<'a> {
     pub source_stopped: bool,
     pub target_started: bool,
     pub replay_queue: Option<String>,
+    pub checkpoint_queue: Option<String>,
     /// A fault aimed at the target before it existed: kill it as soon as it starts.
     kill_target_on_start: bool,
+    /// A fault due later in the current phase: [`Ctx::watch`] carries it out while it waits.
+    scheduled_kill: Mutex<Option<(Instant, Role)>>,
+    /// What a scheduled kill did, once it did it.
+    fired: Mutex<Option<String>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -207,7 +250,10 @@ impl<'a> Ctx<'a> {
             source_stopped: false,
             target_started: false,
             replay_queue: None,
+            checkpoint_queue: None,
             kill_target_on_start: false,
+            scheduled_kill: Mutex::new(None),
+            fired: Mutex::new(None),
         }
     }
 
@@ -219,12 +265,19 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Begins a phase, injecting the configured fault if it is aimed at this phase.
+    /// Begins a phase, injecting the configured fault if it is aimed at this phase (at once, or
+    /// scheduled for [`Ctx::watch`] to carry out `after_ms` into it).
     pub async fn enter(&mut self, phase: PhaseName) -> Result<()> {
         self.timeline.begin(phase);
+        *self.scheduled_kill.lock().unwrap() = None;
         let Some(fault) = self.opts.fault.as_ref().filter(|f| f.at_phase == phase) else {
             return Ok(());
         };
+        if fault.after_ms > 0.0 {
+            let at = Instant::now() + Duration::from_secs_f64(fault.after_ms / 1e3);
+            *self.scheduled_kill.lock().unwrap() = Some((at, fault.kill));
+            return Ok(());
+        }
         match fault.kill {
             Role::Source => self.kill(&self.source.clone()).await,
             Role::Target if self.target_started => self.kill(&self.target.clone()).await,
@@ -245,18 +298,117 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Runs `fut`, failing at once if `instance` exits meanwhile.
+    /// Runs `fut`, failing at once if `instance` exits meanwhile; carries out a kill scheduled
+    /// for this phase when it falls due.
     pub async fn watch<T>(
         &self,
         instance: &str,
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        tokio::select! {
-            r = fut => r,
-            _ = self.runtime.wait_until_exited(instance) => Err(self.failed(format!(
-                "{instance} exited (killed or crashed) while the manager waited for it"
-            ))),
+        tokio::pin!(fut);
+        let exited = self.runtime.wait_until_exited(instance);
+        tokio::pin!(exited);
+        loop {
+            let due = self.scheduled_kill.lock().unwrap().map(|(at, _)| at);
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = &mut exited => return Err(self.failed(format!(
+                    "{instance} exited (killed or crashed) while the manager waited for it"
+                ))),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    self.scheduled_kill_now().await?;
+                }
+            }
         }
+    }
+
+    /// Carries out the scheduled kill if it is due: for waits that poll rather than go
+    /// through [`Ctx::watch`].
+    pub async fn kill_if_due(&self) -> Result<()> {
+        let due = self.scheduled_kill.lock().unwrap().map(|(at, _)| at);
+        if due.is_some_and(|at| at <= Instant::now()) {
+            self.scheduled_kill_now().await?;
+        }
+        Ok(())
+    }
+
+    /// Carries out the scheduled kill (on the target only if it runs).
+    async fn scheduled_kill_now(&self) -> Result<()> {
+        let Some((_, role)) = self.scheduled_kill.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let victim = match role {
+            Role::Source => &self.source,
+            Role::Target if self.target_started => &self.target,
+            Role::Target => return Ok(()),
+        };
+        self.runtime.kill_instance(victim).await?;
+        let phase = self.timeline.current().map_or("?", PhaseName::name);
+        let fault = self.opts.fault.as_ref().map_or(0.0, |f| f.after_ms);
+        *self.fired.lock().unwrap() = Some(format!(
+            "killed {victim} {fault} ms into {phase} ({} ns)",
+            now_ns()
+        ));
+        Ok(())
+    }
+
+    /// Declares the migration's checkpoint queue (rollback deletes it) and says how to
+    /// stream to it.
+    pub async fn checkpoint_stream(&mut self) -> Result<StreamTo> {
+        let queue = names::checkpoint_queue(&self.spec.name, &self.migration_id);
+        self.link.declare_queue(&queue).await?;
+        self.checkpoint_queue = Some(queue.clone());
+        Ok(StreamTo {
+            queue,
+            chunk_bytes: self.opts.chunk_bytes,
+        })
+    }
+
+    /// The checkpoint a source's reply describes, recorded in the outcome.
+    pub fn took_checkpoint(&mut self, reply: &Reply) -> Result<Checkpoint> {
+        let Some(cp) = reply.checkpoint.clone() else {
+            return Err(self.failed(format!(
+                "{} took a checkpoint but did not say where it streamed it",
+                reply.instance
+            )));
+        };
+        let write_ms = span_ms(reply.t_begin_ns, reply.t_ns);
+        self.outcome.checkpoint_bytes = cp.bytes;
+        self.outcome.checkpoint = Some(CheckpointStats {
+            bytes: cp.bytes,
+            chunks: cp.chunks,
+            chunk_bytes: self.opts.chunk_bytes,
+            sha256: cp.sha256.clone(),
+            write_ms,
+            write_mib_s: mib_s(cp.bytes, write_ms),
+            fetch_ms: None,
+            fetch_mib_s: None,
+        });
+        Ok(cp)
+    }
+
+    /// The target fetches the checkpoint from its queue (all chunks, checked).
+    pub async fn fetch(&mut self, checkpoint: Checkpoint) -> Result<()> {
+        let target = self.target.clone();
+        let (fetched, _) = self
+            .command(&target, Command::Fetch(checkpoint), &[])
+            .await?;
+        if let Some(stats) = self.outcome.checkpoint.as_mut() {
+            let ms = span_ms(fetched.t_begin_ns, fetched.t_ns);
+            stats.fetch_ms = Some(ms);
+            stats.fetch_mib_s = Some(mib_s(stats.bytes, ms));
+        }
+        Ok(())
+    }
+
+    /// The target restores what it fetched; the checkpoint queue, empty now, goes.
+    pub async fn restore_fetched(&mut self) -> Result<()> {
+        let target = self.target.clone();
+        self.command(&target, Command::Restore, &[]).await?;
+        if let Some(q) = self.checkpoint_queue.take() {
+            self.link.delete_queue(&q).await?;
+        }
+        Ok(())
     }
 
     /// Sends a command and waits for the reply, watching the instance.
@@ -280,9 +432,15 @@ impl<'a> Ctx<'a> {
             .declare_control_queue(&self.spec.name, &self.target)
             .await?;
         self.target_started = true;
+        // A standby's own state is replaced by the restore: starting it empty spares the
+        // memory and the time of building one (a second of a large state's downtime).
+        let standby = ServiceSpec {
+            state_bytes: 0,
+            ..self.spec.clone()
+        };
         self.runtime
             .start_instance(
-                self.spec,
+                &standby,
                 &self.target,
                 &self.target_host,
                 self.internal_url,
@@ -348,7 +506,11 @@ impl Failure {
 
 /// Runs `strategy`; if it fails, rolls the migration back ([`abort`]) and says why.
 pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> Option<Failure> {
-    let error = run(strategy, ctx).await.err()?;
+    let result = run(strategy, ctx).await;
+    if let Some(fired) = ctx.fired.lock().unwrap().take() {
+        ctx.outcome.fault = Some(fired);
+    }
+    let error = result.err()?;
     let phase = ctx.timeline.current();
     let mut reason = match error {
         Error::MigrationFailed { reason, .. } => reason,
@@ -383,7 +545,10 @@ async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
             ))
             .await;
     }
-    if let Some(q) = ctx.replay_queue.take() {
+    for q in [ctx.replay_queue.take(), ctx.checkpoint_queue.take()]
+        .into_iter()
+        .flatten()
+    {
         if let Err(e) = ctx.link.delete_queue(&q).await {
             problems.push(e.to_string());
         }

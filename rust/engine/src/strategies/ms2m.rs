@@ -5,7 +5,10 @@
 //! 2. checkpoint: publish a barrier through the input exchange. It queues behind every message
 //!    already waiting for the source, so the checkpoint the source takes when it reaches the
 //!    barrier holds exactly the messages before it. The source keeps serving.
-//! 3. transfer and 4. restore: the snapshot goes to the target, which restores it.
+//!    The source streams the snapshot to the migration's checkpoint queue in chunks and replies
+//!    once the broker has every chunk.
+//! 3. transfer and 4. restore: the target fetches the chunks (checking size and SHA-256),
+//!    then restores them.
 //! 5. replay: the target replays the replay queue without side effects, skipping what the
 //!    snapshot already holds, until the queue is drained (bounded by `replay_timeout_s`: at
 //!    rates near capacity the replay may never catch up, and the migration is aborted).
@@ -18,16 +21,15 @@
 //! compose them in their own order.
 
 use super::{Ctx, PhaseName};
-use crate::broker::Sent;
 use crate::error::Result;
-use ms2m_wire::control::Command;
+use ms2m_wire::control::{Checkpoint, Command};
 use std::time::{Duration, Instant};
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let queue = prepare(ctx, true).await?;
-    let snapshot = checkpoint(ctx).await?;
-    let restored = transfer(ctx, snapshot).await?;
-    restore(ctx, restored).await?;
+    let checkpoint = checkpoint(ctx).await?;
+    let unfetched = transfer(ctx, checkpoint).await?;
+    restore(ctx, unfetched).await?;
     ctx.enter(PhaseName::Replay).await?;
     start_replay(ctx, &queue, None).await?;
     catch_up(ctx, &queue, None).await?;
@@ -48,48 +50,55 @@ pub(super) async fn prepare(ctx: &mut Ctx<'_>, start_target: bool) -> Result<Str
     Ok(queue)
 }
 
-/// Publishes the barrier and waits for the source's checkpoint; the source keeps serving.
-pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Vec<u8>> {
+/// Publishes the barrier and waits until the source has streamed its checkpoint to the
+/// checkpoint queue; the source keeps serving meanwhile.
+pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Checkpoint> {
     ctx.enter(PhaseName::Checkpoint).await?;
+    let stream = ctx.checkpoint_stream().await?;
     let barrier = format!("barrier-{}", ctx.migration_id);
     let checkpoint = ctx.link.expect(&barrier);
-    ctx.link.publish_barrier(&ctx.spec.name, &barrier).await?;
+    ctx.link
+        .publish_barrier(&ctx.spec.name, &barrier, stream)
+        .await?;
     let what = format!("{} to reach the barrier and checkpoint", ctx.source);
     let timeout = ctx.opts.reply_timeout();
-    let (_, snapshot) = ctx
+    let (reply, _) = ctx
         .watch(
             &ctx.source.clone(),
             crate::broker::wait(checkpoint, timeout, &what),
         )
         .await?;
-    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
-    Ok(snapshot)
-}
-
-/// Moves the snapshot into the target host's inbox (its control queue).
-pub(super) async fn transfer(ctx: &mut Ctx<'_>, snapshot: Vec<u8>) -> Result<Sent> {
-    ctx.enter(PhaseName::Transfer).await?;
-    ctx.link
-        .declare_control_queue(&ctx.spec.name, &ctx.target)
-        .await?;
-    let sent = ctx
-        .link
-        .send(&ctx.spec.name, &ctx.target, Command::Restore, &snapshot)
-        .await?;
-    if ctx.target_started && !ctx.runtime.is_running(&ctx.target).await {
-        return Err(ctx.failed(format!("{} exited before the snapshot arrived", ctx.target)));
+    if let Some(e) = &reply.error {
+        return Err(ctx.failed(format!("{}: {e}", reply.instance)));
     }
-    Ok(sent)
+    ctx.took_checkpoint(&reply)
 }
 
-/// Waits until the target has restored the snapshot (starting it first if it is not running).
-pub(super) async fn restore(ctx: &mut Ctx<'_>, restored: Sent) -> Result<()> {
+/// A running target fetches the checkpoint now. One not started yet (stop-and-copy,
+/// sequential MS2M) finds it waiting in its queue, as an image copied to the target node waits
+/// on disk, and fetches it as it restores: the checkpoint is returned for [`restore`].
+pub(super) async fn transfer(
+    ctx: &mut Ctx<'_>,
+    checkpoint: Checkpoint,
+) -> Result<Option<Checkpoint>> {
+    ctx.enter(PhaseName::Transfer).await?;
+    if !ctx.target_started {
+        return Ok(Some(checkpoint));
+    }
+    ctx.fetch(checkpoint).await?;
+    Ok(None)
+}
+
+/// The target restores the checkpoint (started and fetching it first when `unfetched`).
+pub(super) async fn restore(ctx: &mut Ctx<'_>, unfetched: Option<Checkpoint>) -> Result<()> {
     ctx.enter(PhaseName::Restore).await?;
     if !ctx.target_started {
         ctx.start_target().await?;
     }
-    ctx.reply(&ctx.target.clone(), restored).await?;
-    Ok(())
+    if let Some(checkpoint) = unfetched {
+        ctx.fetch(checkpoint).await?;
+    }
+    ctx.restore_fetched().await
 }
 
 /// Starts the target's replay of `queue`, never beyond `until_seq` when given.
@@ -147,6 +156,7 @@ pub(super) async fn catch_up(
                 ctx.probe.service_rate().unwrap_or(f64::NAN),
             )));
         }
+        ctx.kill_if_due().await?;
         if !ctx.runtime.is_running(&target).await {
             return Err(ctx.failed(format!("{target} exited during the replay")));
         }

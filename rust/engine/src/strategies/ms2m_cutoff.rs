@@ -21,9 +21,9 @@ pub fn cutoff_seconds(replay_max_s: f64, mu: f64, lambda: f64) -> Option<f64> {
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let queue = ms2m::prepare(ctx, true).await?;
     let accumulating_since = Instant::now();
-    let snapshot = ms2m::checkpoint(ctx).await?;
-    let restored = ms2m::transfer(ctx, snapshot).await?;
-    ms2m::restore(ctx, restored).await?;
+    let checkpoint = ms2m::checkpoint(ctx).await?;
+    let unfetched = ms2m::transfer(ctx, checkpoint).await?;
+    ms2m::restore(ctx, unfetched).await?;
     ctx.enter(PhaseName::Replay).await?;
     ms2m::start_replay(ctx, &queue, None).await?;
 

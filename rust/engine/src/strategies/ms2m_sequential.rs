@@ -13,8 +13,8 @@ use ms2m_wire::control::Command;
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let queue = ms2m::prepare(ctx, false).await?;
-    let snapshot = ms2m::checkpoint(ctx).await?;
-    let restored = ms2m::transfer(ctx, snapshot).await?;
+    let checkpoint = ms2m::checkpoint(ctx).await?;
+    let unfetched = ms2m::transfer(ctx, checkpoint).await?;
 
     ctx.enter(PhaseName::Stop).await?;
     let source = ctx.source.clone();
@@ -24,7 +24,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
 
-    ms2m::restore(ctx, restored).await?;
+    ms2m::restore(ctx, unfetched).await?;
     ctx.enter(PhaseName::Replay).await?;
     // The source stopped at S: the target must not replay past it, or it would apply a
     // message twice when it meets it again, live, in the primary queue.

@@ -13,12 +13,16 @@ pub enum Role {
     Target,
 }
 
-/// A fault to inject: kill an instance (SIGKILL) when a phase begins, as a crash would. For
-/// experiments on failure handling and for the engine's own tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+/// A fault to inject: kill an instance (SIGKILL) when a phase begins, or `after_ms` into it,
+/// as a crash would. For experiments on failure handling and for the engine's own tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fault {
     pub kill: Role,
     pub at_phase: PhaseName,
+    /// How long into the phase (0: as it begins). A kill still pending when the phase ends
+    /// does not happen, so that it never hits a later phase.
+    #[serde(default)]
+    pub after_ms: f64,
 }
 
 /// Knobs of one migration.
@@ -38,7 +42,15 @@ pub struct MigrationOptions {
     pub replay_max_s: f64,
     /// A fault to inject, if any.
     pub fault: Option<Fault>,
+    /// Largest chunk a checkpoint is streamed in, bytes (see [`MAX_CHUNK_BYTES`]).
+    pub chunk_bytes: u32,
 }
+
+/// The largest chunk: far below the broker's 128 MiB message limit, and small enough that
+/// the few chunks in flight stay a small fraction of a large state.
+pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
+/// The smallest chunk: below it, per-message overhead dominates.
+pub const MIN_CHUNK_BYTES: u32 = 4 << 10;
 
 impl Default for MigrationOptions {
     fn default() -> Self {
@@ -49,6 +61,7 @@ impl Default for MigrationOptions {
             drain_timeout_s: 60.0,
             replay_max_s: 2.0,
             fault: None,
+            chunk_bytes: 8 << 20,
         }
     }
 }
@@ -71,7 +84,20 @@ impl MigrationOptions {
                 self.settle_s
             )));
         }
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
+            return Err(Error::Config(format!(
+                "chunk_bytes must be {MIN_CHUNK_BYTES}..={MAX_CHUNK_BYTES} (4 KiB to 64 MiB: a \
+                 chunk is one broker message), got {}",
+                self.chunk_bytes
+            )));
+        }
         if let Some(f) = &self.fault {
+            if !(f.after_ms.is_finite() && f.after_ms >= 0.0) {
+                return Err(Error::Config(format!(
+                    "fault after_ms must be >= 0, got {}",
+                    f.after_ms
+                )));
+            }
             if !strategy.phases().contains(&f.at_phase) {
                 let phases: Vec<_> = strategy.phases().iter().map(|p| p.name()).collect();
                 return Err(Error::Config(format!(
@@ -101,6 +127,7 @@ mod tests {
             fault: Some(Fault {
                 kill: Role::Target,
                 at_phase: PhaseName::Replay,
+                after_ms: 0.0,
             }),
             ..Default::default()
         };
@@ -115,6 +142,13 @@ mod tests {
                 .contains(r#"its phases are ["stop", "checkpoint""#),
             "{e}"
         );
+        let e = MigrationOptions {
+            chunk_bytes: 200 << 20,
+            ..Default::default()
+        }
+        .validate(Strategy::Ms2m)
+        .unwrap_err();
+        assert!(e.to_string().contains("chunk_bytes must be"), "{e}");
         assert!(MigrationOptions {
             replay_max_s: 0.0,
             ..Default::default()

@@ -2,7 +2,7 @@
 //! transferred and restored on a newly started target, which then serves. Downtime spans all
 //! of it.
 
-use super::{Ctx, PhaseName};
+use super::{ms2m, Ctx, PhaseName};
 use crate::error::Result;
 use ms2m_wire::control::Command;
 
@@ -15,25 +15,22 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
 
+    // The source streams its snapshot to the checkpoint queue, where it waits for the target
+    // (not started yet), as a checkpoint image copied to the target node would.
     ctx.enter(PhaseName::Checkpoint).await?;
-    let (_, snapshot) = ctx.command(&source, Command::Snapshot, &[]).await?;
-    ctx.outcome.checkpoint_bytes = snapshot.len() as u64;
-
-    // The snapshot travels to the target host's inbox (its control queue) before the target
-    // exists, as a checkpoint image would be copied to the target node.
-    ctx.enter(PhaseName::Transfer).await?;
-    ctx.link
-        .declare_control_queue(&ctx.spec.name, &target)
+    let stream = ctx.checkpoint_stream().await?;
+    let (snapshot, _) = ctx
+        .command(
+            &source,
+            Command::Snapshot {
+                stream: Some(stream),
+            },
+            &[],
+        )
         .await?;
-    let restored = ctx
-        .link
-        .send(&ctx.spec.name, &target, Command::Restore, &snapshot)
-        .await?;
-    drop(snapshot);
-
-    ctx.enter(PhaseName::Restore).await?;
-    ctx.start_target().await?;
-    ctx.reply(&target, restored).await?;
+    let checkpoint = ctx.took_checkpoint(&snapshot)?;
+    let unfetched = ms2m::transfer(ctx, checkpoint).await?;
+    ms2m::restore(ctx, unfetched).await?;
 
     ctx.enter(PhaseName::Finalize).await?;
     let (live, _) = ctx.command(&target, Command::StartLive, &[]).await?;

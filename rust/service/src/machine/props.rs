@@ -165,6 +165,7 @@ impl Single {
                     0 => Ok(Input::Barrier {
                         id: "b".into(),
                         reply_to: "mgr".into(),
+                        stream: None,
                     }),
                     1 => Err("malformed".to_string()),
                     _ => Ok(data(self.live_next)),
@@ -188,6 +189,7 @@ impl Single {
                     Item::Barrier => Ok(Input::Barrier {
                         id: "b".into(),
                         reply_to: "mgr".into(),
+                        stream: None,
                     }),
                     Item::Malformed => Err("malformed".to_string()),
                 };
@@ -216,7 +218,9 @@ impl Single {
         let c = &self.core;
         let finishing = c.replay.as_ref().is_some_and(|r| r.finish.is_some());
         match command {
-            Command::Status | Command::Snapshot | Command::Digest | Command::Shutdown => false,
+            Command::Status | Command::Snapshot { .. } | Command::Digest | Command::Shutdown => {
+                false
+            }
             Command::StartLive => c.replay.is_some(),
             Command::StopLive { after_seq } => {
                 c.stop_after.is_some() && c.live && after_seq.is_some_and(|s| c.state.last_seq < s)
@@ -225,6 +229,7 @@ impl Single {
                 ServiceState::from_snapshot(attachment).is_err() || c.live || c.replay.is_some()
             }
             Command::Replay { .. } => c.replay.is_some() || c.live,
+            Command::Fetch(_) => c.fetching.is_some(),
             Command::PauseReplay => finishing,
             Command::FinishReplay { .. } => {
                 finishing || c.replay.as_ref().is_some_and(|r| r.opening.is_some())
@@ -249,7 +254,7 @@ impl Single {
             Cmd::Status => Command::Status,
             Cmd::StartLive => Command::StartLive,
             Cmd::StopLive(after_seq) => Command::StopLive { after_seq },
-            Cmd::Snapshot => Command::Snapshot,
+            Cmd::Snapshot => Command::Snapshot { stream: None },
             Cmd::Restore(k) => {
                 attachment = match k {
                     Some(k) => state_of(1..=k).to_snapshot(),
@@ -407,6 +412,7 @@ impl Single {
                         prop_assert_eq!(o.attachment, self.expected.to_snapshot());
                     }
                 }
+                Action::Fetch(_) => prop_assert!(false, "no fetch was asked"),
                 Action::Checkpoint(o) => {
                     let barrier = matches!(delivery, Some((Via::Live, Ok(Input::Barrier { .. }))));
                     prop_assert!(barrier, "a checkpoint only for a live barrier");
@@ -670,6 +676,7 @@ impl World {
                 self.publish(Input::Barrier {
                     id: "barrier".into(),
                     reply_to: "mgr".into(),
+                    stream: None,
                 });
                 Stage::AwaitCheckpoint
             }
@@ -732,7 +739,7 @@ impl World {
                 let command = match self.noise % 3 {
                     0 => Command::Status,
                     1 => Command::Digest,
-                    _ => Command::Snapshot,
+                    _ => Command::Snapshot { stream: None },
                 };
                 let corr = format!("noise-{}", self.noise);
                 self.send(i, &corr, command, Vec::new());
@@ -784,6 +791,7 @@ impl World {
                         .pop_front();
                     acked = true;
                 }
+                Action::Fetch(_) => unreachable!("the manager model fetches nothing"),
                 Action::Reply(o) | Action::Checkpoint(o) => {
                     if o.to == "mgr" {
                         self.inbox

@@ -39,6 +39,7 @@ fn barrier(id: &str) -> Result<Input, String> {
     Ok(Input::Barrier {
         id: id.into(),
         reply_to: "mgr-cp".into(),
+        stream: None,
     })
 }
 
@@ -87,6 +88,7 @@ fn shape(actions: &[Action]) -> Vec<&'static str> {
             Action::Ack => "ack",
             Action::Reply(_) => "reply",
             Action::Checkpoint(_) => "checkpoint",
+            Action::Fetch(_) => "fetch",
             Action::StartLive => "start_live",
             Action::StopLive => "stop_live",
             Action::OpenReplay { .. } => "open_replay",
@@ -357,7 +359,7 @@ fn start_live_twice_consumes_once() {
 fn snapshot_attaches_the_state() {
     let mut c = live();
     c.handle(0, Event::Live(data(1)));
-    let a = cmd(&mut c, Command::Snapshot);
+    let a = cmd(&mut c, Command::Snapshot { stream: None });
     let Action::Reply(o) = &a[0] else {
         panic!("{a:?}")
     };
@@ -375,6 +377,120 @@ fn restore_replaces_the_state_and_reports_the_restored_position() {
     assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::Restore, None));
     assert_eq!((r.last_seq, r.count, r.t_begin_ns), (4, 4, 9));
     assert_eq!(c.state(), &state_of(1..=4));
+}
+
+fn checkpoint_of(snapshot: &[u8]) -> Checkpoint {
+    Checkpoint {
+        queue: "svc.ckpt.m1".into(),
+        bytes: snapshot.len() as u64,
+        chunks: 1,
+        sha256: "ab".into(),
+    }
+}
+
+#[test]
+fn fetch_then_restore_applies_the_fetched_checkpoint_once() {
+    let mut c = fresh();
+    let snap = state_of(1..=4).to_snapshot();
+    let cp = checkpoint_of(&snap);
+    let a = c.handle(5, Event::Control(env(Command::Fetch(cp.clone())), &[]));
+    assert_eq!(a, [Action::Fetch(cp.clone())]);
+    let a = c.handle(8, Event::Fetched(Ok(snap)));
+    let r = the_reply(&a);
+    assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::Fetch, None));
+    assert_eq!((r.t_begin_ns, r.checkpoint.as_ref()), (5, Some(&cp)));
+    assert_eq!(c.position().last_seq, 0, "fetching changes no state");
+    let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
+    assert_eq!((r.error, r.last_seq), (None, 4));
+    assert_eq!(c.state(), &state_of(1..=4));
+    let again = the_reply(&cmd(&mut c, Command::Restore)).clone();
+    assert!(again.error.unwrap().contains("nothing to restore"));
+    assert_eq!(
+        c.state(),
+        &state_of(1..=4),
+        "a refused restore changes nothing"
+    );
+}
+
+#[test]
+fn a_failed_fetch_is_an_error_reply_and_keeps_nothing() {
+    let mut c = fresh();
+    let cp = checkpoint_of(b"");
+    cmd(&mut c, Command::Fetch(cp.clone()));
+    let refused = cmd(&mut c, Command::Fetch(cp));
+    assert_eq!(
+        the_reply(&refused).error.as_deref(),
+        Some("already fetching a checkpoint")
+    );
+    let a = c.handle(8, Event::Fetched(Err("SHA-256 differs".into())));
+    assert_eq!(the_reply(&a).error.as_deref(), Some("SHA-256 differs"));
+    let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
+    assert!(r.error.unwrap().contains("nothing to restore"));
+    assert!(
+        c.handle(9, Event::Fetched(Ok(vec![1]))).is_empty(),
+        "nobody asked"
+    );
+}
+
+#[test]
+fn a_fetched_checkpoint_outlives_a_refused_restore() {
+    let mut c = live();
+    let snap = state_of(1..=2).to_snapshot();
+    cmd(&mut c, Command::Fetch(checkpoint_of(&snap)));
+    c.handle(8, Event::Fetched(Ok(snap)));
+    let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
+    assert_eq!(
+        r.error.as_deref(),
+        Some("cannot restore while serving live")
+    );
+    cmd(&mut c, Command::StopLive { after_seq: None });
+    let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
+    assert_eq!((r.error, r.last_seq), (None, 2));
+}
+
+#[test]
+fn shutdown_answers_a_fetch_in_progress() {
+    let mut c = fresh();
+    cmd(&mut c, Command::Fetch(checkpoint_of(b"")));
+    let a = cmd(&mut c, Command::Shutdown);
+    let r = replies(&a);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].kind, ReplyKind::Fetch);
+    assert!(r[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("shut down while fetching"));
+}
+
+#[test]
+fn a_barrier_with_a_stream_says_where_to_stream() {
+    let mut c = live();
+    let stream = StreamTo {
+        queue: "svc.ckpt.m1".into(),
+        chunk_bytes: 1 << 20,
+    };
+    let barrier = Input::Barrier {
+        id: "b".into(),
+        reply_to: "mgr".into(),
+        stream: Some(stream.clone()),
+    };
+    let a = c.handle(1, Event::Live(Ok(barrier)));
+    let Action::Checkpoint(o) = &a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(o.stream.as_ref(), Some(&stream));
+    assert_eq!(o.attachment, ServiceState::new(BYTES).to_snapshot());
+    let a = cmd(
+        &mut c,
+        Command::Snapshot {
+            stream: Some(stream.clone()),
+        },
+    );
+    let Action::Reply(o) = &a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(o.stream.as_ref(), Some(&stream));
 }
 
 #[test]
