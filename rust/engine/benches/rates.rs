@@ -1,6 +1,7 @@
 //! How fast the reference service runs against a real broker, and what a migration costs there:
 //! for each processing time, the highest live rate it sustains (prefetch 100: no backlog
-//! growing over the window), the rate at which a target replays a backlog, and one ms2m
+//! growing over the window), the rate at which a target replays a backlog (that of an
+//! ms2m_sequential target of 64 MiB, which a checkpoint of that size lets build up), and one ms2m
 //! migration at 80% of the live rate. Beside them, what the broker alone carries with the
 //! service's pattern (the physical limit here), and the service's share of it.
 //!
@@ -41,12 +42,17 @@ fn env_f64s(name: &str, default: &[f64]) -> Result<Vec<f64>> {
     }
 }
 
-fn spec(name: String, processing_ms: f64) -> ServiceSpec {
+/// The state of the services measured (1 MiB), and of the one whose replay is timed (64 MiB:
+/// its checkpoint takes long enough for a backlog of some thousands to build up behind it).
+const STATE_BYTES: u64 = 1 << 20;
+const REPLAY_STATE_BYTES: u64 = 64 << 20;
+
+fn spec(name: String, processing_ms: f64, state_bytes: u64) -> ServiceSpec {
     ServiceSpec {
         name,
         host: "edge-1".into(),
         processing_ms,
-        state_bytes: 1 << 20,
+        state_bytes,
         prefetch: PREFETCH,
     }
 }
@@ -71,6 +77,7 @@ fn backlog(h: &History, t: u64) -> i64 {
 async fn under_load<T, Fut>(
     tb: &Testbed,
     processing_ms: f64,
+    state_bytes: u64,
     rate: f64,
     f: impl FnOnce(String) -> Fut,
 ) -> Result<T>
@@ -78,7 +85,8 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     let name = format!("bench-{}", now_ns() % 1_000_000_000);
-    tb.deploy(spec(name.clone(), processing_ms)).await?;
+    tb.deploy(spec(name.clone(), processing_ms, state_bytes))
+        .await?;
     let run = async {
         tb.start_workload(&name, WorkloadSpec::constant(rate))
             .await?;
@@ -94,7 +102,7 @@ where
 /// window is no larger than at the start, give or take its prefetch and 1% of the window's
 /// messages.
 async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration) -> Result<bool> {
-    under_load(tb, processing_ms, rate, |name| async move {
+    under_load(tb, processing_ms, STATE_BYTES, rate, |name| async move {
         let t0 = now_ns();
         tokio::time::sleep(window).await;
         let t1 = now_ns();
@@ -109,22 +117,49 @@ async fn sustains(tb: &Testbed, processing_ms: f64, rate: f64, window: Duration)
     .await
 }
 
-/// The highest of [`RATES`] the service sustains (0 if none), trying them in order and
-/// stopping at the first it cannot hold.
+/// The highest rate the service sustains (0 if none; see [`highest`]).
 async fn highest_live(tb: &Testbed, processing_ms: f64, window: Duration) -> Result<f64> {
     let capacity = if processing_ms > 0.0 {
         1000.0 / processing_ms
     } else {
         f64::INFINITY
     };
-    let mut best = 0.0;
-    for rate in RATES.into_iter().filter(|r| *r <= capacity) {
+    let rates: Vec<f64> = RATES.into_iter().filter(|r| *r <= capacity).collect();
+    highest(&rates, |rate| async move {
         let ok = sustains(tb, processing_ms, rate, window).await?;
         eprintln!("  processing {processing_ms} ms: {rate} msg/s sustained: {ok}");
-        if !ok {
+        Ok(ok)
+    })
+    .await
+}
+
+/// The highest rate that `holds`: the rates in order up to the first that fails, then two
+/// halvings of the gap between the last that held and that one (to the nearest 50 msg/s).
+async fn highest<F, Fut>(rates: &[f64], mut holds: F) -> Result<f64>
+where
+    F: FnMut(f64) -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let (mut best, mut failed) = (0.0, None);
+    for &rate in rates {
+        if !holds(rate).await? {
+            failed = Some(rate);
             break;
         }
         best = rate;
+    }
+    if let Some(mut fail) = failed {
+        for _ in 0..2 {
+            let mid = ((best + fail) / 2.0 / 50.0).round() * 50.0;
+            if mid <= best || mid >= fail {
+                break;
+            }
+            if holds(mid).await? {
+                best = mid;
+            } else {
+                fail = mid;
+            }
+        }
     }
     Ok(best)
 }
@@ -134,10 +169,11 @@ async fn highest_live(tb: &Testbed, processing_ms: f64, window: Duration) -> Res
 async fn migrate(
     tb: &Testbed,
     processing_ms: f64,
+    state_bytes: u64,
     rate: f64,
     strategy: Strategy,
 ) -> Result<(Report, History)> {
-    under_load(tb, processing_ms, rate, |name| async move {
+    under_load(tb, processing_ms, state_bytes, rate, |name| async move {
         let opts = MigrationOptions {
             replay_timeout_s: 30.0,
             ..MigrationOptions::default()
@@ -353,18 +389,14 @@ async fn alone_worker(
     Ok(())
 }
 
-/// The highest of [`RATES`] the broker alone carries (see [`broker_sustains`]).
+/// The highest rate the broker alone carries (see [`broker_sustains`] and [`highest`]).
 async fn broker_alone(url: &str, window: Duration) -> Result<f64> {
-    let mut best = 0.0;
-    for rate in RATES {
+    highest(&RATES, |rate| async move {
         let ok = broker_sustains(url, rate, window).await?;
         eprintln!("  RabbitMQ alone: {rate} msg/s sustained: {ok}");
-        if !ok {
-            break;
-        }
-        best = rate;
-    }
-    Ok(best)
+        Ok(ok)
+    })
+    .await
 }
 
 struct Row {
@@ -403,8 +435,15 @@ fn main() -> Result<()> {
                     live > 0.0,
                     "the service sustains none of {RATES:?} at {p} ms"
                 );
-                let (seq, hist) = migrate(&tb, p, live * 0.8, Strategy::Ms2mSequential).await?;
-                let (ms2m, _) = migrate(&tb, p, live * 0.8, Strategy::Ms2m).await?;
+                let (seq, hist) = migrate(
+                    &tb,
+                    p,
+                    REPLAY_STATE_BYTES,
+                    live * 0.8,
+                    Strategy::Ms2mSequential,
+                )
+                .await?;
+                let (ms2m, _) = migrate(&tb, p, STATE_BYTES, live * 0.8, Strategy::Ms2m).await?;
                 rows.push(Row {
                     processing_ms: p,
                     live,
@@ -419,9 +458,12 @@ fn main() -> Result<()> {
         tb.close().await?;
         result?;
         println!(
-            "\nservice rates ({} runtime, prefetch {PREFETCH}, 1 MiB state, {} s windows)",
+            "\nservice rates ({} runtime, prefetch {PREFETCH}, {} MiB state, {} s windows; the \
+             replay timed on an ms2m_sequential target of {} MiB)",
             tb.runtime().name(),
-            window.as_secs_f64()
+            STATE_BYTES >> 20,
+            window.as_secs_f64(),
+            REPLAY_STATE_BYTES >> 20
         );
         println!(
             "{:>13} {:>10} {:>9} {:>8} | {:>9} {:>16} {:>9} {:>5} {:>4} {:>5} {:>11}",

@@ -323,6 +323,8 @@ impl Testbed {
         check_host(&self.cfg, to)?;
         let s = self.service(service).await?;
         let mut d = s.lock().await;
+        // Memory may have gone since the deploy: refuse before the source takes a snapshot.
+        crate::config::check_state_fits(d.spec.state_bytes, crate::config::available_memory())?;
         let plan = self.plan(&mut d, to).await?;
 
         let t_start = now_ns();
