@@ -337,18 +337,20 @@ impl<'a> Ctx<'a> {
         let Some((_, role)) = self.scheduled_kill.lock().unwrap().take() else {
             return Ok(());
         };
-        let victim = match role {
-            Role::Source => &self.source,
-            Role::Target if self.target_started => &self.target,
-            Role::Target => return Ok(()),
-        };
-        self.runtime.kill_instance(victim).await?;
         let phase = self.timeline.current().map_or("?", PhaseName::name);
         let fault = self.opts.fault.as_ref().map_or(0.0, |f| f.after_ms);
-        *self.fired.lock().unwrap() = Some(format!(
-            "killed {victim} {fault} ms into {phase} ({} ns)",
-            now_ns()
-        ));
+        let victim = match role {
+            Role::Source => Some(&self.source),
+            Role::Target => self.target_started.then_some(&self.target),
+        };
+        let note = match victim {
+            Some(victim) => {
+                self.runtime.kill_instance(victim).await?;
+                format!("killed {victim} {fault} ms into {phase} ({} ns)", now_ns())
+            }
+            None => format!("the target was not running {fault} ms into {phase}: nothing killed"),
+        };
+        *self.fired.lock().unwrap() = Some(note);
         Ok(())
     }
 
