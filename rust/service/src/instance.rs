@@ -506,6 +506,7 @@ async fn read_chunks(consumer: &mut Consumer, checkpoint: &Checkpoint) -> Result
     let mut buf = Vec::new();
     buf.try_reserve_exact(checkpoint.bytes as usize)
         .with_context(|| format!("no memory for a checkpoint of {} bytes", checkpoint.bytes))?;
+    ms2m_wire::state::hint_huge_pages(&mut buf);
     let mut hasher = Sha256::new();
     for index in 0..checkpoint.chunks {
         let d = tokio::time::timeout(CHUNK_TIMEOUT, consumer.next())
