@@ -53,6 +53,7 @@ fn main() {
                 cutoff_converges_above_capacity,
                 target_killed_during_transfer_restore_or_replay,
                 target_killed_during_stop_and_copy_restore,
+                target_killed_just_after_it_starts_in_stop_and_copy,
                 source_killed_during_replay_is_reported,
                 checker_catches_a_migration_without_barrier,
             ],
@@ -65,6 +66,7 @@ fn main() {
                 processing_time_of_50_us_is_achieved,
                 target_killed_during_transfer_restore_or_replay,
                 target_killed_in_the_middle_of_a_chunked_transfer,
+                target_killed_just_after_it_starts_in_stop_and_copy,
                 large_state_of_200_mib_with_every_strategy,
                 external_broker_is_used_and_left_clean,
             ],
@@ -583,6 +585,25 @@ async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> 
         };
         assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
     })
+    .await
+}
+
+/// A kill already due when the manager begins to wait (the target takes longer to start than
+/// `after_ms`): it must happen, not hang the migration.
+async fn target_killed_just_after_it_starts_in_stop_and_copy(tb: &Testbed) -> Result<()> {
+    with_service(
+        tb,
+        spec("kill-cold-late", 100_000),
+        10.0,
+        |name| async move {
+            let fault = Fault {
+                kill: Role::Target,
+                at_phase: PhaseName::Restore,
+                after_ms: 1.0,
+            };
+            assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
+        },
+    )
     .await
 }
 

@@ -306,13 +306,14 @@ impl<'a> Ctx<'a> {
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         tokio::pin!(fut);
-        let exited = self.runtime.wait_until_exited(instance);
-        tokio::pin!(exited);
         loop {
             let due = self.scheduled_kill.lock().unwrap().map(|(at, _)| at);
+            // The exit watch is made anew each round, never kept across the kill: it holds the
+            // runtime's instance table while it asks whether the instance runs, and the kill
+            // needs that table (kept, it deadlocked a kill already due when the wait began).
             tokio::select! {
                 r = &mut fut => return r,
-                _ = &mut exited => return Err(self.failed(format!(
+                _ = self.runtime.wait_until_exited(instance) => return Err(self.failed(format!(
                     "{instance} exited (killed or crashed) while the manager waited for it"
                 ))),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
