@@ -349,24 +349,24 @@ impl Core {
                 };
                 // An invalid snapshot is reported as such even while live or replaying; a
                 // fetched checkpoint is kept for a restore that may come later.
-                let restored = if !attachment.is_empty() {
-                    ServiceState::from_snapshot(attachment)
-                } else if busy.is_none() && self.fetched.is_some() {
-                    ServiceState::from_snapshot_vec(self.fetched.take().expect("checked"))
+                let decoded = if !attachment.is_empty() {
+                    Some(ServiceState::from_snapshot(attachment))
                 } else if busy.is_none() {
-                    Err(ms2m_wire::state::SnapshotError(
-                        "nothing to restore: no snapshot attached and no checkpoint fetched".into(),
-                    ))
+                    self.fetched.take().map(ServiceState::from_snapshot_vec)
                 } else {
-                    Ok(ServiceState::new(0))
+                    None
                 };
-                let error = match (restored, busy) {
-                    (Err(e), _) => Some(e.to_string()),
-                    (Ok(_), Some(busy)) => Some(busy.to_string()),
-                    (Ok(s), None) => {
+                let error = match (decoded, busy) {
+                    (Some(Err(e)), _) => Some(e.to_string()),
+                    (_, Some(busy)) => Some(busy.to_string()),
+                    (Some(Ok(s)), None) => {
                         self.state = s;
                         None
                     }
+                    (None, None) => Some(
+                        "nothing to restore: no snapshot attached and no checkpoint fetched"
+                            .to_string(),
+                    ),
                 };
                 // Built after the restore, so that it reports the restored position.
                 let mut r = self.reply(&pending.corr, kind);

@@ -6,23 +6,11 @@
 
 use super::{ms2m, Ctx, PhaseName};
 use crate::error::Result;
-use ms2m_wire::control::Command;
 use std::time::Duration;
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.enter(PhaseName::Checkpoint).await?;
-    let source = ctx.source.clone();
-    let stream = ctx.checkpoint_stream().await?;
-    let (snapshot, _) = ctx
-        .command(
-            &source,
-            Command::Snapshot {
-                stream: Some(stream),
-            },
-            &[],
-        )
-        .await?;
-    let checkpoint = ctx.took_checkpoint(&snapshot)?;
+    let checkpoint = ctx.snapshot_source().await?;
     // Widen the gap so that some messages surely fall into it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let queue = ms2m::prepare(ctx, true).await?;

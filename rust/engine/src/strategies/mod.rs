@@ -367,6 +367,18 @@ impl<'a> Ctx<'a> {
         })
     }
 
+    /// Asks the source for a snapshot streamed to the checkpoint queue (the source need not
+    /// serve: no barrier), and records it.
+    pub async fn snapshot_source(&mut self) -> Result<Checkpoint> {
+        let stream = self.checkpoint_stream().await?;
+        let source = self.source.clone();
+        let snapshot = Command::Snapshot {
+            stream: Some(stream),
+        };
+        let (reply, _) = self.command(&source, snapshot, &[]).await?;
+        self.took_checkpoint(&reply)
+    }
+
     /// The checkpoint a source's reply describes, recorded in the outcome.
     pub fn took_checkpoint(&mut self, reply: &Reply) -> Result<Checkpoint> {
         let Some(cp) = reply.checkpoint.clone() else {

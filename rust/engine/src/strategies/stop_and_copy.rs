@@ -18,17 +18,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     // The source streams its snapshot to the checkpoint queue, where it waits for the target
     // (not started yet), as a checkpoint image copied to the target node would.
     ctx.enter(PhaseName::Checkpoint).await?;
-    let stream = ctx.checkpoint_stream().await?;
-    let (snapshot, _) = ctx
-        .command(
-            &source,
-            Command::Snapshot {
-                stream: Some(stream),
-            },
-            &[],
-        )
-        .await?;
-    let checkpoint = ctx.took_checkpoint(&snapshot)?;
+    let checkpoint = ctx.snapshot_source().await?;
     let unfetched = ms2m::transfer(ctx, checkpoint).await?;
     ms2m::restore(ctx, unfetched).await?;
 
