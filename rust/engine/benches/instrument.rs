@@ -8,12 +8,13 @@
 //! Run with `cargo bench -p ms2m-engine --bench instrument` (or `make bench`); figures vary
 //! with the machine's load, which is why they are measured here and never asserted in tests.
 
+mod common;
+
 use ms2m_engine::broker::Link;
-use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::history::PublishOutcome;
 use ms2m_engine::recorder::Recorder;
 use ms2m_engine::workload::Workload;
-use ms2m_engine::{Testbed, TestbedConfig, WorkloadSpec};
+use ms2m_engine::WorkloadSpec;
 use ms2m_wire::{names, now_ns, Mode, OutputEvent};
 use std::time::{Duration, Instant};
 
@@ -101,22 +102,8 @@ async fn recorder(url: &str, link: &Link, n: u64) -> anyhow::Result<(f64, u64)> 
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        // MS2M_RUNTIME=docker|local picks the runtime (default: auto).
-        let runtime = match std::env::var("MS2M_RUNTIME").as_deref() {
-            Ok("docker") => RuntimeKind::Docker,
-            Ok("local") => RuntimeKind::Local,
-            _ => RuntimeKind::Auto,
-        };
-        let tb = Testbed::start(TestbedConfig {
-            runtime,
-            ..TestbedConfig::default()
-        })
-        .await?;
+    // MS2M_RUNTIME=docker|local picks the runtime (default: auto).
+    common::with_testbed(async |tb| {
         println!(
             "broker: {} runtime, {}\n",
             tb.runtime().name(),

@@ -10,16 +10,15 @@
 //! for, default 10), `MS2M_BENCH_PROCESSING_MS` (comma-separated, default 0,0.05,0.2,1).
 //! Figures depend on the machine's load: they are measured here, never asserted in tests.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
 use futures_lite::StreamExt;
 use lapin::{options::*, types::FieldTable, BasicProperties, Channel, Connection};
-use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::history::{History, PublishOutcome};
 use ms2m_engine::report::MigrationStatus;
 use ms2m_engine::testbed::MigrationError;
-use ms2m_engine::{
-    MigrationOptions, Report, ServiceSpec, Strategy, Testbed, TestbedConfig, WorkloadSpec,
-};
+use ms2m_engine::{MigrationOptions, Report, ServiceSpec, Strategy, Testbed, WorkloadSpec};
 use ms2m_wire::{now_ns, Mode};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,16 +30,6 @@ const RATES: [f64; 14] = [
     250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0, 12000.0,
     15000.0, 20000.0, 25000.0,
 ];
-
-fn env_f64s(name: &str, default: &[f64]) -> Result<Vec<f64>> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .map(|x| x.trim().parse().with_context(|| format!("{name}: {x:?}")))
-            .collect(),
-        Err(_) => Ok(default.to_vec()),
-    }
-}
 
 /// The state of the services measured (1 MiB), and of the one whose replay is timed (64 MiB:
 /// its checkpoint takes long enough for a backlog of some thousands to build up behind it).
@@ -408,23 +397,9 @@ struct Row {
 }
 
 fn main() -> Result<()> {
-    let window = Duration::from_secs_f64(env_f64s("MS2M_BENCH_WINDOW_S", &[10.0])?[0]);
-    let processing = env_f64s("MS2M_BENCH_PROCESSING_MS", &[0.0, 0.05, 0.2, 1.0])?;
-    let runtime = match std::env::var("MS2M_RUNTIME").as_deref() {
-        Ok("local") => RuntimeKind::Local,
-        Ok("docker") => RuntimeKind::Docker,
-        _ => RuntimeKind::Auto,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let tb = Testbed::start(TestbedConfig {
-            runtime,
-            ..TestbedConfig::default()
-        })
-        .await?;
+    let window = Duration::from_secs_f64(common::env_list("MS2M_BENCH_WINDOW_S", &[10.0])?[0]);
+    let processing = common::env_list("MS2M_BENCH_PROCESSING_MS", &[0.0, 0.05, 0.2, 1.0])?;
+    common::with_testbed(async |tb| {
         let mut rows = Vec::new();
         let mut alone = 0.0;
         let result = async {

@@ -9,13 +9,13 @@
 //! every 20 ms while the migration runs: instances are found by their `--instance` flag, the
 //! broker as `beam.smp`. Figures are measured here, never asserted in tests.
 
-use anyhow::{Context, Result};
-use ms2m_engine::config::RuntimeKind;
+mod common;
+
+use anyhow::Result;
 use ms2m_engine::report::MigrationStatus;
 use ms2m_engine::testbed::MigrationError;
 use ms2m_engine::{
-    MigrationOptions, PhaseName, Report, ServiceSpec, Strategy, Testbed, TestbedConfig,
-    WorkloadSpec,
+    MigrationOptions, PhaseName, Report, ServiceSpec, Strategy, Testbed, WorkloadSpec,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -133,28 +133,8 @@ async fn migrate(
 }
 
 fn main() -> Result<()> {
-    let sizes: Vec<u64> = match std::env::var("MS2M_BENCH_SIZES_MIB") {
-        Ok(v) => v
-            .split(',')
-            .map(|x| x.trim().parse().with_context(|| format!("size {x:?}")))
-            .collect::<Result<_>>()?,
-        Err(_) => vec![1, 64, 256, 1024],
-    };
-    let runtime = match std::env::var("MS2M_RUNTIME").as_deref() {
-        Ok("local") => RuntimeKind::Local,
-        Ok("docker") => RuntimeKind::Docker,
-        _ => RuntimeKind::Auto,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let tb = Testbed::start(TestbedConfig {
-            runtime,
-            ..TestbedConfig::default()
-        })
-        .await?;
+    let sizes: Vec<u64> = common::env_list("MS2M_BENCH_SIZES_MIB", &[1, 64, 256, 1024])?;
+    common::with_testbed(async |tb| {
         let mut rows = Vec::new();
         let result = async {
             for &mib in &sizes {
@@ -171,7 +151,10 @@ fn main() -> Result<()> {
                     tb.start_workload(&name, WorkloadSpec::constant(RATE))
                         .await?;
                     tokio::time::sleep(Duration::from_secs(2)).await;
-                    for (to, strategy) in [("edge-2", Strategy::Ms2m), ("edge-1", Strategy::StopAndCopy)] {
+                    for (to, strategy) in [
+                        ("edge-2", Strategy::Ms2m),
+                        ("edge-1", Strategy::StopAndCopy),
+                    ] {
                         let row = migrate(&tb, &name, to, strategy, mib).await?;
                         eprintln!(
                             "  {mib} MiB {strategy}: {:?}, downtime {:.1} ms",
