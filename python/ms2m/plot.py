@@ -151,17 +151,28 @@ def timeline(history: dict[str, Any], report: Report, *, ax: Axes | None = None)
     )
     instances = sorted({e["instance"] for e in history["events"]})
     for i, inst in enumerate(instances):
-        for mode, marker in (("live", "o"), ("replay", "x")):
-            ev = [e for e in history["events"] if e["instance"] == inst and e["mode"] == mode]
-            if ev:
-                ax.scatter(
-                    [s(e["t_start_ns"]) for e in ev],
-                    [e["seq"] for e in ev],
-                    s=10,
-                    marker=marker,
-                    color=f"C{(i + 3) % 10}",
-                    label=f"{inst} {mode}",
-                )
+        color = f"C{(i + 3) % 10}"
+        ev = [e for e in history["events"] if e["instance"] == inst and e["mode"] == "live"]
+        if ev:
+            ax.scatter(
+                [s(e["t_start_ns"]) for e in ev],
+                [e["seq"] for e in ev],
+                s=10,
+                marker="o",
+                color=color,
+                label=f"{inst} live",
+            )
+        # A replay event reports a run of messages: a segment from its first to its last.
+        runs = [e for e in history["events"] if e["instance"] == inst and e["mode"] == "replay"]
+        for k, e in enumerate(runs):
+            ax.plot(
+                [s(e["t_start_ns"]), s(e["t_end_ns"])],
+                [e.get("first_seq", e["seq"]), e["seq"]],
+                marker="x",
+                markersize=3,
+                color=color,
+                label=f"{inst} replay" if k == 0 else None,
+            )
     ax.set_xlabel("seconds since the migration started")
     ax.set_ylabel("message sequence number")
     ax.set_title(f"{report.strategy}: {report.downtime_ms:.3f} ms downtime")

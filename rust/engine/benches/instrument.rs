@@ -74,6 +74,8 @@ async fn recorder(url: &str, link: &Link, n: u64) -> anyhow::Result<(f64, u64)> 
             t_start_ns: now_ns(),
             t_end_ns: now_ns(),
             chain: "0".repeat(64),
+            first_seq: None,
+            messages: None,
         };
         // Dropped unawaited, a confirm is collected by wait_for_confirms below.
         let confirm = ch

@@ -183,11 +183,11 @@ async fn migrate(
 /// How fast the target replayed: ms2m_sequential's target replays a backlog that no longer
 /// grows (up to where the source stopped), back to back.
 fn replay_rate(h: &History) -> Option<f64> {
-    let replayed: Vec<_> = h.events.iter().filter(|e| e.mode == Mode::Replay).collect();
-    let first = replayed.iter().map(|e| e.t_start_ns).min()?;
-    let last = replayed.iter().map(|e| e.t_end_ns).max()?;
-    (replayed.len() > 10 && last > first)
-        .then(|| replayed.len() as f64 / ((last - first) as f64 / 1e9))
+    let runs: Vec<_> = h.events.iter().filter(|e| e.mode == Mode::Replay).collect();
+    let first = runs.iter().map(|e| e.t_start_ns).min()?;
+    let last = runs.iter().map(|e| e.t_end_ns).max()?;
+    let replayed: u64 = runs.iter().map(|e| e.messages()).sum();
+    (replayed > 10 && last > first).then(|| replayed as f64 / ((last - first) as f64 / 1e9))
 }
 
 /// Publishing tasks of the broker-alone measurement: one alone would measure its own round
@@ -322,7 +322,8 @@ async fn broker_sustains(url: &str, rate: f64, window: Duration) -> Result<bool>
 
 /// The broker-alone worker, as the reference service runs: its own connection, on a
 /// current-thread runtime of its own thread. Consumes `input` with prefetch 100, publishes
-/// each message to `output` with a confirm, and acks it once the confirm is in, in order.
+/// each message to `output` with a confirm, and acks it once the confirm is in, in order,
+/// with the service's client-side batching.
 async fn alone_worker(
     url: String,
     input: String,
@@ -343,16 +344,33 @@ async fn alone_worker(
             FieldTable::default(),
         )
         .await?;
-    let (tx, mut rx) =
-        tokio::sync::mpsc::unbounded_channel::<(lapin::PublisherConfirm, lapin::Acker)>();
+    type Publish = std::pin::Pin<
+        Box<dyn std::future::Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send>,
+    >;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Publish, lapin::Acker)>();
+    // As the service does: writes and confirms awaited off the consuming loop, queued
+    // messages acked together (`multiple`, at most a quarter of the prefetch).
     let acker = tokio::spawn(async move {
-        while let Some((confirm, acker)) = rx.recv().await {
-            confirm.await?;
-            acker.ack(BasicAckOptions::default()).await?;
+        while let Some((publish, mut last)) = rx.recv().await {
+            publish.await?.await?;
+            let mut taken = 1;
+            while taken < 25 {
+                let Ok((publish, acker)) = rx.try_recv() else {
+                    break;
+                };
+                publish.await?.await?;
+                last = acker;
+                taken += 1;
+            }
+            last.ack(BasicAckOptions {
+                multiple: taken > 1,
+            })
+            .await?;
         }
         anyhow::Ok(())
     });
     let _ = ready.send(());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     loop {
         let d = tokio::select! {
             _ = &mut stop => break,
@@ -361,16 +379,24 @@ async fn alone_worker(
                 _ => break,
             },
         };
-        let confirm = wout
-            .basic_publish(
+        let (ch, out) = (wout.clone(), output.clone());
+        let mut publish: Publish = Box::pin(async move {
+            ch.basic_publish(
                 "".into(),
-                output.as_str().into(),
+                out.as_str().into(),
                 BasicPublishOptions::default(),
                 &d.data,
                 BasicProperties::default(),
             )
-            .await?;
-        tx.send((confirm, d.acker))?;
+            .await
+        });
+        // The first poll enqueues the frames, in delivery order.
+        if let std::task::Poll::Ready(written) = publish.as_mut().poll(&mut cx) {
+            publish = Box::pin(std::future::ready(written));
+        }
+        if tx.send((publish, d.acker)).is_err() {
+            break;
+        }
     }
     drop(tx);
     acker.abort();

@@ -204,6 +204,8 @@ pub(crate) mod tests {
             t_start_ns: start,
             t_end_ns: end,
             chain: String::new(),
+            first_seq: None,
+            messages: None,
         }
     }
 

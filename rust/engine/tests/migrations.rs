@@ -17,6 +17,7 @@ use ms2m_engine::{
     Error, MigrationOptions, PhaseName, Report, ServiceSpec, Strategy, Testbed, TestbedConfig,
     WorkloadSpec,
 };
+use ms2m_wire::Mode;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -64,6 +65,7 @@ fn main() {
                 every_strategy_migrates_without_loss,
                 several_migrations_in_a_row,
                 processing_time_of_50_us_is_achieved,
+                thousands_of_messages_per_second,
                 target_killed_during_transfer_restore_or_replay,
                 target_killed_in_the_middle_of_a_chunked_transfer,
                 target_killed_just_after_it_starts_in_stop_and_copy,
@@ -338,6 +340,19 @@ async fn thousands_of_messages_per_second(tb: &Testbed) -> Result<()> {
             let r = tb.migrate(&name, "edge-2", strategy, opts()).await?;
             clean(&r)?;
             ensure!(r.verdict.expected > 3000, "{:?}", r.counts);
+            // Replay events report runs of messages, together exactly those replayed.
+            let h = tb.history(&name).await?;
+            let runs: Vec<_> = h.events.iter().filter(|e| e.mode == Mode::Replay).collect();
+            let reported: u64 = runs.iter().map(|e| e.messages()).sum();
+            let replayed = r.migration.outcome.messages_replayed;
+            ensure!(
+                reported == replayed,
+                "{reported} reported, {replayed} replayed"
+            );
+            ensure!(
+                runs.iter().all(|e| e.first_seq.is_some_and(|f| f <= e.seq)),
+                "{runs:?}"
+            );
             Ok(())
         })
         .await?;

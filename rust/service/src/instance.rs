@@ -5,8 +5,8 @@
 //! executes the [`Action`]s the core returns. Every decision about what to apply, skip, stop or
 //! answer is in [`crate::machine`].
 
-use crate::machine::{Action, Core, Event as CoreEvent, Outgoing};
-use crate::pipeline::Pipeline;
+use crate::machine::{Action, Core, Event as CoreEvent, Outgoing, ReplaySpan};
+use crate::pipeline::{Pipeline, Publish};
 use crate::Config;
 use anyhow::{Context, Result};
 use futures_lite::StreamExt;
@@ -229,6 +229,7 @@ enum Event {
     Control(Option<lapin::Result<Delivery>>),
     Live(Option<lapin::Result<Delivery>>),
     Replay(Option<lapin::Result<Delivery>>),
+    Idle,
     PipelineFailed(anyhow::Error),
     Terminate,
 }
@@ -265,12 +266,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let out = conn.create_channel().await?;
     out.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
+    let prefetch = cfg.prefetch;
     let mut inst = Instance {
         core: Core::new(cfg.instance.clone(), ServiceState::new(cfg.state_bytes)),
         cfg,
         conn,
         out,
-        pipeline: Pipeline::start(),
+        pipeline: Pipeline::start(prefetch),
         live: None,
         standby: None,
         replay: None,
@@ -291,10 +293,16 @@ pub async fn run(cfg: Config) -> Result<()> {
             d = control.consumer.next() => Event::Control(d),
             d = next_of(&mut inst.live), if polls_live => Event::Live(d),
             d = next_of(&mut inst.replay), if polls_replay => Event::Replay(d),
+            // Last, so only when nothing above is ready: the end of a run of replayed messages.
+            _ = std::future::ready(()), if inst.core.has_open_span() => Event::Idle,
         };
         let flow = match event {
             Event::Terminate => Flow::Exit,
             Event::PipelineFailed(e) => return Err(e),
+            Event::Idle => {
+                let actions = inst.core.handle(now_ns(), CoreEvent::Idle);
+                inst.execute(actions, None).await?
+            }
             Event::Control(d) => {
                 let d = d.context("control queue closed")??;
                 d.ack(BasicAckOptions::default()).await?;
@@ -313,15 +321,17 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             Event::Live(d) => {
                 let d = d.context("primary queue consumer closed")??;
+                let channel = inst.live.as_ref().map_or(0, |s| s.channel.id());
                 let input = CoreEvent::Live(parse_input(&d.data));
                 let actions = inst.core.handle(now_ns(), input);
-                inst.execute(actions, Some(&d)).await?
+                inst.execute(actions, Some((&d, channel))).await?
             }
             Event::Replay(d) => {
                 let d = d.context("replay queue consumer closed")??;
+                let channel = inst.replay.as_ref().map_or(0, |s| s.channel.id());
                 let input = CoreEvent::Replay(parse_input(&d.data));
                 let actions = inst.core.handle(now_ns(), input);
-                inst.execute(actions, Some(&d)).await?
+                inst.execute(actions, Some((&d, channel))).await?
             }
         };
         if flow == Flow::Exit {
@@ -340,11 +350,16 @@ fn parse_input(body: &[u8]) -> std::result::Result<Input, String> {
 }
 
 impl Instance {
-    /// Executes the core's actions in order; `delivery` is the message they are about, if any.
-    async fn execute(&mut self, actions: Vec<Action>, delivery: Option<&Delivery>) -> Result<Flow> {
+    /// Executes the core's actions in order; `delivery` is the message they are about, if any,
+    /// with the id of the channel it came on.
+    async fn execute(
+        &mut self,
+        actions: Vec<Action>,
+        delivery: Option<(&Delivery, lapin::types::ChannelId)>,
+    ) -> Result<Flow> {
         let mut todo = VecDeque::from(actions);
         // The output event of the delivery being handled, whose confirm its ack waits for.
-        let mut confirm = None;
+        let mut publish = None;
         while let Some(action) = todo.pop_front() {
             match action {
                 Action::Process {
@@ -352,10 +367,33 @@ impl Instance {
                     mode,
                     t_pub_ns,
                     chain,
-                } => confirm = Some(self.publish_output(seq, mode, t_pub_ns, &chain).await?),
+                } => {
+                    let t_start_ns = now_ns();
+                    spend(self.cfg.processing).await;
+                    if mode == Mode::Live {
+                        let event = OutputEvent {
+                            instance: self.cfg.instance.clone(),
+                            seq,
+                            mode,
+                            t_pub_ns,
+                            t_start_ns,
+                            t_end_ns: now_ns(),
+                            chain: ms2m_wire::hex(&chain),
+                            first_seq: None,
+                            messages: None,
+                        };
+                        publish = Some(self.publish_output(&event)?);
+                    }
+                }
+                Action::ReplaySpan(span) => {
+                    let event = self.replay_event(span);
+                    self.pipeline
+                        .push(Some(self.publish_output(&event)?), None)?;
+                }
                 Action::Ack => {
-                    let d = delivery.context("the core acked without a delivery")?;
-                    self.pipeline.push(confirm.take(), d.acker.clone())?;
+                    let (d, channel) = delivery.context("the core acked without a delivery")?;
+                    self.pipeline
+                        .push(publish.take(), Some((channel, d.acker.clone())))?;
                 }
                 Action::Reply(o) => self.send(o).await?,
                 Action::Checkpoint(o) => self.send_in_background(o).await,
@@ -466,38 +504,43 @@ impl Instance {
         Ok(())
     }
 
-    /// Spends the processing time on a message the core applied, then publishes its output
-    /// event; the confirm is the pipeline's to await. The state changed before the wait rather
-    /// than after it; nobody can tell, since nothing else is handled meanwhile.
-    async fn publish_output(
-        &self,
-        seq: u64,
-        mode: Mode,
-        t_pub_ns: u64,
-        chain: &[u8; 32],
-    ) -> Result<PublisherConfirm> {
-        let t_start_ns = now_ns();
-        spend(self.cfg.processing).await;
-        let event = OutputEvent {
+    /// The output event of a run of replayed messages, stamped now.
+    fn replay_event(&self, span: ReplaySpan) -> OutputEvent {
+        OutputEvent {
             instance: self.cfg.instance.clone(),
-            seq,
-            mode,
-            t_pub_ns,
-            t_start_ns,
+            seq: span.seq,
+            mode: Mode::Replay,
+            t_pub_ns: span.t_pub_ns,
+            t_start_ns: span.t_start_ns,
             t_end_ns: now_ns(),
-            chain: ms2m_wire::hex(chain),
-        };
-        let confirm = self
-            .out
-            .basic_publish(
-                names::output_exchange(&self.cfg.service).into(),
+            chain: ms2m_wire::hex(&span.chain),
+            first_seq: Some(span.first_seq),
+            messages: Some(span.messages),
+        }
+    }
+
+    /// Enqueues an output event's frames; the write and the confirm are the pipeline's to
+    /// await. Not awaiting the write here spares the event loop a hand-over to lapin's I/O
+    /// thread and back per message.
+    fn publish_output(&self, event: &OutputEvent) -> Result<Publish> {
+        let (out, body) = (self.out.clone(), serde_json::to_vec(event)?);
+        let exchange = names::output_exchange(&self.cfg.service);
+        let mut publish: Publish = Box::pin(async move {
+            out.basic_publish(
+                exchange.into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &serde_json::to_vec(&event)?,
+                &body,
                 BasicProperties::default(),
             )
-            .await?;
-        Ok(confirm)
+            .await
+        });
+        // The first poll enqueues the frames, so output events go out in the order made.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        Ok(match publish.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(written) => Box::pin(std::future::ready(written)),
+            std::task::Poll::Pending => publish,
+        })
     }
 }
 

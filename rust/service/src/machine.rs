@@ -38,6 +38,8 @@ pub enum Event<'a> {
     Live(Result<Input, String>),
     /// A delivery from the replay queue: the parsed input, or why it did not parse.
     Replay(Result<Input, String>),
+    /// Nothing else is waiting to be handled: a replay span still open is reported now.
+    Idle,
     /// The outcome of [`Action::OpenReplay`]: the reply to `replay` waits for it, since a
     /// queue that cannot be consumed is the manager's error to see.
     ReplayOpened(Result<(), String>),
@@ -59,14 +61,20 @@ pub struct Outgoing {
 /// What the I/O loop must do, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// `seq` has been applied to the state in `mode`; spend the processing time, then publish
-    /// its output event (`chain` is the state's chain right after it) and await the confirm.
+    /// `seq` has been applied to the state in `mode`; spend the processing time. Live: then
+    /// publish its output event (`chain` is the state's chain right after it), whose confirm
+    /// the ack waits for. Replayed messages are reported together, by [`Action::ReplaySpan`].
     Process {
         seq: u64,
         mode: Mode,
         t_pub_ns: u64,
         chain: [u8; 32],
     },
+    /// Publish the one output event of a run of replayed messages. Replay has no effect on
+    /// anyone, so this event is only a report: one per run rather than per message keeps a
+    /// replay's broker work to a delivery and an ack per message (half of live's), which is
+    /// what lets a target overtake a source.
+    ReplaySpan(ReplaySpan),
     /// Ack the delivery being handled. Comes after its `Process` and before any
     /// [`Action::StopLive`], so that a message applied is never handed back to the queue.
     Ack,
@@ -90,6 +98,25 @@ pub enum Action {
     /// Stop handling events and exit the process.
     Exit,
 }
+
+/// Consecutive replayed messages, reported by one output event (`mode` replay, `seq` the
+/// last, `first_seq` and `messages` the rest) once the run ends: at [`REPLAY_SPAN`] messages,
+/// when nothing more is waiting ([`Event::Idle`]), or when the replay pauses or ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySpan {
+    pub first_seq: u64,
+    pub seq: u64,
+    pub messages: u64,
+    /// The last message's publish time.
+    pub t_pub_ns: u64,
+    /// When the first message's handling began.
+    pub t_start_ns: u64,
+    /// The state's chain right after the last message.
+    pub chain: [u8; 32],
+}
+
+/// Most replayed messages one output event reports.
+pub const REPLAY_SPAN: u64 = 64;
 
 /// A reply that waits for a condition on the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +172,8 @@ pub struct Core {
     replay: Option<Replaying>,
     replayed: u64,
     skipped: u64,
+    /// Replayed messages not reported yet.
+    span: Option<ReplaySpan>,
     /// A `fetch` in progress, with the checkpoint it reads and when it began.
     fetching: Option<(Pending, Checkpoint, u64)>,
     /// The checkpoint fetched last, for the next `restore` without attachment.
@@ -162,6 +191,7 @@ impl Core {
             replay: None,
             replayed: 0,
             skipped: 0,
+            span: None,
             fetching: None,
             fetched: None,
             exited: false,
@@ -219,12 +249,26 @@ impl Core {
         match event {
             Event::Control(env, attachment) => self.on_control(now_ns, env, attachment, &mut out),
             Event::Live(input) if self.polls_live() => self.on_live(now_ns, input, &mut out),
-            Event::Replay(input) if self.polls_replay() => self.on_replay(input, &mut out),
+            Event::Replay(input) if self.polls_replay() => self.on_replay(now_ns, input, &mut out),
             Event::Live(_) | Event::Replay(_) => {}
+            Event::Idle => self.end_span(&mut out),
             Event::ReplayOpened(result) => self.on_replay_opened(result, &mut out),
             Event::Fetched(result) => self.on_fetched(result, &mut out),
         }
         out
+    }
+
+    /// Whether replayed messages wait to be reported (the I/O loop then sends
+    /// [`Event::Idle`] when it has nothing else to do).
+    pub fn has_open_span(&self) -> bool {
+        self.span.is_some()
+    }
+
+    /// Reports the replayed messages not reported yet, if any.
+    fn end_span(&mut self, out: &mut Vec<Action>) {
+        if let Some(span) = self.span.take() {
+            out.push(Action::ReplaySpan(span));
+        }
     }
 
     fn reply(&self, corr: &str, kind: ReplyKind) -> Reply {
@@ -405,6 +449,7 @@ impl Core {
                     if let Some(r) = r {
                         r.paused = true;
                     }
+                    self.end_span(out);
                     self.answer(out, pending);
                 }
             },
@@ -452,6 +497,7 @@ impl Core {
             dropped.push((w, format!("shut down while fetching {}", c.queue)));
         }
         self.stop_live(out);
+        self.end_span(out);
         if let Some(r) = self.replay.take() {
             out.push(Action::CloseReplay);
             if let Some(w) = r.opening {
@@ -505,6 +551,7 @@ impl Core {
     }
 
     fn finish_replay(&mut self, go_live: bool, p: Pending, out: &mut Vec<Action>) {
+        self.end_span(out);
         // Serving first: closing the replay channel is one more round trip nobody waits for.
         let replay = self.replay.take();
         debug_assert!(
@@ -573,7 +620,7 @@ impl Core {
         }
     }
 
-    fn on_replay(&mut self, input: Result<Input, String>, out: &mut Vec<Action>) {
+    fn on_replay(&mut self, now_ns: u64, input: Result<Input, String>, out: &mut Vec<Action>) {
         let Some(r) = self.replay.as_ref() else {
             return;
         };
@@ -593,9 +640,29 @@ impl Core {
                 let a = self.process(seq, t_pub_ns, &payload, Mode::Replay);
                 out.push(a);
                 self.replayed += 1;
+                let chain = self.state.chain;
+                let span = self.span.get_or_insert(ReplaySpan {
+                    first_seq: seq,
+                    seq,
+                    messages: 0,
+                    t_pub_ns,
+                    t_start_ns: now_ns,
+                    chain,
+                });
+                span.seq = seq;
+                span.messages += 1;
+                span.t_pub_ns = t_pub_ns;
+                span.chain = chain;
             }
         }
         out.push(Action::Ack);
+        if self
+            .span
+            .as_ref()
+            .is_some_and(|s| s.messages >= REPLAY_SPAN)
+        {
+            self.end_span(out);
+        }
         // A message beyond the bound means the rest is not coming: the target stops either way.
         let last_seq = self.state.last_seq;
         let done = self

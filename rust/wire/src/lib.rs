@@ -53,17 +53,35 @@ pub enum Mode {
     Replay,
 }
 
-/// What an instance publishes to the service's output exchange for every message it processes.
+/// What an instance publishes to the service's output exchange for every message it processes
+/// live, and for every run of messages it replays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputEvent {
     pub instance: String,
+    /// The message's seq; for a replay run, the last one's.
     pub seq: u64,
     pub mode: Mode,
+    /// When `seq` was published.
     pub t_pub_ns: u64,
+    /// When the (first) message's handling began.
     pub t_start_ns: u64,
     pub t_end_ns: u64,
-    /// Hex of the state's hash chain right after this message was applied.
+    /// Hex of the state's hash chain right after `seq` was applied.
     pub chain: String,
+    /// Replay runs only: the run's first seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    /// Replay runs only: how many messages the run applied (`first_seq..=seq`, less any the
+    /// stream never carried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
+}
+
+impl OutputEvent {
+    /// How many messages this event reports: 1 for a live one.
+    pub fn messages(&self) -> u64 {
+        self.messages.unwrap_or(1)
+    }
 }
 
 /// Lower-case hex of a byte string.

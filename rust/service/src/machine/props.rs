@@ -74,6 +74,8 @@ enum Op {
     Control(Cmd),
     /// The outcome of opening a replay subscription, whether or not one is being opened.
     Opened(bool),
+    /// The I/O loop has nothing else to do.
+    Idle,
 }
 
 fn item() -> impl Strategy<Value = Item> {
@@ -110,6 +112,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => item().prop_map(Op::Replay),
         3 => command().prop_map(Op::Control),
         1 => proptest::bool::weighted(0.8).prop_map(Op::Opened),
+        1 => Just(Op::Idle),
     ]
 }
 
@@ -134,6 +137,8 @@ struct Single {
     /// The highest seq applied by the replay open: a replay never applies a seq twice nor out
     /// of order, whatever happens to the state meanwhile (a restore would rewind it).
     replay_high: u64,
+    /// Messages replayed and not reported yet by a replay span.
+    unreported: u64,
     exited: bool,
     /// Commands sent and not answered yet, with the kind their reply must have.
     outstanding: HashMap<String, ReplyKind>,
@@ -151,6 +156,7 @@ impl Single {
             live: false,
             replay_open: false,
             replay_high: 0,
+            unreported: 0,
             exited: false,
             outstanding: HashMap::new(),
             answered: HashSet::new(),
@@ -207,6 +213,12 @@ impl Single {
                 let result = if ok { Ok(()) } else { Err("nope".to_string()) };
                 let bounds = self.bounds();
                 let a = self.core.handle(0, Event::ReplayOpened(result));
+                self.check(a, None, bounds)
+            }
+            Op::Idle => {
+                let bounds = self.bounds();
+                let a = self.core.handle(0, Event::Idle);
+                prop_assert_eq!(a.len(), usize::from(self.unreported > 0), "{:?}", a);
                 self.check(a, None, bounds)
             }
         }
@@ -391,6 +403,7 @@ impl Single {
                         self.replay_high = seq;
                         prop_assert!(limit.is_none_or(|l| seq <= l), "{} past the limit", seq);
                         prop_assert!(until.is_none_or(|u| seq <= u), "{} past until", seq);
+                        self.unreported += 1;
                     }
                     self.expected.apply(seq, payload(seq).as_bytes());
                     prop_assert_eq!(chain, self.expected.chain);
@@ -411,6 +424,15 @@ impl Single {
                     if o.reply.kind == ReplyKind::Snapshot {
                         prop_assert_eq!(o.attachment, self.expected.to_snapshot());
                     }
+                }
+                Action::ReplaySpan(span) => {
+                    // Exactly the messages replayed since the last report, up to the state.
+                    prop_assert_eq!(span.messages, self.unreported);
+                    prop_assert!(span.messages > 0 && span.messages <= REPLAY_SPAN);
+                    prop_assert!(span.first_seq + span.messages - 1 <= span.seq);
+                    prop_assert_eq!(span.seq, self.expected.last_seq);
+                    prop_assert_eq!(span.chain, self.expected.chain);
+                    self.unreported = 0;
                 }
                 Action::Fetch(_) => prop_assert!(false, "no fetch was asked"),
                 Action::Checkpoint(o) => {
@@ -457,6 +479,10 @@ impl Single {
             self.replay_open = false;
         }
         prop_assert_eq!(self.core.polls_live(), self.live && !self.exited);
+        // A replay that pauses, ends or exits has reported everything it applied.
+        prop_assert_eq!(self.core.has_open_span(), self.unreported > 0);
+        prop_assert!(self.core.polls_replay() || self.unreported == 0);
+        prop_assert!(self.unreported < REPLAY_SPAN);
         prop_assert!(!self.core.polls_replay() || self.replay_open);
         // Never both queues at once; a stop waits only while live.
         prop_assert!(
@@ -791,6 +817,7 @@ impl World {
                         .pop_front();
                     acked = true;
                 }
+                Action::ReplaySpan(_) => {}
                 Action::Fetch(_) => unreachable!("the manager model fetches nothing"),
                 Action::Reply(o) | Action::Checkpoint(o) => {
                     if o.to == "mgr" {

@@ -85,6 +85,7 @@ fn shape(actions: &[Action]) -> Vec<&'static str> {
         .iter()
         .map(|a| match a {
             Action::Process { .. } => "process",
+            Action::ReplaySpan(_) => "replay_span",
             Action::Ack => "ack",
             Action::Reply(_) => "reply",
             Action::Checkpoint(_) => "checkpoint",
@@ -625,6 +626,53 @@ fn replay_skips_what_the_snapshot_holds_and_applies_the_rest() {
     assert_eq!(the_reply(&cmd(&mut c, Command::Status)).skipped, 3);
 }
 
+/// The replay span the actions report, if any.
+fn span_of(actions: &[Action]) -> Option<&ReplaySpan> {
+    actions.iter().find_map(|a| match a {
+        Action::ReplaySpan(s) => Some(s),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_backlog_is_reported_in_runs_of_replay_span_messages() {
+    let mut c = restored_and_replaying(3, None);
+    c.handle(0, Event::Replay(data(3)));
+    for seq in 4..3 + REPLAY_SPAN {
+        let a = c.handle(seq * 10, Event::Replay(data(seq)));
+        assert_eq!(shape(&a), ["process", "ack"], "seq {seq}");
+    }
+    let last = 3 + REPLAY_SPAN;
+    let a = c.handle(last * 10, Event::Replay(data(last)));
+    assert_eq!(shape(&a), ["process", "ack", "replay_span"]);
+    let span = span_of(&a).unwrap();
+    assert_eq!(
+        (span.first_seq, span.seq, span.messages, span.t_start_ns),
+        (4, last, REPLAY_SPAN, 40)
+    );
+    assert_eq!(span.chain, state_of(1..=last).chain);
+    assert!(!c.has_open_span());
+    assert!(
+        c.handle(0, Event::Idle).is_empty(),
+        "nothing left to report"
+    );
+}
+
+#[test]
+fn idle_and_pause_report_what_was_replayed_so_far() {
+    let mut c = restored_and_replaying(3, None);
+    c.handle(0, Event::Replay(data(4)));
+    c.handle(0, Event::Replay(data(5)));
+    assert!(c.has_open_span());
+    let a = c.handle(0, Event::Idle);
+    let span = span_of(&a).unwrap();
+    assert_eq!((span.first_seq, span.seq, span.messages), (4, 5, 2));
+    c.handle(0, Event::Replay(data(6)));
+    let a = cmd(&mut c, Command::PauseReplay);
+    assert_eq!(shape(&a), ["replay_span", "reply"]);
+    assert_eq!(span_of(&a).unwrap().first_seq, 6);
+}
+
 #[test]
 fn replay_drops_what_is_beyond_its_limit_and_goes_on() {
     let mut c = restored_and_replaying(0, Some(2));
@@ -723,7 +771,14 @@ fn finish_replay_replays_up_to_until_seq_then_goes_live() {
     let a = c.handle(0, Event::Replay(data(4)));
     assert_eq!(
         shape(&a),
-        ["process", "ack", "start_live", "reply", "close_replay"]
+        [
+            "process",
+            "ack",
+            "replay_span",
+            "start_live",
+            "reply",
+            "close_replay"
+        ]
     );
     let r = the_reply(&a);
     assert_eq!(
@@ -744,7 +799,10 @@ fn finish_replay_without_go_live_stops_replaying_only() {
         },
     );
     let a = c.handle(0, Event::Replay(data(1)));
-    assert_eq!(shape(&a), ["process", "ack", "reply", "close_replay"]);
+    assert_eq!(
+        shape(&a),
+        ["process", "ack", "replay_span", "reply", "close_replay"]
+    );
     assert!(!c.polls_live() && !c.polls_replay());
 }
 
@@ -765,7 +823,14 @@ fn pause_then_finish_resumes_the_replay() {
     let a = c.handle(0, Event::Replay(data(2)));
     assert_eq!(
         shape(&a),
-        ["process", "ack", "start_live", "reply", "close_replay"]
+        [
+            "process",
+            "ack",
+            "replay_span",
+            "start_live",
+            "reply",
+            "close_replay"
+        ]
     );
 }
 
@@ -783,7 +848,10 @@ fn a_message_beyond_until_ends_the_replay() {
     );
     c.handle(0, Event::Replay(data(2)));
     let a = c.handle(0, Event::Replay(data(4)));
-    assert_eq!(shape(&a), ["ack", "start_live", "reply", "close_replay"]);
+    assert_eq!(
+        shape(&a),
+        ["ack", "replay_span", "start_live", "reply", "close_replay"]
+    );
     assert_eq!(the_reply(&a).last_seq, 2, "4 is dropped, not applied");
 }
 
@@ -799,7 +867,7 @@ fn a_message_beyond_the_replay_limit_ends_a_pending_finish() {
     );
     c.handle(0, Event::Replay(data(1)));
     let a = c.handle(0, Event::Replay(data(2)));
-    assert_eq!(shape(&a), ["ack", "reply", "close_replay"]);
+    assert_eq!(shape(&a), ["ack", "replay_span", "reply", "close_replay"]);
     assert_eq!(the_reply(&a).last_seq, 1);
 }
 
@@ -1021,7 +1089,10 @@ fn start_live_while_replaying_is_refused() {
             go_live: true,
         },
     );
-    assert_eq!(shape(&a), ["start_live", "reply", "close_replay"]);
+    assert_eq!(
+        shape(&a),
+        ["replay_span", "start_live", "reply", "close_replay"]
+    );
     assert!(c.polls_live() && !c.polls_replay());
 }
 
@@ -1085,7 +1156,14 @@ fn a_second_finish_replay_is_refused_and_the_first_waits_on() {
         let a = c.handle(0, Event::Replay(data(3)));
         assert_eq!(
             shape(&a),
-            ["process", "ack", "start_live", "reply", "close_replay"]
+            [
+                "process",
+                "ack",
+                "replay_span",
+                "start_live",
+                "reply",
+                "close_replay"
+            ]
         );
         assert_eq!(answers(&a), [("first", None)]);
     }
