@@ -211,6 +211,7 @@ impl DockerRuntime {
             .with_network(network)
             .with_container_name(&broker_name)
             .with_labels(rt.labels("broker", &[]))
+            .with_env_var(super::BROKER_ERL_ARGS.0, super::BROKER_ERL_ARGS.1)
             .with_host_config_modifier(move |hc| {
                 hc.cgroup_parent = cgroup_parent.clone();
                 // Publish on loopback only: the broker is for this machine's tests.

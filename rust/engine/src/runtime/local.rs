@@ -194,6 +194,7 @@ impl LocalRuntime {
             ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
             ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
             ("RABBITMQ_PID_FILE", path("broker.pid")),
+            (super::BROKER_ERL_ARGS.0, super::BROKER_ERL_ARGS.1.into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -6,6 +6,7 @@
 //! the strategies see only [`Runtime`].
 
 mod api_shim;
+
 pub mod docker;
 pub mod local;
 
@@ -14,6 +15,14 @@ use crate::config::{RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use docker::DockerRuntime;
 use local::LocalRuntime;
+
+/// Erlang VM flags for every broker the testbed starts: schedulers that sleep when idle instead
+/// of spinning first. RabbitMQ's default busy wait holds CPU that the instances and the harness
+/// on the same two cores need (RabbitMQ's own advice for shared hosts).
+pub(crate) const BROKER_ERL_ARGS: (&str, &str) = (
+    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+    "+sbwt none +sbwtdcpu none +sbwtdio none",
+);
 
 /// Where instances and clients reach the broker.
 #[derive(Debug, Clone)]
