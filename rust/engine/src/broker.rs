@@ -7,7 +7,7 @@ use lapin::{
     options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
     ExchangeKind,
 };
-use ms2m_wire::control::{self, Command, Envelope, Reply, StreamTo};
+use ms2m_wire::control::{self, Command, Envelope, HandOver, Reply, StreamTo};
 use ms2m_wire::{names, Input};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -352,6 +352,25 @@ impl Link {
         })
     }
 
+    /// The hand-over of a cutover: where a stopping source sends `target`'s `finish_replay`
+    /// (with a correlation id and reply queue of this manager), and the reply to wait for.
+    pub fn hand_over(&self, service: &str, target: &str) -> (HandOver, Sent) {
+        let corr = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let rx = self.expect(&corr);
+        let hand_over = HandOver {
+            queue: names::control_queue(service, target),
+            corr: corr.clone(),
+            reply_to: self.reply_queue.clone(),
+        };
+        let sent = Sent {
+            rx,
+            what: format!("{target} to answer the finish_replay the source handed over"),
+            corr,
+            waiters: self.waiters.clone(),
+        };
+        (hand_over, sent)
+    }
+
     /// Sends a command and waits for its reply.
     pub async fn command(
         &self,
@@ -381,6 +400,11 @@ pub struct Sent {
 }
 
 impl Sent {
+    /// Stops waiting for a reply that will not come (its command was never sent).
+    pub fn abandon(self) {
+        self.waiters.lock().unwrap().remove(&self.corr);
+    }
+
     /// Waits for the reply; a reply that carries an error becomes `Err`.
     pub async fn reply(self, timeout: Duration) -> Result<Answer> {
         let answer = wait(self.rx, timeout, &self.what).await;

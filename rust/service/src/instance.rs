@@ -396,6 +396,17 @@ impl Instance {
                         .push(publish.take(), Some((channel, d.acker.clone())))?;
                 }
                 Action::Reply(o) => self.send(o).await?,
+                Action::Send { to, envelope } => {
+                    self.out
+                        .basic_publish(
+                            "".into(),
+                            to.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &control::encode(&envelope, &[]),
+                            BasicProperties::default(),
+                        )
+                        .await?;
+                }
                 Action::Checkpoint(o) => self.send_in_background(o).await,
                 Action::Fetch(checkpoint) => {
                     let fetched = self.fetch(&checkpoint).await.map_err(|e| {
@@ -427,10 +438,22 @@ impl Instance {
                         };
                     todo.extend(self.core.handle(now_ns(), CoreEvent::ReplayOpened(opened)));
                 }
-                Action::CloseReplay => {
+                Action::CloseReplay { wait } => {
                     if let Some(sub) = self.replay.take() {
-                        self.pipeline.flush().await?;
-                        sub.close().await?;
+                        let flushed = self.pipeline.flusher();
+                        let close = async move {
+                            flushed.flush().await?;
+                            sub.close().await
+                        };
+                        if wait {
+                            close.await?;
+                        } else {
+                            tokio::spawn(async move {
+                                if let Err(e) = close.await {
+                                    eprintln!("ms2m-service: closing the replay: {e:#}");
+                                }
+                            });
+                        }
                     }
                 }
                 Action::Warn(message) => eprintln!("ms2m-service: {message}"),

@@ -21,7 +21,7 @@
 //! its own reply.
 
 use ms2m_wire::{
-    control::{Checkpoint, Command, Envelope, Reply, ReplyKind, StreamTo},
+    control::{Checkpoint, Command, Envelope, HandOver, Reply, ReplyKind, StreamTo},
     state::ServiceState,
     Input, Mode,
 };
@@ -80,6 +80,9 @@ pub enum Action {
     Ack,
     /// Send a reply and wait until it is written.
     Reply(Outgoing),
+    /// Send a command to another instance's control queue `to` (a stopping source's
+    /// `finish_replay` to its target) and wait until it is written.
+    Send { to: String, envelope: Envelope },
     /// Send a checkpoint in the background: the instance serves on while its megabytes travel.
     Checkpoint(Outgoing),
     /// Read the checkpoint described from its queue and report with [`Event::Fetched`].
@@ -91,8 +94,11 @@ pub enum Action {
     /// Consume `queue` as the replay subscription (and open the channel the instance will go
     /// live on, so that the cutover costs one round trip); report with [`Event::ReplayOpened`].
     OpenReplay { queue: String },
-    /// Close the replay subscription.
-    CloseReplay,
+    /// Close the replay subscription once every message replayed is acked. In the background
+    /// (`wait` false) once the instance is live and never replays again: the close's round
+    /// trip would hold the first live messages. Waited for otherwise, so that a replay opened
+    /// later on the same queue cannot receive messages handed back after newer ones.
+    CloseReplay { wait: bool },
     /// Log a problem that does not stop the instance.
     Warn(String),
     /// Stop handling events and exit the process.
@@ -168,6 +174,8 @@ pub struct Core {
     live: bool,
     /// A `stop_live` waiting for `last_seq >= after_seq`.
     stop_after: Option<(u64, Pending)>,
+    /// Where to send the target's `finish_replay` when live service stops.
+    hand_over: Option<HandOver>,
     /// Open (or being opened) while not live.
     replay: Option<Replaying>,
     replayed: u64,
@@ -188,6 +196,7 @@ impl Core {
             state,
             live: false,
             stop_after: None,
+            hand_over: None,
             replay: None,
             replayed: 0,
             skipped: 0,
@@ -314,11 +323,25 @@ impl Core {
     }
 
     /// Stops serving live. A `stop_live` still waiting is satisfied (the instance stopped) and
-    /// answered here, so that no wait outlives the stop.
+    /// answered here, so that no wait outlives the stop. A hand-over goes out once the
+    /// consumer is closed (what it held is back in the queue) and before any reply.
     fn stop_live(&mut self, out: &mut Vec<Action>) {
         if self.live {
             self.live = false;
             out.push(Action::StopLive);
+        }
+        if let Some(h) = self.hand_over.take() {
+            out.push(Action::Send {
+                to: h.queue,
+                envelope: Envelope {
+                    corr: h.corr,
+                    reply_to: h.reply_to,
+                    command: Command::FinishReplay {
+                        until_seq: self.state.last_seq,
+                        go_live: true,
+                    },
+                },
+            });
         }
         if let Some((_, p)) = self.stop_after.take() {
             self.answer(out, p);
@@ -351,17 +374,24 @@ impl Core {
                     self.answer(out, pending);
                 }
             }
-            Command::StopLive { after_seq } => match after_seq {
+            Command::StopLive {
+                after_seq,
+                hand_over,
+            } => match after_seq {
                 Some(s) if self.live && self.state.last_seq < s => {
                     if let Some((waiting, _)) = &self.stop_after {
                         let e = format!("a stop_live is already waiting for seq {waiting}");
                         self.refuse(out, pending, e);
                     } else {
                         self.stop_after = Some((s, pending));
+                        self.hand_over = hand_over.or(self.hand_over.take());
                     }
                 }
                 // Stops at once; a `stop_live` waiting is answered by the stop.
-                _ => self.finish_stop(pending, out),
+                _ => {
+                    self.hand_over = hand_over.or(self.hand_over.take());
+                    self.finish_stop(pending, out)
+                }
             },
             Command::Snapshot { stream } => {
                 let snap = self.state.to_snapshot();
@@ -493,13 +523,15 @@ impl Core {
         if let Some((after, w)) = self.stop_after.take() {
             dropped.push((w, format!("shut down before reaching seq {after}")));
         }
+        // The stop it was for is refused: no target may go live on it.
+        self.hand_over = None;
         if let Some((w, c, _)) = self.fetching.take() {
             dropped.push((w, format!("shut down while fetching {}", c.queue)));
         }
         self.stop_live(out);
         self.end_span(out);
         if let Some(r) = self.replay.take() {
-            out.push(Action::CloseReplay);
+            out.push(Action::CloseReplay { wait: true });
             if let Some(w) = r.opening {
                 dropped.push((w, "shut down before the replay queue was opened".into()));
             }
@@ -565,7 +597,7 @@ impl Core {
         }
         self.answer(out, p);
         if replay.is_some() {
-            out.push(Action::CloseReplay);
+            out.push(Action::CloseReplay { wait: !go_live });
         }
     }
 

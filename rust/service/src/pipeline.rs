@@ -143,12 +143,15 @@ impl Pipeline {
 
     /// Waits until every message pushed so far is confirmed and acked.
     pub async fn flush(&self) -> Result<()> {
+        self.flusher().flush().await
+    }
+
+    /// A handle that flushes what is pushed before this call, for a task of its own.
+    pub fn flusher(&self) -> Flusher {
         let (done, flushed) = oneshot::channel();
-        self.tx
-            .send(Step::Flush(done))
-            .ok()
-            .context("the output pipeline has stopped")?;
-        flushed.await.ok().context("the output pipeline failed")
+        // A pipeline that has stopped drops `done`: the flush then reports it failed.
+        let _ = self.tx.send(Step::Flush(done));
+        Flusher(flushed)
     }
 
     /// Resolves when the pipeline's task ends, which only an error makes it do.
@@ -158,5 +161,15 @@ impl Pipeline {
             Ok(Ok(())) => anyhow::anyhow!("the output pipeline ended"),
             Err(e) => anyhow::anyhow!("the output pipeline panicked: {e}"),
         }
+    }
+}
+
+/// A flush requested with [`Pipeline::flusher`].
+pub struct Flusher(oneshot::Receiver<()>);
+
+impl Flusher {
+    /// Waits until every message pushed before the flusher was made is confirmed and acked.
+    pub async fn flush(self) -> Result<()> {
+        self.0.await.ok().context("the output pipeline failed")
     }
 }

@@ -24,6 +24,18 @@ pub struct Envelope {
     pub command: Command,
 }
 
+/// The `finish_replay` a stopping source sends its target: `{"corr", "reply_to", "cmd":
+/// "finish_replay", "until_seq": <the source's last_seq>, "go_live": true}` to `queue` (the
+/// target's control queue). The stop position goes from the source to the target in one hop
+/// instead of two through the manager, which is that much less downtime; the reply still
+/// goes to the manager (`reply_to`, `corr`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HandOver {
+    pub queue: String,
+    pub corr: String,
+    pub reply_to: String,
+}
+
 /// What the manager asks of an instance. Every command gets exactly one reply; a refused one
 /// gets a reply with `error` set and changes nothing (see `rust/wire/README.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +49,14 @@ pub enum Command {
     /// Keep serving until `last_seq >= after_seq` (at once when absent), then stop consuming the
     /// primary queue; messages fetched but not processed go back to the queue. Replies
     /// `stop_live` with the last processed sequence number. A second one that would wait is
-    /// refused while one waits; one that stops at once answers the waiting one too.
-    StopLive { after_seq: Option<u64> },
+    /// refused while one waits; one that stops at once answers the waiting one too. With
+    /// `hand_over`, the instance sends the target's `finish_replay` itself once it has stopped,
+    /// before its own reply.
+    StopLive {
+        after_seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hand_over: Option<HandOver>,
+    },
     /// Take a snapshot of the state and stream it to `stream` (the reply then describes it in
     /// `checkpoint`, once every chunk is confirmed by the broker); without `stream`, reply with
     /// the snapshot as attachment.
@@ -314,7 +332,13 @@ mod tests {
         vec![
             (Command::Status, "status"),
             (Command::StartLive, "start_live"),
-            (Command::StopLive { after_seq: Some(3) }, "stop_live"),
+            (
+                Command::StopLive {
+                    after_seq: Some(3),
+                    hand_over: None,
+                },
+                "stop_live",
+            ),
             (Command::Snapshot { stream: None }, "snapshot"),
             (Command::Fetch(Checkpoint::default()), "fetch"),
             (Command::Restore, "restore"),

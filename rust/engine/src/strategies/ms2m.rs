@@ -13,16 +13,18 @@
 //!    snapshot already holds, until the queue is drained (bounded by `replay_timeout_s`: at
 //!    rates near capacity the replay may never catch up, and the migration is aborted).
 //! 6. finalize (cutover): the target pauses at seq T; the source serves on until it has
-//!    processed T, stops and reports S >= T; the target replays up to S and starts consuming
-//!    the primary queue, where everything after S waits. Nothing is lost or processed live
-//!    twice, and the gap is a few broker round trips when the target was caught up.
+//!    processed T, stops at S >= T and sends the target `finish_replay` up to S itself (a
+//!    hand-over: one hop instead of two through the manager), then reports S; the target
+//!    replays up to S and starts consuming the primary queue, where everything after S waits.
+//!    Nothing is lost or processed live twice, and the gap is a few broker hops when the
+//!    target was caught up.
 //!
 //! The phases are functions so that the MS2M variants (`ms2m_cutoff`, `ms2m_sequential`)
 //! compose them in their own order.
 
 use super::{Ctx, PhaseName};
 use crate::error::Result;
-use ms2m_wire::control::{Checkpoint, Command};
+use ms2m_wire::control::{Checkpoint, Command, Reply};
 use std::time::{Duration, Instant};
 
 pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
@@ -188,18 +190,24 @@ pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
         }
     }
     let (paused, _) = ctx.command(&target, Command::PauseReplay, &[]).await?;
-    let (stopped, _) = ctx
-        .command(
-            &source,
-            Command::StopLive {
-                after_seq: Some(paused.last_seq),
-            },
-            &[],
-        )
-        .await?;
+    // The source itself tells the target where it stopped: one hop less of downtime than
+    // relaying its reply.
+    let (hand_over, finished) = ctx.link.hand_over(&ctx.spec.name, &target);
+    let stop = Command::StopLive {
+        after_seq: Some(paused.last_seq),
+        hand_over: Some(hand_over),
+    };
+    let stopped = match ctx.command(&source, stop, &[]).await {
+        Ok((stopped, _)) => stopped,
+        Err(e) => {
+            finished.abandon();
+            return Err(e);
+        }
+    };
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
-    finish_replay(ctx, stopped.last_seq).await?;
+    let (live, _) = ctx.reply(&target, finished).await?;
+    went_live(ctx, &live);
     finish(ctx).await
 }
 
@@ -216,10 +224,15 @@ pub(super) async fn finish_replay(ctx: &mut Ctx<'_>, until_seq: u64) -> Result<(
             &[],
         )
         .await?;
+    went_live(ctx, &live);
+    Ok(())
+}
+
+/// Records the target's `finish_replay` reply: when it went live and what it replayed.
+fn went_live(ctx: &mut Ctx<'_>, live: &Reply) {
     ctx.outcome.t_target_live_ns = Some(live.t_ns);
     ctx.outcome.messages_replayed = live.replayed;
     ctx.outcome.replay_skipped = live.skipped;
-    Ok(())
 }
 
 /// Once the target serves: drop the replay queue and retire the source. Nothing from here on

@@ -10,7 +10,14 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     let (source, target) = (ctx.source.clone(), ctx.target.clone());
     ctx.enter(PhaseName::Stop).await?;
     let (stopped, _) = ctx
-        .command(&source, Command::StopLive { after_seq: None }, &[])
+        .command(
+            &source,
+            Command::StopLive {
+                after_seq: None,
+                hand_over: None,
+            },
+            &[],
+        )
         .await?;
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);

@@ -234,7 +234,7 @@ impl Single {
                 false
             }
             Command::StartLive => c.replay.is_some(),
-            Command::StopLive { after_seq } => {
+            Command::StopLive { after_seq, .. } => {
                 c.stop_after.is_some() && c.live && after_seq.is_some_and(|s| c.state.last_seq < s)
             }
             Command::Restore => {
@@ -265,7 +265,10 @@ impl Single {
         let command = match cmd {
             Cmd::Status => Command::Status,
             Cmd::StartLive => Command::StartLive,
-            Cmd::StopLive(after_seq) => Command::StopLive { after_seq },
+            Cmd::StopLive(after_seq) => Command::StopLive {
+                after_seq,
+                hand_over: None,
+            },
             Cmd::Snapshot => Command::Snapshot { stream: None },
             Cmd::Restore(k) => {
                 attachment = match k {
@@ -435,6 +438,7 @@ impl Single {
                     self.unreported = 0;
                 }
                 Action::Fetch(_) => prop_assert!(false, "no fetch was asked"),
+                Action::Send { .. } => prop_assert!(false, "no hand-over was asked"),
                 Action::Checkpoint(o) => {
                     let barrier = matches!(delivery, Some((Via::Live, Ok(Input::Barrier { .. }))));
                     prop_assert!(barrier, "a checkpoint only for a live barrier");
@@ -457,7 +461,7 @@ impl Single {
                     self.replay_open = true;
                     self.replay_high = 0;
                 }
-                Action::CloseReplay => {
+                Action::CloseReplay { .. } => {
                     prop_assert!(self.replay_open);
                     self.replay_open = false;
                 }
@@ -731,6 +735,7 @@ impl World {
                 let (paused, _) = self.take("pause");
                 let stop = Command::StopLive {
                     after_seq: Some(paused.last_seq),
+                    hand_over: None,
                 };
                 self.send(SOURCE, "stop", stop, Vec::new());
                 Stage::AwaitStop
@@ -819,6 +824,7 @@ impl World {
                 }
                 Action::ReplaySpan(_) => {}
                 Action::Fetch(_) => unreachable!("the manager model fetches nothing"),
+                Action::Send { .. } => unreachable!("the manager model hands over nothing"),
                 Action::Reply(o) | Action::Checkpoint(o) => {
                     if o.to == "mgr" {
                         self.inbox
@@ -838,7 +844,7 @@ impl World {
                     node.replay = Some(Consumer::default());
                     todo.extend(node.core.handle(0, Event::ReplayOpened(Ok(()))));
                 }
-                Action::CloseReplay => {
+                Action::CloseReplay { .. } => {
                     let c = node.replay.take().expect("close without a replay");
                     let q = self.replay_queue.as_mut().unwrap();
                     for m in c.unacked.into_iter().rev() {

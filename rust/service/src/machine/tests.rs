@@ -88,12 +88,13 @@ fn shape(actions: &[Action]) -> Vec<&'static str> {
             Action::ReplaySpan(_) => "replay_span",
             Action::Ack => "ack",
             Action::Reply(_) => "reply",
+            Action::Send { .. } => "send",
             Action::Checkpoint(_) => "checkpoint",
             Action::Fetch(_) => "fetch",
             Action::StartLive => "start_live",
             Action::StopLive => "stop_live",
             Action::OpenReplay { .. } => "open_replay",
-            Action::CloseReplay => "close_replay",
+            Action::CloseReplay { .. } => "close_replay",
             Action::Warn(_) => "warn",
             Action::Exit => "exit",
         })
@@ -247,7 +248,13 @@ fn malformed_live_input_is_reported_and_acked() {
 fn stop_live_without_a_position_stops_at_once() {
     let mut c = live();
     c.handle(0, Event::Live(data(1)));
-    let a = cmd(&mut c, Command::StopLive { after_seq: None });
+    let a = cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: None,
+            hand_over: None,
+        },
+    );
     assert_eq!(shape(&a), ["stop_live", "reply"]);
     assert_eq!(the_reply(&a).kind, ReplyKind::StopLive);
     assert_eq!(the_reply(&a).last_seq, 1);
@@ -259,7 +266,13 @@ fn stop_live_waits_for_after_seq_and_stops_after_the_ack() {
     let mut c = live();
     c.handle(0, Event::Live(data(1)));
     assert_eq!(
-        cmd(&mut c, Command::StopLive { after_seq: Some(3) }),
+        cmd(
+            &mut c,
+            Command::StopLive {
+                after_seq: Some(3),
+                hand_over: None
+            }
+        ),
         vec![]
     );
     assert!(c.polls_live(), "serves on until it has processed 3");
@@ -278,10 +291,107 @@ fn stop_live_waits_for_after_seq_and_stops_after_the_ack() {
     assert!(!c.polls_live());
 }
 
+fn hand_over_to(queue: &str) -> Option<HandOver> {
+    Some(HandOver {
+        queue: queue.into(),
+        corr: "fin".into(),
+        reply_to: "mgr".into(),
+    })
+}
+
+/// The `finish_replay` the actions send, with where to.
+fn sent(actions: &[Action]) -> Vec<(&str, &Envelope)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to, envelope } => Some((to.as_str(), envelope)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_stop_with_hand_over_sends_the_targets_finish_replay_after_closing_and_before_replying() {
+    let mut c = live();
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(2),
+            hand_over: hand_over_to("S.ctl.target"),
+        },
+    );
+    c.handle(0, Event::Live(data(1)));
+    let a = c.handle(0, Event::Live(data(2)));
+    assert_eq!(shape(&a), ["process", "ack", "stop_live", "send", "reply"]);
+    let [(to, env)] = sent(&a)[..] else {
+        panic!("one send: {a:?}")
+    };
+    assert_eq!(
+        (to, env.corr.as_str(), env.reply_to.as_str()),
+        ("S.ctl.target", "fin", "mgr")
+    );
+    assert_eq!(
+        env.command,
+        Command::FinishReplay {
+            until_seq: 2,
+            go_live: true
+        }
+    );
+    // Handed over once: a later stop sends nothing.
+    cmd(&mut c, Command::StartLive);
+    assert!(sent(&cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: None,
+            hand_over: None
+        }
+    ))
+    .is_empty());
+}
+
+#[test]
+fn a_refused_or_shut_down_stop_hands_nothing_over() {
+    let mut c = live();
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(5),
+            hand_over: None,
+        },
+    );
+    let refused = cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(6),
+            hand_over: hand_over_to("t"),
+        },
+    );
+    assert!(the_reply(&refused).error.is_some());
+    for seq in 1..=5 {
+        assert!(sent(&c.handle(0, Event::Live(data(seq)))).is_empty());
+    }
+    let mut c = live();
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(5),
+            hand_over: hand_over_to("t"),
+        },
+    );
+    let a = cmd(&mut c, Command::Shutdown);
+    assert!(sent(&a).is_empty(), "{a:?}");
+}
+
 #[test]
 fn stop_after_is_checked_after_barriers_and_malformed_input_too() {
     let mut c = live();
-    cmd(&mut c, Command::StopLive { after_seq: Some(1) });
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(1),
+            hand_over: None,
+        },
+    );
     assert_eq!(
         shape(&c.handle(0, Event::Live(barrier("b")))),
         ["checkpoint", "ack"]
@@ -301,7 +411,13 @@ fn stop_after_reached_inside_a_backlog_stops_at_the_first_message_past_it() {
     // A gap in the stream (5 jumps over 4): the source stops at the first message at or past
     // `after_seq`, and the rest of its prefetched backlog goes back to the queue.
     let mut c = live();
-    cmd(&mut c, Command::StopLive { after_seq: Some(4) });
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(4),
+            hand_over: None,
+        },
+    );
     for seq in [1, 2, 3] {
         assert_eq!(
             shape(&c.handle(0, Event::Live(data(seq)))),
@@ -328,6 +444,7 @@ fn stop_live_already_past_after_seq_stops_at_once() {
             &mut c,
             Command::StopLive {
                 after_seq: Some(after),
+                hand_over: None,
             },
         );
         assert_eq!(shape(&a), ["stop_live", "reply"], "after_seq {after}");
@@ -337,7 +454,13 @@ fn stop_live_already_past_after_seq_stops_at_once() {
 #[test]
 fn stop_live_when_not_live_replies_at_once() {
     let mut c = fresh();
-    let a = cmd(&mut c, Command::StopLive { after_seq: Some(9) });
+    let a = cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: Some(9),
+            hand_over: None,
+        },
+    );
     assert_eq!(shape(&a), ["reply"]);
     assert_eq!(the_reply(&a).kind, ReplyKind::StopLive);
 }
@@ -444,7 +567,13 @@ fn a_fetched_checkpoint_outlives_a_refused_restore() {
         r.error.as_deref(),
         Some("cannot restore while serving live")
     );
-    cmd(&mut c, Command::StopLive { after_seq: None });
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: None,
+            hand_over: None,
+        },
+    );
     let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
     assert_eq!((r.error, r.last_seq), (None, 2));
 }
@@ -671,6 +800,24 @@ fn idle_and_pause_report_what_was_replayed_so_far() {
     let a = cmd(&mut c, Command::PauseReplay);
     assert_eq!(shape(&a), ["replay_span", "reply"]);
     assert_eq!(span_of(&a).unwrap().first_seq, 6);
+}
+
+#[test]
+fn the_replay_closes_in_the_background_only_once_live() {
+    for go_live in [true, false] {
+        let mut c = restored_and_replaying(3, None);
+        let a = cmd(
+            &mut c,
+            Command::FinishReplay {
+                until_seq: 3,
+                go_live,
+            },
+        );
+        assert!(
+            a.contains(&Action::CloseReplay { wait: !go_live }),
+            "go_live {go_live}: {a:?}"
+        );
+    }
 }
 
 #[test]
@@ -918,7 +1065,14 @@ fn shutdown_answers_a_stop_live_still_waiting_with_an_error() {
     let mut c = live();
     c.handle(0, Event::Live(data(1)));
     assert_eq!(
-        cmd_as(&mut c, "stop", Command::StopLive { after_seq: Some(5) }),
+        cmd_as(
+            &mut c,
+            "stop",
+            Command::StopLive {
+                after_seq: Some(5),
+                hand_over: None
+            }
+        ),
         vec![]
     );
     let a = cmd(&mut c, Command::Shutdown);
@@ -990,7 +1144,14 @@ fn a_second_stop_live_waiting_is_refused_and_the_first_waits_on() {
     for second in [2, 5, 9] {
         let mut c = live();
         assert_eq!(
-            cmd_as(&mut c, "first", Command::StopLive { after_seq: Some(5) }),
+            cmd_as(
+                &mut c,
+                "first",
+                Command::StopLive {
+                    after_seq: Some(5),
+                    hand_over: None
+                }
+            ),
             vec![]
         );
         let before = c.clone();
@@ -999,6 +1160,7 @@ fn a_second_stop_live_waiting_is_refused_and_the_first_waits_on() {
             "second",
             Command::StopLive {
                 after_seq: Some(second),
+                hand_over: None,
             },
         );
         assert_eq!(shape(&a), ["reply"]);
@@ -1028,8 +1190,22 @@ fn an_immediate_stop_answers_the_stop_live_waiting_too() {
         let mut c = live();
         c.handle(0, Event::Live(data(1)));
         c.handle(0, Event::Live(data(2)));
-        cmd_as(&mut c, "first", Command::StopLive { after_seq: Some(3) });
-        let a = cmd_as(&mut c, "second", Command::StopLive { after_seq });
+        cmd_as(
+            &mut c,
+            "first",
+            Command::StopLive {
+                after_seq: Some(3),
+                hand_over: None,
+            },
+        );
+        let a = cmd_as(
+            &mut c,
+            "second",
+            Command::StopLive {
+                after_seq,
+                hand_over: None,
+            },
+        );
         assert_eq!(shape(&a), ["stop_live", "reply", "reply"], "{after_seq:?}");
         assert_eq!(answers(&a), [("first", None), ("second", None)]);
         assert!(replies(&a).iter().all(|r| r.last_seq == 2));
@@ -1099,7 +1275,13 @@ fn start_live_while_replaying_is_refused() {
 #[test]
 fn replay_while_live_is_refused() {
     let mut waiting = live();
-    cmd(&mut waiting, Command::StopLive { after_seq: Some(4) });
+    cmd(
+        &mut waiting,
+        Command::StopLive {
+            after_seq: Some(4),
+            hand_over: None,
+        },
+    );
     for mut c in [live(), waiting] {
         c.handle(0, Event::Live(data(1)));
         let before = c.clone();
@@ -1121,7 +1303,13 @@ fn replay_while_live_is_refused() {
     }
     // Once stopped, the instance may replay.
     let mut c = live();
-    cmd(&mut c, Command::StopLive { after_seq: None });
+    cmd(
+        &mut c,
+        Command::StopLive {
+            after_seq: None,
+            hand_over: None,
+        },
+    );
     replaying(&mut c, None);
 }
 
