@@ -7,7 +7,9 @@
 //!
 //! Run with `cargo bench -p ms2m-engine --bench rates` (part of `make bench`). Environment:
 //! `MS2M_RUNTIME` (auto, docker, local), `MS2M_BENCH_WINDOW_S` (the window a rate must hold
-//! for, default 10), `MS2M_BENCH_PROCESSING_MS` (comma-separated, default 0,0.05,0.2,1).
+//! for, default 10), `MS2M_BENCH_PROCESSING_MS` (comma-separated, default 0,0.05,0.2,1),
+//! `MS2M_BENCH_GOAL_RUNS` (migrations at 5,000 msg/s with 0.05 ms processing, the issue's
+//! goal, default 7; 0 skips them).
 //! Figures depend on the machine's load: they are measured here, never asserted in tests.
 
 mod common;
@@ -188,6 +190,31 @@ fn replay_rate(h: &History) -> Option<f64> {
     let last = runs.iter().map(|e| e.t_end_ns).max()?;
     let replayed: u64 = runs.iter().map(|e| e.messages()).sum();
     (replayed > 10 && last > first).then(|| replayed as f64 / ((last - first) as f64 / 1e9))
+}
+
+/// The issue's goal: ms2m at 5,000 msg/s with 0.05 ms processing, `runs` migrations of one
+/// service back and forth, each report kept (aborted ones too).
+async fn goal_runs(tb: &Testbed, runs: usize) -> Result<Vec<Report>> {
+    under_load(tb, 0.05, STATE_BYTES, 5000.0, |name| async move {
+        let mut reports = Vec::new();
+        for i in 0..runs {
+            let to = if i % 2 == 0 { "edge-2" } else { "edge-1" };
+            let opts = MigrationOptions {
+                replay_timeout_s: 30.0,
+                ..MigrationOptions::default()
+            };
+            reports.push(match tb.migrate(&name, to, Strategy::Ms2m, opts).await {
+                Ok(r) => r,
+                Err(MigrationError {
+                    report: Some(r), ..
+                }) => *r,
+                Err(e) => return Err(e.into()),
+            });
+        }
+        tb.stop_workload(&name).await?;
+        Ok(reports)
+    })
+    .await
 }
 
 /// Publishing tasks of the broker-alone measurement: one alone would measure its own round
@@ -425,9 +452,11 @@ struct Row {
 fn main() -> Result<()> {
     let window = Duration::from_secs_f64(common::env_list("MS2M_BENCH_WINDOW_S", &[10.0])?[0]);
     let processing = common::env_list("MS2M_BENCH_PROCESSING_MS", &[0.0, 0.05, 0.2, 1.0])?;
+    let goal = common::env_list("MS2M_BENCH_GOAL_RUNS", &[7usize])?[0];
     common::with_testbed(async |tb| {
         let mut rows = Vec::new();
         let mut alone = 0.0;
+        let mut goal_reports = Vec::new();
         let result = async {
             alone = broker_alone(tb.amqp_url(), window).await?;
             for &p in &processing {
@@ -453,6 +482,7 @@ fn main() -> Result<()> {
                     ms2m,
                 });
             }
+            goal_reports = goal_runs(&tb, goal).await?;
             Ok(())
         }
         .await;
@@ -512,6 +542,30 @@ fn main() -> Result<()> {
             println!(
                 "live at 0 ms processing is {:.0}% of what RabbitMQ alone carries",
                 100.0 * r.live / alone
+            );
+        }
+        if !goal_reports.is_empty() {
+            let mut down: Vec<f64> = goal_reports.iter().map(|r| r.metrics.downtime.ms).collect();
+            down.sort_by(f64::total_cmp);
+            let count = |f: fn(&Report) -> bool| goal_reports.iter().filter(|r| f(r)).count();
+            println!(
+                "ms2m at 5,000 msg/s with 0.05 ms processing, {} runs: {} completed, downtime \
+                 median {:.2} ms (min {:.2}, max {:.2}), lost {}, duplicated {}, state consistent \
+                 in {}",
+                goal_reports.len(),
+                count(|r| r.migration.status == MigrationStatus::Completed),
+                down[down.len() / 2],
+                down[0],
+                down[down.len() - 1],
+                goal_reports
+                    .iter()
+                    .map(|r| r.verdict.lost.count)
+                    .sum::<u64>(),
+                goal_reports
+                    .iter()
+                    .map(|r| r.verdict.duplicated.count)
+                    .sum::<u64>(),
+                count(|r| r.verdict.state.consistent == Some(true)),
             );
         }
         Ok(())
