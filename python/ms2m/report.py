@@ -318,9 +318,9 @@ def report_schema() -> dict[str, Any]:
 
 
 def timeline_csv(history: dict[str, Any], path: str | Path | None = None) -> str:
-    """The per-message timeline of a history (``Testbed.history``) as CSV: one row per
-    processing (live or replay) and one per message nobody processed; written to ``path``
-    when given."""
+    """The per-message timeline of a history (``Testbed.history``) as CSV: one row per live
+    processing, one per run of replayed messages (under the run's last seq) and one per message
+    nobody processed; written to ``path`` when given."""
     text = _native.timeline_csv(json.dumps(history))
     if path is not None:
         Path(path).write_text(text)

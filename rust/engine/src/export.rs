@@ -23,8 +23,9 @@ fn outcome_name(o: PublishOutcome) -> &'static str {
     }
 }
 
-/// One row per processing of a message (live or replay), plus one row with empty processing
-/// columns for every sent message nobody processed; ordered by seq, then start time.
+/// One row per live processing of a message and per run of replayed messages (under the run's
+/// last seq), plus one row with empty processing columns for every sent message nobody
+/// processed; ordered by seq, then start time.
 pub fn timeline_csv(history: &History) -> String {
     let mut by_seq: std::collections::BTreeMap<u64, Vec<&ms2m_wire::OutputEvent>> =
         std::collections::BTreeMap::new();

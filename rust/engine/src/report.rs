@@ -118,6 +118,7 @@ pub struct Counts {
     pub published: u64,
     pub confirmed: u64,
     pub processed_live: u64,
+    /// Messages replayed, as the replay events report them (one event per run of messages).
     pub processed_replay: u64,
     /// Output events the recorder could not read as events (a service breaking the contract).
     pub malformed_events: u64,
@@ -253,7 +254,12 @@ impl Report {
                     .filter(|p| p.outcome == PublishOutcome::Confirmed)
                     .count() as u64,
                 processed_live: live,
-                processed_replay: history.events.len() as u64 - live,
+                processed_replay: history
+                    .events
+                    .iter()
+                    .filter(|e| e.mode == Mode::Replay)
+                    .map(|e| e.messages())
+                    .sum(),
                 malformed_events: run.malformed_events,
                 cut_ns,
             },

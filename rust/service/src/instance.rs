@@ -213,7 +213,7 @@ async fn next_of(sub: &mut Option<Subscription>) -> Option<lapin::Result<Deliver
 struct Instance {
     cfg: Config,
     conn: Connection,
-    /// Publishes replies and output events, with publisher confirms.
+    /// Publishes replies, output events and hand-overs, with publisher confirms.
     out: Channel,
     /// Confirms of output events, then acks, in order (see [`crate::pipeline`]).
     pipeline: Pipeline,

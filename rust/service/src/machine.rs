@@ -95,9 +95,10 @@ pub enum Action {
     /// live on, so that the cutover costs one round trip); report with [`Event::ReplayOpened`].
     OpenReplay { queue: String },
     /// Close the replay subscription once every message replayed is acked. In the background
-    /// (`wait` false) once the instance is live and never replays again: the close's round
-    /// trip would hold the first live messages. Waited for otherwise, so that a replay opened
-    /// later on the same queue cannot receive messages handed back after newer ones.
+    /// (`wait` false) when the instance goes live: the close's round trip would hold the first
+    /// live messages, and it cannot replay again before a `stop_live` (managers open a new
+    /// replay queue per migration). Waited for otherwise, so that a replay opened later on the
+    /// same queue cannot receive messages handed back after newer ones.
     CloseReplay { wait: bool },
     /// Log a problem that does not stop the instance.
     Warn(String),
@@ -323,12 +324,19 @@ impl Core {
     }
 
     /// Stops serving live. A `stop_live` still waiting is satisfied (the instance stopped) and
-    /// answered here, so that no wait outlives the stop. A hand-over goes out once the
-    /// consumer is closed (what it held is back in the queue) and before any reply.
-    fn stop_live(&mut self, out: &mut Vec<Action>) {
+    /// answered here, so that no wait outlives the stop, then `also` if given. A hand-over goes
+    /// out last: once the consumer is closed (what it held is back in the queue), and after the
+    /// replies, whose `t_ns` says when the instance stopped.
+    fn stop_live(&mut self, out: &mut Vec<Action>, also: Option<Pending>) {
         if self.live {
             self.live = false;
             out.push(Action::StopLive);
+        }
+        if let Some((_, p)) = self.stop_after.take() {
+            self.answer(out, p);
+        }
+        if let Some(p) = also {
+            self.answer(out, p);
         }
         if let Some(h) = self.hand_over.take() {
             out.push(Action::Send {
@@ -342,9 +350,6 @@ impl Core {
                     },
                 },
             });
-        }
-        if let Some((_, p)) = self.stop_after.take() {
-            self.answer(out, p);
         }
     }
 
@@ -528,7 +533,7 @@ impl Core {
         if let Some((w, c, _)) = self.fetching.take() {
             dropped.push((w, format!("shut down while fetching {}", c.queue)));
         }
-        self.stop_live(out);
+        self.stop_live(out, None);
         self.end_span(out);
         if let Some(r) = self.replay.take() {
             out.push(Action::CloseReplay { wait: true });
@@ -578,8 +583,7 @@ impl Core {
     }
 
     fn finish_stop(&mut self, p: Pending, out: &mut Vec<Action>) {
-        self.stop_live(out);
-        self.answer(out, p);
+        self.stop_live(out, Some(p));
     }
 
     fn finish_replay(&mut self, go_live: bool, p: Pending, out: &mut Vec<Action>) {

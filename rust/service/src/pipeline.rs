@@ -9,15 +9,17 @@
 //! and confirms in order and acks. Messages already queued behind the one being acked are
 //! taken with it (up to a quarter of the prefetch) and acked at once (`multiple`).
 //!
-//! The guarantee is the same: a message is acked only once its output event is confirmed, so a
-//! message the broker hands to another instance was never reported as processed. A multiple
+//! The guarantee is the same: a live message is acked only once its output event is confirmed,
+//! so a message the broker hands to another instance was never reported as processed. (A
+//! replayed message has no event of its own and nothing to wait for.) A multiple
 //! ack covers exactly the messages pushed before it on its channel, since the event loop
 //! pushes every delivery of a channel, in delivery order. How many are in flight is bounded
 //! by the consumer's prefetch, since an unacked message holds a prefetch slot.
 //!
-//! Before a consumer's channel closes (stop live, end of replay, exit), the event loop
-//! [`Pipeline::flush`]es: every message it applied is acked first, so that none is handed back
-//! to a queue and processed again elsewhere.
+//! Before a consumer's channel closes (stop live, end of replay, exit), the pipeline is
+//! flushed ([`Pipeline::flush`], or a [`Flusher`] in the task that closes a replay channel in
+//! the background): every message applied is acked first, so that none is handed back to a
+//! queue and processed again elsewhere.
 
 use anyhow::{bail, Context, Result};
 use lapin::{options::BasicAckOptions, types::ChannelId, Acker, PublisherConfirm};
@@ -86,13 +88,17 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> 
                 confirmed(publish).await?;
                 let mut last = ack;
                 let mut taken = usize::from(last.is_some());
+                let mut failed = None;
                 // Take what is already queued, as long as it is of the same channel.
                 while taken < batch {
                     match rx.try_recv() {
                         Ok(Step::Done { publish, ack })
                             if same_channel(last.as_ref(), ack.as_ref()) =>
                         {
-                            confirmed(publish).await?;
+                            if let Err(e) = confirmed(publish).await {
+                                failed = Some(e);
+                                break;
+                            }
                             if ack.is_some() {
                                 last = ack;
                                 taken += 1;
@@ -105,13 +111,21 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> 
                         Err(_) => break,
                     }
                 }
+                // What was confirmed is acked even when a later event failed: handed back, it
+                // would be processed twice.
                 if let Some((_, acker)) = last {
-                    acker
+                    let sent = acker
                         .ack(BasicAckOptions {
                             multiple: taken > 1,
                         })
                         .await
                         .context("acking a message")?;
+                    if !sent {
+                        bail!("an ack could not be sent: its channel is closed");
+                    }
+                }
+                if let Some(e) = failed {
+                    return Err(e);
                 }
             }
         }

@@ -51,7 +51,7 @@ pub enum Command {
     /// `stop_live` with the last processed sequence number. A second one that would wait is
     /// refused while one waits; one that stops at once answers the waiting one too. With
     /// `hand_over`, the instance sends the target's `finish_replay` itself once it has stopped,
-    /// before its own reply.
+    /// right after its own reply.
     StopLive {
         after_seq: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]

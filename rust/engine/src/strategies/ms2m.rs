@@ -13,8 +13,8 @@
 //!    snapshot already holds, until the queue is drained (bounded by `replay_timeout_s`: at
 //!    rates near capacity the replay may never catch up, and the migration is aborted).
 //! 6. finalize (cutover): the target pauses at seq T; the source serves on until it has
-//!    processed T, stops at S >= T and sends the target `finish_replay` up to S itself (a
-//!    hand-over: one hop instead of two through the manager), then reports S; the target
+//!    processed T, stops at S >= T, reports S and sends the target `finish_replay` up to S
+//!    itself (a hand-over: one hop instead of two through the manager); the target
 //!    replays up to S and starts consuming the primary queue, where everything after S waits.
 //!    Nothing is lost or processed live twice, and the gap is a few broker hops when the
 //!    target was caught up.
@@ -166,6 +166,10 @@ pub(super) async fn catch_up(
     }
 }
 
+/// How long a cutover whose `stop_live` failed waits for the target's reply to the hand-over,
+/// in case the source handed over before failing.
+const HANDOVER_GRACE: Duration = Duration::from_secs(2);
+
 /// Longest wait at the cutover for a caught-up target to draw level with the source.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
@@ -200,8 +204,17 @@ pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
     let stopped = match ctx.command(&source, stop, &[]).await {
         Ok((stopped, _)) => stopped,
         Err(e) => {
-            finished.abandon();
-            return Err(e);
+            // The source may have stopped and handed over before its reply went missing (or
+            // before it died): if the target went live on that, the migration is done, and
+            // rolling back would remove the one instance serving.
+            return match finished.reply(HANDOVER_GRACE).await {
+                Ok((live, _)) => {
+                    ctx.source_stopped = true;
+                    went_live(ctx, &live);
+                    finish(ctx).await
+                }
+                Err(_) => Err(e),
+            };
         }
     };
     ctx.source_stopped = true;

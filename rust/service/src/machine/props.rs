@@ -46,7 +46,8 @@ enum Item {
 enum Cmd {
     Status,
     StartLive,
-    StopLive(Option<u64>),
+    /// `after_seq`, and whether it hands over to a target.
+    StopLive(Option<u64>, bool),
     Snapshot,
     /// A snapshot of `1..=k`, or (None) bytes that are not a snapshot.
     Restore(Option<u64>),
@@ -90,7 +91,8 @@ fn command() -> impl Strategy<Value = Cmd> {
     prop_oneof![
         2 => Just(Cmd::Status),
         2 => Just(Cmd::StartLive),
-        3 => proptest::option::of(0u64..24).prop_map(Cmd::StopLive),
+        3 => (proptest::option::of(0u64..24), any::<bool>())
+            .prop_map(|(after, hand)| Cmd::StopLive(after, hand)),
         1 => Just(Cmd::Snapshot),
         2 => proptest::option::weighted(0.8, 0u64..16).prop_map(Cmd::Restore),
         3 => (
@@ -265,9 +267,13 @@ impl Single {
         let command = match cmd {
             Cmd::Status => Command::Status,
             Cmd::StartLive => Command::StartLive,
-            Cmd::StopLive(after_seq) => Command::StopLive {
+            Cmd::StopLive(after_seq, hand) => Command::StopLive {
                 after_seq,
-                hand_over: None,
+                hand_over: hand.then(|| HandOver {
+                    queue: "target".into(),
+                    corr: "h".into(),
+                    reply_to: "mgr".into(),
+                }),
             },
             Cmd::Snapshot => Command::Snapshot { stream: None },
             Cmd::Restore(k) => {
@@ -438,7 +444,18 @@ impl Single {
                     self.unreported = 0;
                 }
                 Action::Fetch(_) => prop_assert!(false, "no fetch was asked"),
-                Action::Send { .. } => prop_assert!(false, "no hand-over was asked"),
+                Action::Send { to, envelope } => {
+                    // Only once stopped, and where the instance stopped.
+                    prop_assert!(!self.live, "handed over while serving");
+                    prop_assert_eq!(to, "target");
+                    prop_assert_eq!(
+                        envelope.command,
+                        Command::FinishReplay {
+                            until_seq: self.expected.last_seq,
+                            go_live: true
+                        }
+                    );
+                }
                 Action::Checkpoint(o) => {
                     let barrier = matches!(delivery, Some((Via::Live, Ok(Input::Barrier { .. }))));
                     prop_assert!(barrier, "a checkpoint only for a live barrier");

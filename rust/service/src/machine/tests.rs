@@ -311,7 +311,7 @@ fn sent(actions: &[Action]) -> Vec<(&str, &Envelope)> {
 }
 
 #[test]
-fn a_stop_with_hand_over_sends_the_targets_finish_replay_after_closing_and_before_replying() {
+fn a_stop_with_hand_over_sends_the_targets_finish_replay_after_closing_and_replying() {
     let mut c = live();
     cmd(
         &mut c,
@@ -322,7 +322,7 @@ fn a_stop_with_hand_over_sends_the_targets_finish_replay_after_closing_and_befor
     );
     c.handle(0, Event::Live(data(1)));
     let a = c.handle(0, Event::Live(data(2)));
-    assert_eq!(shape(&a), ["process", "ack", "stop_live", "send", "reply"]);
+    assert_eq!(shape(&a), ["process", "ack", "stop_live", "reply", "send"]);
     let [(to, env)] = sent(&a)[..] else {
         panic!("one send: {a:?}")
     };
