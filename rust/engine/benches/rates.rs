@@ -155,6 +155,22 @@ where
     Ok(best)
 }
 
+/// One migration of `name` to `to`; its report, also of an aborted migration (that is a
+/// result here).
+async fn migrate_once(tb: &Testbed, name: &str, to: &str, strategy: Strategy) -> Result<Report> {
+    let opts = MigrationOptions {
+        replay_timeout_s: 30.0,
+        ..MigrationOptions::default()
+    };
+    match tb.migrate(name, to, strategy, opts).await {
+        Ok(r) => Ok(r),
+        Err(MigrationError {
+            report: Some(r), ..
+        }) => Ok(*r),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Migrates a service under `rate` with `strategy`; the report (also of an aborted migration:
 /// that is a result here) and the history.
 async fn migrate(
@@ -165,17 +181,7 @@ async fn migrate(
     strategy: Strategy,
 ) -> Result<(Report, History)> {
     under_load(tb, processing_ms, state_bytes, rate, |name| async move {
-        let opts = MigrationOptions {
-            replay_timeout_s: 30.0,
-            ..MigrationOptions::default()
-        };
-        let report = match tb.migrate(&name, "edge-2", strategy, opts).await {
-            Ok(r) => r,
-            Err(MigrationError {
-                report: Some(r), ..
-            }) => *r,
-            Err(e) => return Err(e.into()),
-        };
+        let report = migrate_once(tb, &name, "edge-2", strategy).await?;
         tb.stop_workload(&name).await?;
         Ok((report, tb.history(&name).await?))
     })
@@ -199,17 +205,7 @@ async fn goal_runs(tb: &Testbed, runs: usize) -> Result<Vec<Report>> {
         let mut reports = Vec::new();
         for i in 0..runs {
             let to = if i % 2 == 0 { "edge-2" } else { "edge-1" };
-            let opts = MigrationOptions {
-                replay_timeout_s: 30.0,
-                ..MigrationOptions::default()
-            };
-            reports.push(match tb.migrate(&name, to, Strategy::Ms2m, opts).await {
-                Ok(r) => r,
-                Err(MigrationError {
-                    report: Some(r), ..
-                }) => *r,
-                Err(e) => return Err(e.into()),
-            });
+            reports.push(migrate_once(tb, &name, to, Strategy::Ms2m).await?);
         }
         tb.stop_workload(&name).await?;
         Ok(reports)
