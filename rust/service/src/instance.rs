@@ -6,7 +6,7 @@
 //! answer is in [`crate::machine`].
 
 use crate::machine::{Action, Core, Event as CoreEvent, Outgoing, ReplaySpan};
-use crate::pipeline::{Pipeline, Publish};
+use crate::pipeline::{Ack, Pipeline, Publish};
 use crate::Config;
 use anyhow::{Context, Result};
 use futures_lite::StreamExt;
@@ -34,6 +34,13 @@ const STREAM_WINDOW: usize = 4;
 /// Longest wait for the next chunk of a checkpoint being fetched: a source that died
 /// mid-stream must fail the fetch, not hang the target.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// A replay consumer prefetches at least what it processes in this long, up to
+/// [`REPLAY_PREFETCH_MAX`]: with a live-sized prefetch a fast target would wait for a broker
+/// round trip every few messages and replay no faster than it serves. Not more: the manager
+/// takes an empty replay queue for a caught-up target, and what the target holds unprocessed
+/// is the error of that judgement.
+const REPLAY_IN_HAND: Duration = Duration::from_millis(10);
+const REPLAY_PREFETCH_MAX: u16 = 1000;
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
@@ -213,6 +220,10 @@ async fn next_of(sub: &mut Option<Subscription>) -> Option<lapin::Result<Deliver
 struct Instance {
     cfg: Config,
     conn: Connection,
+    /// Checkpoints stream over a connection of their own: in one TCP stream with the live
+    /// path, their megabytes would queue ahead of every output event and ack (head-of-line
+    /// blocking), and a source behind a slow link would stop serving for the whole upload.
+    bulk: Connection,
     /// Publishes replies, output events and hand-overs, with publisher confirms.
     out: Channel,
     /// Confirms of output events, then acks, in order (see [`crate::pipeline`]).
@@ -246,6 +257,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
         .await
         .with_context(|| format!("connecting to the broker at {}", cfg.amqp_url))?;
+    let bulk = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("connecting to the broker at {}", cfg.amqp_url))?;
     let setup = conn.create_channel().await?;
     let control_queue = names::control_queue(&cfg.service, &cfg.instance);
     setup
@@ -266,13 +280,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let out = conn.create_channel().await?;
     out.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
-    let prefetch = cfg.prefetch;
     let mut inst = Instance {
         core: Core::new(cfg.instance.clone(), ServiceState::new(cfg.state_bytes)),
         cfg,
         conn,
+        bulk,
         out,
-        pipeline: Pipeline::start(prefetch),
+        pipeline: Pipeline::start(),
         live: None,
         standby: None,
         replay: None,
@@ -324,14 +338,16 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let channel = inst.live.as_ref().map_or(0, |s| s.channel.id());
                 let input = CoreEvent::Live(parse_input(&d.data));
                 let actions = inst.core.handle(now_ns(), input);
-                inst.execute(actions, Some((&d, channel))).await?
+                let prefetch = inst.cfg.prefetch;
+                inst.execute(actions, Some((&d, channel, prefetch))).await?
             }
             Event::Replay(d) => {
                 let d = d.context("replay queue consumer closed")??;
                 let channel = inst.replay.as_ref().map_or(0, |s| s.channel.id());
                 let input = CoreEvent::Replay(parse_input(&d.data));
                 let actions = inst.core.handle(now_ns(), input);
-                inst.execute(actions, Some((&d, channel))).await?
+                let prefetch = replay_prefetch(&inst.cfg);
+                inst.execute(actions, Some((&d, channel, prefetch))).await?
             }
         };
         if flow == Flow::Exit {
@@ -340,8 +356,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let _ = inst.pipeline.flush().await;
     let _ = control.close().await;
+    let _ = inst.bulk.close(200, "instance exits".into()).await;
     let _ = inst.conn.close(200, "instance exits".into()).await;
     Ok(())
+}
+
+/// The prefetch of a replay consumer (see [`REPLAY_IN_HAND`]): never less than live's.
+fn replay_prefetch(cfg: &Config) -> u16 {
+    let in_hand = REPLAY_IN_HAND.as_secs_f64() / cfg.processing.as_secs_f64().max(1e-6);
+    cfg.prefetch
+        .max((in_hand.ceil() as u16).min(REPLAY_PREFETCH_MAX))
 }
 
 /// An input message, or why it is not one.
@@ -351,11 +375,11 @@ fn parse_input(body: &[u8]) -> std::result::Result<Input, String> {
 
 impl Instance {
     /// Executes the core's actions in order; `delivery` is the message they are about, if any,
-    /// with the id of the channel it came on.
+    /// with the id and the prefetch of the channel it came on.
     async fn execute(
         &mut self,
         actions: Vec<Action>,
-        delivery: Option<(&Delivery, lapin::types::ChannelId)>,
+        delivery: Option<(&Delivery, lapin::types::ChannelId, u16)>,
     ) -> Result<Flow> {
         let mut todo = VecDeque::from(actions);
         // The output event of the delivery being handled, whose confirm its ack waits for.
@@ -391,9 +415,14 @@ impl Instance {
                         .push(Some(self.publish_output(&event)?), None)?;
                 }
                 Action::Ack => {
-                    let (d, channel) = delivery.context("the core acked without a delivery")?;
-                    self.pipeline
-                        .push(publish.take(), Some((channel, d.acker.clone())))?;
+                    let (d, channel, prefetch) =
+                        delivery.context("the core acked without a delivery")?;
+                    let ack = Ack {
+                        channel,
+                        acker: d.acker.clone(),
+                        batch: usize::from(prefetch / 4),
+                    };
+                    self.pipeline.push(publish.take(), Some(ack))?;
                 }
                 Action::Reply(o) => self.send(o).await?,
                 Action::Send { to, envelope } => {
@@ -426,16 +455,20 @@ impl Instance {
                     if self.standby.is_none() {
                         self.standby = Some(consumer_channel(&self.conn, self.cfg.prefetch).await?);
                     }
-                    let opened =
-                        match Subscription::open(&self.conn, &queue, "replay", self.cfg.prefetch)
-                            .await
-                        {
-                            Ok(sub) => {
-                                self.replay = Some(sub);
-                                Ok(())
-                            }
-                            Err(e) => Err(format!("{e:#}")),
-                        };
+                    let opened = match Subscription::open(
+                        &self.conn,
+                        &queue,
+                        "replay",
+                        replay_prefetch(&self.cfg),
+                    )
+                    .await
+                    {
+                        Ok(sub) => {
+                            self.replay = Some(sub);
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    };
                     todo.extend(self.core.handle(now_ns(), CoreEvent::ReplayOpened(opened)));
                 }
                 Action::CloseReplay { wait } => {
@@ -493,7 +526,7 @@ impl Instance {
         o.stream.as_ref()?;
         Some(
             async {
-                let channel = self.conn.create_channel().await?;
+                let channel = self.bulk.create_channel().await?;
                 channel
                     .confirm_select(ConfirmSelectOptions::default())
                     .await?;
@@ -508,7 +541,7 @@ impl Instance {
     /// copy of the checkpoint here (the restore takes it over).
     async fn fetch(&self, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
         let mut sub =
-            Subscription::open(&self.conn, &checkpoint.queue, "fetch", STREAM_WINDOW as u16)
+            Subscription::open(&self.bulk, &checkpoint.queue, "fetch", STREAM_WINDOW as u16)
                 .await?;
         let fetched = read_chunks(&mut sub.consumer, checkpoint).await;
         let _ = sub.close().await;
@@ -657,5 +690,31 @@ pub fn precise_sleep() {
     // leaves it as it was.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(processing_ms: f64, prefetch: u16) -> Config {
+        Config {
+            amqp_url: String::new(),
+            service: "s".into(),
+            instance: "s-1".into(),
+            processing: Duration::from_secs_f64(processing_ms / 1e3),
+            state_bytes: 0,
+            prefetch,
+            live: false,
+        }
+    }
+
+    #[test]
+    fn replay_prefetches_about_ten_ms_of_work_never_less_than_live() {
+        assert_eq!(replay_prefetch(&cfg(0.0, 1)), REPLAY_PREFETCH_MAX);
+        assert_eq!(replay_prefetch(&cfg(0.05, 1)), 200);
+        assert_eq!(replay_prefetch(&cfg(1.0, 1)), 10);
+        assert_eq!(replay_prefetch(&cfg(50.0, 1)), 1);
+        assert_eq!(replay_prefetch(&cfg(50.0, 10)), 10);
     }
 }

@@ -7,7 +7,7 @@
 //! frames to be written (a hand-over to lapin's I/O thread and back) cost about a third of the
 //! service's CPU at 3,000 msg/s. Now the event loop only enqueues frames; a task awaits writes
 //! and confirms in order and acks. Messages already queued behind the one being acked are
-//! taken with it (up to a quarter of the prefetch) and acked at once (`multiple`).
+//! taken with it (up to a quarter of their channel's prefetch) and acked at once (`multiple`).
 //!
 //! The guarantee is the same: a live message is acked only once its output event is confirmed,
 //! so a message the broker hands to another instance was never reported as processed. (A
@@ -31,8 +31,15 @@ use tokio::task::JoinHandle;
 /// A publish whose frames are enqueued, not necessarily written yet.
 pub type Publish = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
-/// A delivery to ack, with the channel it came on.
-type Ack = (ChannelId, Acker);
+/// A delivery to ack.
+pub struct Ack {
+    /// The channel it came on: one `multiple` ack covers deliveries of one channel only.
+    pub channel: ChannelId,
+    pub acker: Acker,
+    /// How many messages one `multiple` ack may cover at most on this channel (a quarter of
+    /// its prefetch), so that the broker never waits long for prefetch slots.
+    pub batch: usize,
+}
 
 enum Step {
     /// Await the output event's write and confirm (if there is one), then ack the delivery
@@ -69,15 +76,14 @@ async fn confirmed(publish: Option<Publish>) -> Result<()> {
 /// deliveries of one channel only.
 fn same_channel(a: Option<&Ack>, b: Option<&Ack>) -> bool {
     match (a, b) {
-        (Some((x, _)), Some((y, _))) => x == y,
+        (Some(x), Some(y)) => x.channel == y.channel,
         _ => true,
     }
 }
 
 /// Awaits every step in order; consecutive messages of one channel already queued are acked
-/// with one `multiple` ack, at most `batch` at a time, so that the broker never waits long
-/// for prefetch slots.
-async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> {
+/// with one `multiple` ack, at most their channel's `batch` at a time.
+async fn run(mut rx: mpsc::UnboundedReceiver<Step>) -> Result<()> {
     let mut next = rx.recv().await;
     while let Some(step) = next.take() {
         match step {
@@ -90,7 +96,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> 
                 let mut taken = usize::from(last.is_some());
                 let mut failed = None;
                 // Take what is already queued, as long as it is of the same channel.
-                while taken < batch {
+                while taken < last.as_ref().map_or(1, |a| a.batch.max(1)) {
                     match rx.try_recv() {
                         Ok(Step::Done { publish, ack })
                             if same_channel(last.as_ref(), ack.as_ref()) =>
@@ -113,7 +119,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> 
                 }
                 // What was confirmed is acked even when a later event failed: handed back, it
                 // would be processed twice.
-                if let Some((_, acker)) = last {
+                if let Some(Ack { acker, .. }) = last {
                     let sent = acker
                         .ack(BasicAckOptions {
                             multiple: taken > 1,
@@ -137,17 +143,17 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Step>, batch: usize) -> Result<()> 
 }
 
 impl Pipeline {
-    /// Starts the pipeline of an instance whose consumers prefetch `prefetch` messages.
-    pub fn start(prefetch: u16) -> Self {
+    /// Starts the pipeline of an instance.
+    pub fn start() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Pipeline {
             tx,
-            task: tokio::spawn(run(rx, usize::from(prefetch / 4).max(1))),
+            task: tokio::spawn(run(rx)),
         }
     }
 
-    /// Acks `ack`'s message (delivered on the channel given), if any, once `publish` (its
-    /// output event's, if any) is confirmed, after every step pushed before it.
+    /// Acks `ack`'s message, if any, once `publish` (its output event's, if any) is
+    /// confirmed, after every step pushed before it.
     pub fn push(&self, publish: Option<Publish>, ack: Option<Ack>) -> Result<()> {
         self.tx
             .send(Step::Done { publish, ack })
