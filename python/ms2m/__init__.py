@@ -30,6 +30,7 @@ from ._native import strategies as _strategies
 from ._native import strategy_phases as _strategy_phases
 from .defaults import MIGRATION_DEFAULTS
 from .experiment import Comparison, compare_strategies, summarize
+from .links import Link
 from .report import (
     REPORT_SCHEMA,
     InvariantViolated,
@@ -82,6 +83,7 @@ __all__ = [
     "HostError",
     "InstanceError",
     "InvariantViolated",
+    "Link",
     "MigrationFailed",
     "Ms2mError",
     "OperationTimeout",

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import _native
 from .defaults import MIGRATION_DEFAULTS
 from .experiment import Comparison, compare_strategies, describe, format_table, summarize
+from .links import parse_host_links
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
 from .sweeps import run_grid
@@ -33,6 +34,7 @@ def _compare(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s,
         settle_s=args.settle_s,
         runtime=args.runtime,
+        links=parse_host_links(args.link),
     )
     params.validate()
     out = Path(args.out) if args.out else Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
@@ -60,6 +62,7 @@ def _matrix(args: argparse.Namespace) -> int:
         replay_timeout_s=args.replay_timeout_s,
         replay_max_s=args.replay_max_s,
         runtime=args.runtime,
+        links=parse_host_links(args.link),
     )
     reports = run_grid(grid, args.out, amqp_url=args.amqp_url)
     print(format_matrix(table(reports)))
@@ -104,6 +107,14 @@ def _testbed_options(p: argparse.ArgumentParser) -> None:
         "answers, else local processes)",
     )
     p.add_argument("--amqp-url", help="use this existing broker instead of starting one")
+    p.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="HOST=SPEC",
+        help="a host's link to the broker's host, e.g. edge-1=20mbit,20ms,jitter=5ms "
+        "(also up=5mbit, down=20mbit); repeat for each shaped host",
+    )
 
 
 def _settle_option(p: argparse.ArgumentParser) -> None:

@@ -7,12 +7,13 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import _native
 from .defaults import MIGRATION_DEFAULTS
+from .links import Link
 from .report import Report
 from .sweeps import Grid, run_grid
 
@@ -30,6 +31,8 @@ class Comparison:
     warmup_s: float = 2.0
     settle_s: float = MIGRATION_DEFAULTS["settle_s"]
     runtime: str = "auto"
+    #: Links of edge-1 and edge-2 to the broker's host (see :class:`~ms2m.Link`).
+    links: dict[str, Link] = field(default_factory=dict)
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -68,6 +71,7 @@ def compare_strategies(
         warmup_s=params.warmup_s,
         settle_s=params.settle_s,
         runtime=params.runtime,
+        links=dict(params.links),
     )
     if out_dir is not None:
         return run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url)

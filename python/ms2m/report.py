@@ -18,6 +18,8 @@ from .report_types import (
     Counts,
     CutoffReport,
     Environment,
+    LinkReport,
+    LinkTraffic,
     Metrics,
     MigrationOptions,
     MigrationStatus,
@@ -146,6 +148,17 @@ class Report:
     def verdict(self) -> Verdict:
         """The checker's verdict (:attr:`valid`, :attr:`lost`... are its headlines)."""
         return copy.deepcopy(self._d["verdict"])
+
+    @property
+    def links(self) -> dict[str, LinkReport]:
+        """The shaped hosts' links: configured, how emulated, measured at testbed start
+        (empty: every host reached the broker directly). Reports older than links: empty."""
+        return copy.deepcopy(self._d.get("links", {}))
+
+    @property
+    def link_traffic(self) -> dict[str, LinkTraffic]:
+        """Bytes each shaped link carried during the migration, per direction."""
+        return copy.deepcopy(self._d.get("link_traffic", {}))
 
     @property
     def leftovers(self) -> list[str]:
@@ -294,6 +307,11 @@ class Report:
         }
         for name, ms in self.phases.items():
             row[f"phase_{name}_ms"] = ms
+        for role in ("source", "target"):
+            link = self.links.get(d[role]["host"])
+            spec = link["configured"] if link else None
+            row[f"{role}_link_mbit"] = None if spec is None else spec["up_mbit"]
+            row[f"{role}_link_delay_ms"] = None if spec is None else spec["delay_ms"]
         row["pacing_p99_us"] = d["metrics"]["pacing_error"]["p99_us"]
         row["processing_achieved_ms"] = self.processing_achieved_ms
         row["processing_off_target"] = d["metrics"]["processing"]["off_target"]

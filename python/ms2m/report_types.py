@@ -132,6 +132,48 @@ class Environment(TypedDict):
     cores: int
 
 
+# -- links -------------------------------------------------------------------------------------
+
+
+class LinkSpec(TypedDict):
+    """One host's link to the broker's host, as the engine takes it (None: unshaped)."""
+
+    up_mbit: float | None
+    down_mbit: float | None
+    delay_ms: float
+    jitter_ms: float
+
+
+class LinkProbe(TypedDict):
+    """What the probe measured on one link at testbed start."""
+
+    rtt_ms_p50: float
+    rtt_ms_p99: float
+    up_mbit: float
+    down_mbit: float
+    bytes: int
+
+
+class LinkReport(TypedDict):
+    """A shaped host's link: configured, emulated how, measured."""
+
+    configured: LinkSpec
+    #: ``relay``: a TCP relay in the harness paces, delays and holds each direction.
+    mechanism: str
+    measured: LinkProbe | None
+    #: Measured figures beyond 10% of the configured ones (round trips: or 0.5 ms).
+    deviations: list[str]
+
+
+class LinkTraffic(TypedDict):
+    """Bytes one shaped link carried during a migration, and their mean rate."""
+
+    up_bytes: int
+    down_bytes: int
+    up_mbit: float
+    down_mbit: float
+
+
 # -- the migration -----------------------------------------------------------------------------
 
 
@@ -339,6 +381,10 @@ class ReportDocument(TypedDict):
     source: Placement
     target: Placement
     environment: Environment
+    #: The shaped hosts' links (empty: every host reaches the broker directly).
+    links: dict[str, LinkReport]
+    #: What each shaped link carried during the migration.
+    link_traffic: dict[str, LinkTraffic]
     phases: list[Phase]
     migration: MigrationSummary
     metrics: Metrics
@@ -360,6 +406,10 @@ __all__ = [
     "Finding",
     "LatencyReport",
     "LatencySummary",
+    "LinkProbe",
+    "LinkReport",
+    "LinkSpec",
+    "LinkTraffic",
     "Metrics",
     "MigrationOptions",
     "MigrationStatus",

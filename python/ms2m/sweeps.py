@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _native
 from .defaults import MIGRATION_DEFAULTS
+from .links import Link
 from .report import Report, to_dataframe
 from .testbed import RUNTIMES, Testbed
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 SERVICE_AXES = ("processing_ms", "state_bytes", "prefetch", "message_bytes")
 """Service parameters a sweep can vary besides strategy and rate."""
+
+LINK_AXES = ("link_mbit", "link_delay_ms")
+"""Link figures a sweep can vary: both hosts' links to the broker's host get them."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,14 @@ class Grid:
     hosts: tuple[str, str] = field(default=("edge-1", "edge-2"))
     #: "auto", "docker" or "local" (see :class:`~ms2m.Testbed`); part of what a folder holds.
     runtime: str = "auto"
+    #: Links of the two hosts to the broker's host (see :class:`~ms2m.Link`); a host not
+    #: named reaches the broker directly.
+    links: dict[str, Link] = field(default_factory=dict)
+    #: Both hosts' link bandwidth (None: unshaped) and one-way delay per run; values other
+    #: than the defaults override ``links`` and make the testbed relay both hosts.
+    link_mbit: tuple[float | None, ...] = (None,)
+    link_delay_ms: tuple[float, ...] = (0.0,)
+    link_jitter_ms: float = 0.0
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -76,10 +88,43 @@ class Grid:
             )
         if len(self.hosts) != 2 or self.hosts[0] == self.hosts[1]:
             raise _native.ConfigurationError(f"hosts must be two different names: {self.hosts}")
+        if not self.link_mbit or any(m is not None and not m > 0 for m in self.link_mbit):
+            raise _native.ConfigurationError(
+                f"link_mbit needs values > 0 (or None: unshaped), got {self.link_mbit}"
+            )
+        if not self.link_delay_ms or any(not d >= 0 for d in self.link_delay_ms):
+            raise _native.ConfigurationError(
+                f"link_delay_ms needs values >= 0, got {self.link_delay_ms}"
+            )
+        if not self.link_jitter_ms >= 0:
+            raise _native.ConfigurationError("link_jitter_ms must be >= 0")
+        stray = set(self.links) - set(self.hosts)
+        if stray:
+            raise _native.ConfigurationError(
+                f"links name hosts {sorted(stray)} that the sweep does not use {self.hosts}"
+            )
+
+    def varies_links(self) -> bool:
+        return (self.link_mbit, self.link_delay_ms, self.link_jitter_ms) != ((None,), (0.0,), 0)
+
+    def testbed_hosts(self) -> dict[str, Link | None]:
+        """The two hosts with their links, as :class:`~ms2m.Testbed` takes them."""
+        if self.varies_links():
+            return {h: Link() for h in self.hosts}
+        return {h: self.links.get(h) for h in self.hosts}
+
+    def run_link(self, run: dict[str, Any]) -> Link | None:
+        """Both hosts' link in ``run``, when the sweep varies links."""
+        if not self.varies_links():
+            return None
+        return Link(
+            mbit=run["link_mbit"], delay_ms=run["link_delay_ms"], jitter_ms=self.link_jitter_ms
+        )
 
     def runs(self) -> Iterator[dict[str, Any]]:
         """Every run's parameters, repetition-major so that a partial sweep is balanced."""
-        axes = [getattr(self, a) for a in SERVICE_AXES]
+        names = SERVICE_AXES + LINK_AXES
+        axes = [getattr(self, a) for a in names]
         for rep in range(1, self.repetitions + 1):
             for values in itertools.product(*axes):
                 for rate in self.rates:
@@ -88,15 +133,16 @@ class Grid:
                             "repetition": rep,
                             "rate": rate,
                             "strategy": strategy,
-                            **dict(zip(SERVICE_AXES, values)),
+                            **dict(zip(names, values)),
                         }
 
     def report_name(self, run: dict[str, Any]) -> str:
         """File name of a run's report: the axes that vary, then the repetition."""
         parts = [run["strategy"], f"r{run['rate']:g}"]
-        for axis in SERVICE_AXES:
+        for axis in SERVICE_AXES + LINK_AXES:
             if len(getattr(self, axis)) > 1:
-                parts.append(f"{axis}{run[axis]:g}")
+                value = run[axis]
+                parts.append(f"{axis}{'none' if value is None else format(value, 'g')}")
         parts.append(str(run["repetition"]))
         return "-".join(parts) + ".json"
 
@@ -185,7 +231,7 @@ def run_grid(
     bar = _Progress(len(runs), len(runs) - len(todo), progress)
     try:
         if todo:
-            with Testbed(hosts=grid.hosts, runtime=grid.runtime, amqp_url=amqp_url) as tb:
+            with Testbed(hosts=grid.testbed_hosts(), runtime=grid.runtime, amqp_url=amqp_url) as tb:
                 for run in todo:
                     report = _one_run(tb, grid, run)
                     _write_atomically(out / grid.report_name(run), report.to_json())
@@ -201,6 +247,11 @@ def run_grid(
 
 
 def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
+    link = grid.run_link(run)
+    if link is not None:
+        for host in grid.hosts:
+            if tb.links[host]["configured"] != link.to_config():
+                tb.set_link(host, link)
     name = "sw-" + grid.report_name(run)[: -len(".json")].replace("_", "-").replace(".", "p")
     svc = tb.deploy(
         name[:48],
@@ -252,6 +303,10 @@ def sweep(
     replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
     chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
     runtime: str = "auto",
+    links: dict[str, Link] | None = None,
+    link_mbit: float | Sequence[float | None] | None = None,
+    link_delay_ms: float | Sequence[float] = 0.0,
+    link_jitter_ms: float = 0.0,
     amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,
 ) -> pd.DataFrame:
@@ -272,5 +327,9 @@ def sweep(
         replay_max_s=replay_max_s,
         chunk_bytes=chunk_bytes,
         runtime=runtime,
+        links=dict(links or {}),
+        link_mbit=tuple(None if v is None else float(v) for v in _tuple(link_mbit)),
+        link_delay_ms=tuple(float(v) for v in _tuple(link_delay_ms)),
+        link_jitter_ms=float(link_jitter_ms),
     )
     return to_dataframe(run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url))

@@ -9,7 +9,7 @@ removed when the ``with`` block ends, also on an exception or Ctrl-C.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +17,10 @@ from typing import Any
 
 from . import _native
 from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULTS
+from .links import Link, as_link
 from .profiles import Profile, constant
 from .report import Report
-from .report_types import PhaseName, Role
+from .report_types import LinkReport, PhaseName, Role
 
 RUNTIMES = ("auto", "docker", "local")
 
@@ -101,7 +102,7 @@ def _report_on_failure() -> Iterator[None]:
 
 
 def _config(
-    hosts: Sequence[str],
+    hosts: Sequence[str] | Mapping[str, Link | Mapping[str, Any] | None],
     runtime: str,
     amqp_url: str | None,
     broker_image: str | None,
@@ -117,6 +118,9 @@ def _config(
         raise _native.ConfigurationError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     cfg: dict[str, Any] = json.loads(_native.default_testbed_config())
     cfg["hosts"] = list(hosts)
+    if isinstance(hosts, Mapping):
+        links = {h: as_link(h, v) for h, v in hosts.items()}
+        cfg["links"] = {h: link.to_config() for h, link in links.items() if link is not None}
     cfg["runtime"] = runtime
     cfg["amqp_url"] = amqp_url or None
     cfg["service_binary"] = service_binary
@@ -136,7 +140,11 @@ class Testbed:
     container on exit.
 
     Args:
-        hosts: names of the hosts instances can be placed on (default: the engine's).
+        hosts: names of the hosts instances can be placed on (default: the engine's), or a
+            mapping of each name to its :class:`~ms2m.Link` to the broker's host (None, or a
+            name in a plain list: reaches the broker directly, and its link cannot change or
+            fail later; ``Link()``: unshaped for now). Every link is probed at start
+            (``tb.links``).
         runtime: where the broker and the instances run: ``"docker"`` (containers),
             ``"local"`` (Debian's ``rabbitmq-server`` and the ``ms2m-service`` binary as local
             processes), or ``"auto"`` (docker where a Docker daemon answers, local otherwise).
@@ -153,7 +161,7 @@ class Testbed:
 
     def __init__(
         self,
-        hosts: Sequence[str] = DEFAULT_HOSTS,
+        hosts: Sequence[str] | Mapping[str, Link | Mapping[str, Any] | None] = DEFAULT_HOSTS,
         *,
         runtime: str = "auto",
         amqp_url: str | None = None,
@@ -240,6 +248,36 @@ class Testbed:
     @property
     def config(self) -> dict[str, Any]:
         return json.loads(self._config)
+
+    # -- links -----------------------------------------------------------------------------
+
+    @property
+    def links(self) -> dict[str, LinkReport]:
+        """Each shaped host's link: ``configured`` (the engine's ``LinkSpec``), ``mechanism``,
+        ``measured`` by the probe at start (round trip p50/p99 ms, Mbit/s up and down), and
+        ``deviations`` from the configured figures beyond 10% (empty when within)."""
+        return dict(json.loads(self._native.links_json))
+
+    def set_link_outage(self, host: str, down: bool) -> None:
+        """Starts (``down=True``) or ends an outage of ``host``'s link: while it lasts nothing
+        its instances send or are sent crosses (connections stay open, data waits). The host
+        needs a link from the start (any :class:`~ms2m.Link`, even ``Link()``)."""
+        self._native.set_link_outage(host, down)
+
+    def set_link(self, host: str, link: Link) -> None:
+        """Gives ``host``'s link new figures, for connections already open too (a link that
+        degrades mid-run), and probes it again (``links`` has the new figures). The host needs
+        a link from the start (any :class:`~ms2m.Link`, even ``Link()``)."""
+        self._native.set_link(host, json.dumps(link.to_config()))
+
+    @contextmanager
+    def outage(self, host: str) -> Iterator[None]:
+        """``with tb.outage("edge-1"):`` the link of ``edge-1`` is down for the block."""
+        self.set_link_outage(host, True)
+        try:
+            yield
+        finally:
+            self.set_link_outage(host, False)
 
     # -- services --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from . import _native
 from .defaults import DEFAULT_HOSTS, MIGRATION_DEFAULTS
+from .links import Link, as_link
 from .report import Report
 from .sweeps import Grid, run_grid
 from .testbed import Testbed
@@ -34,6 +35,7 @@ SECTIONS: dict[str, set[str]] = {
         "service_image",
         "service_binary",
         "broker_startup_timeout_s",
+        "links",
     },
     "service": {"name", "host", "processing_ms", "state_bytes", "prefetch"},
     "workload": {"rate", "profile", "message_bytes", "seed", "warmup_s"},
@@ -60,6 +62,9 @@ SECTIONS: dict[str, set[str]] = {
         "replay_timeout_s",
         "replay_max_s",
         "chunk_bytes",
+        "link_mbit",
+        "link_delay_ms",
+        "link_jitter_ms",
     },
 }
 
@@ -96,6 +101,10 @@ def load(path: str | Path) -> dict[str, Any]:
         raise _refuse(p, "give either [[migration]] tables or a [sweep] table")
     if "migration" in data and not isinstance(data["migration"], list):
         raise _refuse(p, "migrations are an array of tables: write [[migration]]")
+    try:
+        _hosts(data.get("testbed", {}))
+    except _native.ConfigurationError as e:
+        raise _refuse(p, str(e)) from None
     return data
 
 
@@ -136,15 +145,40 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         chunk_bytes=int(sw.get("chunk_bytes", MIGRATION_DEFAULTS["chunk_bytes"])),
         hosts=(svc.get("host", "edge-1"), sw.get("to", "edge-2")),
         runtime=data.get("testbed", {}).get("runtime", "auto"),
+        links=_links(data.get("testbed", {})),
+        # TOML has no null: a bandwidth of 0 is an unshaped one.
+        link_mbit=tuple(float(v) or None for v in _tuple(sw.get("link_mbit", 0))),
+        link_delay_ms=tuple(float(v) for v in _tuple(sw.get("link_delay_ms", 0.0))),
+        link_jitter_ms=float(sw.get("link_jitter_ms", 0.0)),
     )
+
+
+def _tuple(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, list) else (v,)
+
+
+def _links(tbc: dict[str, Any]) -> dict[str, Link]:
+    """The ``[testbed.links]`` table: each shaped host's :class:`~ms2m.Link` fields."""
+    links = {h: as_link(h, v) for h, v in tbc.get("links", {}).items()}
+    return {h: link for h, link in links.items() if link is not None}
+
+
+def _hosts(tbc: dict[str, Any]) -> dict[str, Link | None]:
+    links = _links(tbc)
+    stray = set(links) - set(tbc.get("hosts", DEFAULT_HOSTS))
+    if stray:
+        raise _native.ConfigurationError(
+            f"[testbed.links] names hosts {sorted(stray)} missing from [testbed] hosts"
+        )
+    return {h: links.get(h) for h in tbc.get("hosts", DEFAULT_HOSTS)}
 
 
 def _run_migrations(data: dict[str, Any], out: Path, progress: TextIO | None) -> list[Report]:
     tbc, svc, wl = data.get("testbed", {}), data["service"], data["workload"]
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    kwargs = {k: v for k, v in tbc.items() if k != "hosts"}
-    with Testbed(hosts=tbc.get("hosts", DEFAULT_HOSTS), **kwargs) as tb:
+    kwargs = {k: v for k, v in tbc.items() if k not in ("hosts", "links")}
+    with Testbed(hosts=_hosts(tbc), **kwargs) as tb:
         service = tb.deploy(
             svc["name"],
             host=svc.get("host", "edge-1"),

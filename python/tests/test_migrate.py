@@ -228,3 +228,30 @@ def test_quickstart_testbed_file_runs_from_the_command_line(tmp_path):
     assert (tmp_path / "history.json").exists()
     again = ms2m.check_history(json.loads((tmp_path / "history.json").read_text()))
     assert again["lost"]["count"] == 0 and again["duplicated"]["count"] == 0
+
+
+def test_edge_links_from_python_with_an_outage():
+    """Hosts with links: measured at start, crossed by the checkpoint, an outage held."""
+    hosts = {
+        "edge-1": ms2m.Link(mbit=50, delay_ms=5, jitter_ms=1),
+        "edge-2": ms2m.Link(up_mbit=20, down_mbit=50, delay_ms=2),
+        "cloud": None,
+    }
+    with ms2m.Testbed(hosts=hosts) as tb:
+        assert set(tb.links) == {"edge-1", "edge-2"}
+        measured = tb.links["edge-1"]["measured"]
+        assert measured is not None and measured["rtt_ms_p50"] >= 8
+        assert tb.links["edge-1"]["mechanism"] == "relay"
+        svc = tb.deploy("linked", host="edge-1", processing_ms=5, state_bytes=500_000)
+        with tb.workload(svc, rate=20):
+            time.sleep(1)
+            with tb.outage("edge-1"):
+                time.sleep(0.5)
+            report = tb.migrate(svc, to="edge-2", strategy="ms2m", settle_s=0.5)
+        _assert_clean(report)
+        assert report.link_traffic["edge-1"]["up_bytes"] >= report.checkpoint_bytes
+        assert report.link_traffic["edge-2"]["down_bytes"] >= report.checkpoint_bytes
+        row = report.summary()
+        assert row["source_link_delay_ms"] == 5 and row["target_link_mbit"] == 20
+        with pytest.raises(ms2m.ConfigurationError, match="reaches the broker directly"):
+            tb.set_link_outage("cloud", True)

@@ -556,3 +556,69 @@ def test_migration_defaults_are_the_engines_everywhere(capsys):
     for key, value in swept.items():
         assert f"--{key.replace('_', '-')}" in help_text
         assert f"(default {value})" in help_text
+
+
+# -- links -------------------------------------------------------------------------------------
+
+
+def test_links_are_read_from_python_the_command_line_and_testbed_files(tmp_path):
+    from ms2m.links import parse_host_links, parse_link
+    from ms2m.sweeps import Grid
+    from ms2m.testbed_file import _grid, _hosts, load
+
+    link = ms2m.Link(mbit=20, delay_ms=20, jitter_ms=5)
+    assert link.to_config() == {
+        "up_mbit": 20,
+        "down_mbit": 20,
+        "delay_ms": 20.0,
+        "jitter_ms": 5.0,
+    }
+    assert ms2m.Link(mbit=20, up_mbit=5).to_config()["up_mbit"] == 5
+    assert parse_link("20mbit,20ms,jitter=5ms") == link
+    assert parse_link("up=5mbit,down=1gbit,delay_ms=3") == ms2m.Link(
+        up_mbit=5, down_mbit=1000, delay_ms=3
+    )
+    assert parse_host_links(["edge-1=512kbit"]) == {"edge-1": ms2m.Link(mbit=0.512)}
+    for bad, match in [("20parsecs", "unknown unit"), ("fast", "cannot read")]:
+        with pytest.raises(ms2m.ConfigurationError, match=match):
+            parse_link(bad)
+    with pytest.raises(ms2m.ConfigurationError, match="HOST=SPEC"):
+        parse_host_links(["20mbit"])
+
+    # The testbed's configuration: a mapping of hosts to links, None for a direct one.
+    tb = ms2m.Testbed(hosts={"edge-1": link, "edge-2": {"delay_ms": 5}, "cloud": None})
+    assert tb.config["hosts"] == ["edge-1", "edge-2", "cloud"]
+    assert set(tb.config["links"]) == {"edge-1", "edge-2"}
+    assert tb.config["links"]["edge-2"]["up_mbit"] is None
+    with pytest.raises(ms2m.ConfigurationError, match="unknown keys"):
+        ms2m.Testbed(hosts={"edge-1": {"bandwidth": 5}})
+
+    root = Path(__file__).parents[2] / "testbeds"
+    data = load(root / "edge-links.toml")
+    assert _hosts(data["testbed"])["edge-1"] == link
+    assert _hosts(data["testbed"])["cloud"] is None
+    sweep = _grid(root / "edge-cloud.toml", load(root / "edge-cloud.toml"))
+    sweep.validate()
+    assert sweep.varies_links() and len(list(sweep.runs())) == 4 * 3 * 3 * 3
+    assert sweep.testbed_hosts() == {"edge-1": ms2m.Link(), "edge-2": ms2m.Link()}
+    run = next(sweep.runs())
+    assert sweep.run_link(run) == ms2m.Link(mbit=10, delay_ms=2)
+    assert "link_mbit10-link_delay_ms2" in sweep.report_name(run)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[testbed]\nhosts = ["a", "b"]\n[testbed.links]\nc = { mbit = 1 }\n'
+        '[service]\nname = "x"\n[workload]\nrate = 1\n[[migration]]\nto = "b"\n'
+    )
+    with pytest.raises(ms2m.ConfigurationError, match="missing from"):
+        load(bad)
+    with pytest.raises(ms2m.ConfigurationError, match="does not use"):
+        Grid(strategies=("ms2m",), rates=(1.0,), links={"cloud": link}).validate()
+
+
+def test_a_bad_link_is_refused_before_anything_starts():
+    for link, match in [
+        (ms2m.Link(mbit=0), "up_mbit must be at least"),
+        (ms2m.Link(delay_ms=-1), "delay_ms must be between"),
+    ]:
+        with pytest.raises(ms2m.ConfigurationError, match=match):
+            ms2m.Testbed(hosts={"edge-1": link}, runtime="local").start()

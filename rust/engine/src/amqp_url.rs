@@ -15,6 +15,33 @@ pub fn url_host(url: &str) -> Option<&str> {
     Some(host).filter(|h| !h.is_empty())
 }
 
+/// The host and port of an AMQP URL (5672, or 5671 for amqps, when it names none).
+pub fn url_host_port(url: &str) -> Option<(&str, u16)> {
+    let host = url_host(url)?;
+    let rest = url.split("://").nth(1)?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let after_host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, r)| r),
+        None => host_port
+            .split_once(':')
+            .map_or("", |(_, p)| p)
+            .trim_start_matches(':'),
+    };
+    let port = after_host.trim_start_matches(':');
+    let default = if url.starts_with("amqps://") {
+        5671
+    } else {
+        5672
+    };
+    let port = if port.is_empty() {
+        default
+    } else {
+        port.parse().ok()?
+    };
+    Some((host, port))
+}
+
 pub fn is_loopback_url(url: &str) -> bool {
     url_host(url).is_some_and(|h| {
         h == "localhost"
@@ -51,6 +78,13 @@ mod tests {
         );
         assert_eq!(url_host("amqp://u:p@[::1]:5672"), Some("::1"));
         assert_eq!(url_host("amqp://"), None);
+        assert_eq!(
+            url_host_port("amqp://guest:guest@127.0.0.1:5673/%2f"),
+            Some(("127.0.0.1", 5673))
+        );
+        assert_eq!(url_host_port("amqp://h/vh"), Some(("h", 5672)));
+        assert_eq!(url_host_port("amqps://h"), Some(("h", 5671)));
+        assert_eq!(url_host_port("amqp://u:p@[::1]:6000/"), Some(("::1", 6000)));
         assert!(is_loopback_url("amqp://localhost"));
         assert!(is_loopback_url("amqp://u:p@[::1]:1/"));
         assert!(!is_loopback_url("amqp://10.0.0.2:5672"));

@@ -55,6 +55,13 @@ pub struct TestbedConfig {
     pub service_binary: Option<String>,
     /// Longest wait for the broker to accept AMQP connections.
     pub broker_startup_timeout_s: f64,
+    /// Each shaped host's link to the broker's host; a host not named here (or with no
+    /// figure) reaches the broker directly.
+    #[serde(default)]
+    pub links: std::collections::BTreeMap<String, crate::net::LinkSpec>,
+    /// Seeds the links' jitter.
+    #[serde(default)]
+    pub link_seed: u64,
 }
 
 impl Default for TestbedConfig {
@@ -69,6 +76,8 @@ impl Default for TestbedConfig {
             service_image: std::env::var("MS2M_SERVICE_IMAGE")
                 .unwrap_or_else(|_| "ms2m/service:dev".into()),
             broker_startup_timeout_s: 90.0,
+            links: Default::default(),
+            link_seed: 0,
         }
     }
 }
@@ -100,6 +109,15 @@ impl TestbedConfig {
         }
         if let Some(url) = &self.amqp_url {
             check_amqp_url(url, self.runtime)?;
+        }
+        for (host, link) in &self.links {
+            if !self.hosts.contains(host) {
+                return refuse(format!(
+                    "links name host {host:?}, which is not one of the testbed's hosts {:?}",
+                    self.hosts
+                ));
+            }
+            link.validate(host)?;
         }
         if let Some(bin) = &self.service_binary {
             if !std::path::Path::new(bin).is_file() {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod export;
 pub mod history;
 pub mod metrics;
+pub mod net;
 pub mod recorder;
 pub mod report;
 pub mod runtime;

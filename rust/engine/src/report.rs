@@ -5,12 +5,14 @@ use crate::checker::{self, ObservedState, Verdict};
 use crate::config::ServiceSpec;
 use crate::history::{History, PublishOutcome};
 use crate::metrics::{self, Downtime, Latencies, LatencySummary, PacingSummary, ProcessingSummary};
+use crate::net::{LinkReport, LinkTraffic};
 use crate::strategies::{
     Failure, MigrationOptions, Outcome, Phase, PhaseName, Placement, Strategy,
 };
 use crate::workload::WorkloadSpec;
 use ms2m_wire::Mode;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Version of the report format; bumped on any incompatible change.
 pub const SCHEMA: &str = "ms2m.report/1";
@@ -142,6 +144,14 @@ pub struct Report {
     pub source: Placement,
     pub target: Placement,
     pub environment: Environment,
+    /// The shaped hosts' links to the broker's host, as configured and as the probe measured
+    /// them at testbed start (empty: every host reaches the broker directly).
+    #[serde(default)]
+    pub links: BTreeMap<String, LinkReport>,
+    /// What each shaped link carried during the migration (the checkpoint crosses the source's
+    /// link up and the target's down).
+    #[serde(default)]
+    pub link_traffic: BTreeMap<String, LinkTraffic>,
     pub phases: Vec<Phase>,
     pub migration: MigrationSummary,
     pub metrics: Metrics,
@@ -163,6 +173,8 @@ pub(crate) struct RunRecord<'a> {
     pub source: Placement,
     pub target: Placement,
     pub environment: Environment,
+    pub links: BTreeMap<String, LinkReport>,
+    pub link_traffic: BTreeMap<String, LinkTraffic>,
     pub phases: Vec<Phase>,
     pub outcome: Outcome,
     /// Why the migration was aborted, if it was.
@@ -223,6 +235,8 @@ impl Report {
             source: run.source,
             target: run.target,
             environment: run.environment,
+            links: run.links,
+            link_traffic: run.link_traffic,
             phases: run.phases,
             migration: MigrationSummary {
                 status,

@@ -6,6 +6,7 @@ use crate::checker::ObservedState;
 use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use crate::history::{History, PublishOutcome, Published};
+use crate::net::{self, Links};
 use crate::recorder::Recorder;
 use crate::report::{Environment, Report, RunRecord};
 use crate::runtime::{BrokerEndpoint, Runtime};
@@ -75,6 +76,8 @@ pub struct Testbed {
     runtime: Runtime,
     endpoint: BrokerEndpoint,
     link: Link,
+    /// The hosts' links to the broker's host (shared with blocking tasks that probe).
+    links: Arc<Links>,
     docker_version: Option<String>,
     broker_version: Option<String>,
     services: Mutex<HashMap<String, Arc<Mutex<Deployed>>>>,
@@ -142,8 +145,13 @@ impl Testbed {
         let id = fresh_id();
         let (runtime, endpoint) = Runtime::start(&cfg, &id).await?;
         let deadline = Duration::from_secs_f64(cfg.broker_startup_timeout_s);
-        let link = match Link::open(&endpoint.url, deadline).await {
-            Ok(l) => l,
+        let opened = async {
+            let link = Link::open(&endpoint.url, deadline).await?;
+            let links = start_links(&cfg, &runtime, &endpoint).await?;
+            Ok::<_, Error>((link, links))
+        };
+        let (link, links) = match opened.await {
+            Ok((link, links)) => (link, Arc::new(links)),
             Err(e) => {
                 let _ = runtime.shutdown().await;
                 return Err(e);
@@ -157,6 +165,7 @@ impl Testbed {
             runtime,
             endpoint,
             link,
+            links,
             docker_version,
             broker_version,
             services: Mutex::new(HashMap::new()),
@@ -242,7 +251,7 @@ impl Testbed {
                 &spec,
                 &instance,
                 &spec.host,
-                &self.endpoint.internal_url,
+                &self.links.url_for(&spec.host, &self.endpoint.internal_url),
                 true,
             )
             .await
@@ -327,12 +336,16 @@ impl Testbed {
         crate::config::check_state_fits(d.spec.state_bytes, crate::config::available_memory())?;
         let plan = self.plan(&mut d, to).await?;
 
+        let target_url = self
+            .links
+            .url_for(&plan.target.host, &self.endpoint.internal_url);
+        let traffic_before = self.links.traffic();
         let t_start = now_ns();
         let mut ctx = Ctx::new(
             &self.link,
             &self.runtime,
             &d.spec,
-            &self.endpoint.internal_url,
+            &target_url,
             &opts,
             &*d,
             plan.migration_id.clone(),
@@ -342,6 +355,11 @@ impl Testbed {
         let failure = strategies::run_or_roll_back(strategy, &mut ctx).await;
         let (timeline, outcome) = (ctx.timeline, ctx.outcome);
         let t_end = now_ns();
+        let link_traffic = net::traffic_between(
+            &traffic_before,
+            &self.links.traffic(),
+            (t_end - t_start) as f64 / 1e9,
+        );
         if failure.is_none() {
             d.current = plan.target.clone();
         }
@@ -365,6 +383,8 @@ impl Testbed {
             source: plan.source,
             target: plan.target,
             environment: self.environment(),
+            links: self.links.reports(),
+            link_traffic,
             phases: timeline.phases().to_vec(),
             outcome,
             failure,
@@ -611,8 +631,49 @@ impl Testbed {
             d.recorder.stop().await;
         }
         self.link.close().await;
+        self.links.stop();
         self.runtime.shutdown().await
     }
+
+    /// The hosts' links: configured, emulated how, measured (at start, and after each
+    /// change).
+    pub fn links(&self) -> std::collections::BTreeMap<String, net::LinkReport> {
+        self.links.reports()
+    }
+
+    /// Starts (`down`) or ends an outage of `host`'s link to the broker: while it lasts,
+    /// nothing its instances send or are sent crosses; connections stay open.
+    pub fn set_link_outage(&self, host: &str, down: bool) -> Result<()> {
+        check_host(&self.cfg, host)?;
+        self.links.set_outage(host, down)
+    }
+
+    /// Gives `host`'s link new figures, for open connections too, and probes it again.
+    pub async fn set_link(&self, host: &str, spec: net::LinkSpec) -> Result<()> {
+        check_host(&self.cfg, host)?;
+        let links = self.links.clone();
+        let host = host.to_string();
+        tokio::task::spawn_blocking(move || links.set_spec(&host, spec))
+            .await
+            .map_err(|e| Error::RuntimeUnavailable(format!("changing a link: {e}")))?
+    }
+}
+
+/// Starts the relays of the shaped hosts, where the runtime's instances reach this machine,
+/// and probes them.
+async fn start_links(
+    cfg: &TestbedConfig,
+    runtime: &Runtime,
+    endpoint: &BrokerEndpoint,
+) -> Result<Links> {
+    if cfg.links.is_empty() {
+        return Ok(Links::none());
+    }
+    let listen = runtime.host_address(cfg).await?;
+    let (specs, url, seed) = (cfg.links.clone(), endpoint.url.clone(), cfg.link_seed);
+    tokio::task::spawn_blocking(move || Links::start(&specs, listen, &url, seed))
+        .await
+        .map_err(|e| Error::RuntimeUnavailable(format!("starting the links: {e}")))?
 }
 
 impl RateProbe for Deployed {

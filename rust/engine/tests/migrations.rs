@@ -10,6 +10,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use ms2m_engine::checker::CheckResult;
 use ms2m_engine::config::RuntimeKind;
+use ms2m_engine::net::LinkSpec;
 use ms2m_engine::report::MigrationStatus;
 use ms2m_engine::strategies::{Fault, Role};
 use ms2m_engine::testbed::MigrationError;
@@ -57,6 +58,7 @@ fn main() {
                 target_killed_just_after_it_starts_in_stop_and_copy,
                 source_killed_during_replay_is_reported,
                 checker_catches_a_migration_without_barrier,
+                links_carry_every_strategy_and_an_outage_holds_messages,
             ],
         ),
         (
@@ -71,6 +73,7 @@ fn main() {
                 target_killed_just_after_it_starts_in_stop_and_copy,
                 large_state_of_200_mib_with_every_strategy,
                 external_broker_is_used_and_left_clean,
+                links_carry_every_strategy_and_an_outage_holds_messages,
             ],
         ),
     ];
@@ -722,6 +725,127 @@ async fn external_broker_is_used_and_left_clean(tb: &Testbed) -> Result<()> {
     }
     .await;
     let closed = ext.close().await;
+    result?;
+    Ok(closed?)
+}
+
+/// A testbed whose edge hosts reach the broker over shaped links: the probe measured each
+/// link, every strategy migrates across them without loss, the checkpoint crosses the
+/// source's link up and the target's down, and an outage holds messages until it ends.
+/// Bounds here are ones a relay cannot break however slow the machine (never faster than
+/// the link, never before the outage ends), not timings.
+async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -> Result<()> {
+    let edge1 = LinkSpec {
+        up_mbit: Some(20.0),
+        down_mbit: Some(20.0),
+        delay_ms: 10.0,
+        jitter_ms: 2.0,
+    };
+    let edge2 = LinkSpec {
+        up_mbit: Some(10.0),
+        down_mbit: Some(40.0),
+        delay_ms: 5.0,
+        jitter_ms: 0.0,
+    };
+    let cfg = TestbedConfig {
+        runtime: tb.runtime(),
+        links: [
+            ("edge-1".into(), edge1.clone()),
+            ("edge-2".into(), edge2.clone()),
+        ]
+        .into(),
+        ..TestbedConfig::default()
+    };
+    let shaped = &Testbed::start(cfg).await?;
+    let result = async {
+        let links = shaped.links();
+        for (host, spec) in [("edge-1", &edge1), ("edge-2", &edge2)] {
+            let l = links.get(host).context("a report per shaped link")?;
+            ensure!(l.configured == *spec && l.mechanism == "relay");
+            let m = l.measured.as_ref().context("the probe measured the link")?;
+            ensure!(
+                m.rtt_ms_p50 >= 2.0 * (spec.delay_ms - spec.jitter_ms),
+                "{host}: {m:?}"
+            );
+            ensure!(m.up_mbit <= spec.up_mbit.unwrap() * 1.05, "{host}: {m:?}");
+            ensure!(
+                m.down_mbit <= spec.down_mbit.unwrap() * 1.05,
+                "{host}: {m:?}"
+            );
+        }
+        ensure!(!links.contains_key("cloud"), "cloud has no link");
+        for strategy in Strategy::ALL {
+            let name = format!("linked-{}", strategy.name().replace('_', "-"));
+            with_service(shaped, spec(&name, 2_000_000), 10.0, |name| async move {
+                let r = shaped.migrate(&name, "edge-2", strategy, opts()).await?;
+                clean(&r)?;
+                ensure!(r.links.len() == 2, "{:?}", r.links.keys());
+                let cp = r.migration.outcome.checkpoint_bytes;
+                let (up, down) = (&r.link_traffic["edge-1"], &r.link_traffic["edge-2"]);
+                ensure!(
+                    up.up_bytes >= cp,
+                    "source link carried {up:?}, checkpoint {cp}"
+                );
+                ensure!(
+                    down.down_bytes >= cp,
+                    "target link carried {down:?}, checkpoint {cp}"
+                );
+                Ok(())
+            })
+            .await
+            .with_context(|| strategy.name())?;
+        }
+        // A link changes for what is sent next, and is probed again.
+        let slower = LinkSpec {
+            up_mbit: Some(5.0),
+            down_mbit: Some(5.0),
+            ..edge1.clone()
+        };
+        shaped.set_link("edge-1", slower.clone()).await?;
+        let links = shaped.links();
+        let l = &links["edge-1"];
+        ensure!(l.configured == slower);
+        let m = l.measured.as_ref().context("probed again")?;
+        ensure!(m.up_mbit <= 5.0 * 1.05, "{m:?}");
+        with_service(shaped, spec("outage", 10_000), 10.0, |name| async move {
+            let t0 = ms2m_wire::now_ns();
+            shaped.set_link_outage("edge-1", true)?;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let t1 = ms2m_wire::now_ns();
+            shaped.set_link_outage("edge-1", false)?;
+            ensure!(
+                shaped
+                    .wait_processed(&name, Duration::from_secs(30))
+                    .await?
+            );
+            let h = shaped.history(&name).await?;
+            let held: Vec<_> = h
+                .events
+                .iter()
+                .filter(|e| e.t_pub_ns > t0 + 20_000_000 && e.t_pub_ns < t1)
+                .collect();
+            ensure!(!held.is_empty(), "messages were sent during the outage");
+            for e in held {
+                ensure!(
+                    e.t_start_ns >= t1,
+                    "seq {} was processed during the outage",
+                    e.seq
+                );
+            }
+            // The whole history, outage included, keeps every invariant.
+            let r = shaped
+                .migrate(&name, "cloud", Strategy::Ms2m, opts())
+                .await?;
+            clean(&r)
+        })
+        .await
+        .context("outage")?;
+        let err = shaped.set_link_outage("cloud", true).unwrap_err();
+        ensure!(err.is_config(), "{err}");
+        Ok(())
+    }
+    .await;
+    let closed = shaped.close().await;
     result?;
     Ok(closed?)
 }

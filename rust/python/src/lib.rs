@@ -214,6 +214,24 @@ impl PyTestbed {
         json(self.inner.config())
     }
 
+    /// The shaped hosts' links (configured, mechanism, measured) as JSON.
+    #[getter]
+    fn links_json(&self) -> String {
+        json(&self.inner.links())
+    }
+
+    /// Gives `host`'s link new figures (a JSON `LinkSpec`) and probes it again.
+    fn set_link(&self, py: Python<'_>, host: String, spec_json: &str) -> PyResult<()> {
+        let spec: engine::net::LinkSpec = parse("link", spec_json)?;
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.set_link(&host, spec).await })
+    }
+
+    /// Starts (`down`) or ends an outage of `host`'s link.
+    fn set_link_outage(&self, host: &str, down: bool) -> PyResult<()> {
+        self.inner.set_link_outage(host, down).map_err(to_py)
+    }
+
     /// Deploys a service from a JSON `ServiceSpec`; returns its `ServiceInfo` as JSON.
     fn deploy(&self, py: Python<'_>, spec_json: &str) -> PyResult<String> {
         let spec: engine::ServiceSpec = parse("service", spec_json)?;

@@ -250,6 +250,27 @@ impl DockerRuntime {
         Ok((rt, endpoint))
     }
 
+    /// The address the testbed network's containers reach this machine on: its gateway.
+    /// The network exists once the broker container has started on it.
+    pub async fn host_address(&self) -> Result<std::net::IpAddr> {
+        let net = daemon()
+            .await?
+            .inspect_network(&self.network, None::<qp::InspectNetworkOptions>)
+            .await
+            .map_err(|e| Error::docker(format!("inspecting network {}", self.network), e))?;
+        net.ipam
+            .and_then(|i| i.config)
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.gateway.and_then(|g| g.parse().ok()))
+            .ok_or_else(|| {
+                Error::RuntimeUnavailable(format!(
+                    "network {} has no IPv4 gateway for the link relays to listen on",
+                    self.network
+                ))
+            })
+    }
+
     fn labels(&self, role: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
         let mut l = HashMap::from([
             (LABEL_TESTBED.to_string(), self.testbed_id.clone()),

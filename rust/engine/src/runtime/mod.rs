@@ -79,6 +79,20 @@ impl Runtime {
         }
     }
 
+    /// Where instances reach this machine (where the link relays listen): the docker
+    /// network's gateway, or loopback for local processes.
+    pub async fn host_address(&self, cfg: &TestbedConfig) -> Result<std::net::IpAddr> {
+        match self {
+            Runtime::Docker(_) if cfg.amqp_url.is_some() => Err(Error::Config(
+                "links need the broker the testbed starts on the docker runtime: leave \
+                 amqp_url out, or use the local runtime"
+                    .into(),
+            )),
+            Runtime::Docker(d) => d.host_address().await,
+            Runtime::Local(_) => Ok(std::net::Ipv4Addr::LOCALHOST.into()),
+        }
+    }
+
     /// Kills an instance's process at once (SIGKILL), as a crash would.
     pub async fn kill_instance(&self, instance: &str) -> Result<()> {
         match self {

@@ -195,7 +195,8 @@ pub(crate) struct Ctx<'a> {
     pub link: &'a Link,
     pub runtime: &'a Runtime,
     pub spec: &'a ServiceSpec,
-    pub internal_url: &'a str,
+    /// The broker's URL as the target's host reaches it (through its link, if shaped).
+    pub target_url: &'a str,
     pub opts: &'a MigrationOptions,
     pub probe: &'a dyn RateProbe,
     pub migration_id: String,
@@ -223,7 +224,7 @@ impl<'a> Ctx<'a> {
         link: &'a Link,
         runtime: &'a Runtime,
         spec: &'a ServiceSpec,
-        internal_url: &'a str,
+        target_url: &'a str,
         opts: &'a MigrationOptions,
         probe: &'a dyn RateProbe,
         migration_id: String,
@@ -234,7 +235,7 @@ impl<'a> Ctx<'a> {
             link,
             runtime,
             spec,
-            internal_url,
+            target_url,
             opts,
             probe,
             migration_id,
@@ -458,7 +459,7 @@ impl<'a> Ctx<'a> {
                 &standby,
                 &self.target,
                 &self.target_host,
-                self.internal_url,
+                self.target_url,
                 false,
             )
             .await?;
