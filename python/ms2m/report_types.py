@@ -91,11 +91,12 @@ class WorkloadSpec(TypedDict):
 
 class Fault(TypedDict):
     """A fault to inject: kill the ``kill`` instance (SIGKILL) ``after_ms`` into phase
-    ``at_phase`` (0: as it begins)."""
+    ``at_phase`` (0: as it begins), or with ``outage_s`` cut its host's link that long."""
 
     kill: Role
     at_phase: PhaseName
     after_ms: float
+    outage_s: float | None
 
 
 class MigrationOptions(TypedDict):

@@ -54,12 +54,16 @@ def _name(service: Service | str) -> str:
 @dataclass(frozen=True)
 class Fault:
     """A fault to inject into a migration: kill (SIGKILL) the ``kill`` instance ("source" or
-    "target") ``after_ms`` into phase ``at_phase`` (0: as it begins; a kill still pending when
-    the phase ends does not happen). Phases per strategy: ``STRATEGY_PHASES``."""
+    "target") ``after_ms`` into phase ``at_phase`` (0: as it begins; a fault still pending when
+    the phase ends does not happen). Phases per strategy: ``STRATEGY_PHASES``.
+
+    With ``outage_s``, not a kill: the link of that instance's host goes down for that many
+    seconds (the host needs a :class:`~ms2m.Link`), and comes back by itself."""
 
     kill: Role
     at_phase: PhaseName
     after_ms: float = 0.0
+    outage_s: float | None = None
 
 
 def _options(
@@ -84,7 +88,12 @@ def _options(
             "replay_max_s": replay_max_s,
             "fault": None
             if fault is None
-            else {"kill": fault.kill, "at_phase": fault.at_phase, "after_ms": fault.after_ms},
+            else {
+                "kill": fault.kill,
+                "at_phase": fault.at_phase,
+                "after_ms": fault.after_ms,
+                "outage_s": fault.outage_s,
+            },
             "chunk_bytes": chunk_bytes,
         }
     )

@@ -10,7 +10,9 @@ use crate::net::{self, Links};
 use crate::recorder::Recorder;
 use crate::report::{Environment, Report, RunRecord};
 use crate::runtime::{BrokerEndpoint, Runtime};
-use crate::strategies::{self, Ctx, Failure, MigrationOptions, Placement, RateProbe, Strategy};
+use crate::strategies::{
+    self, Ctx, Failure, MigrationOptions, Placement, RateProbe, Role, Strategy,
+};
 use crate::workload::{Workload, WorkloadSpec};
 use ms2m_wire::{control::Command, names, now_ns, Mode};
 use serde::Serialize;
@@ -334,6 +336,13 @@ impl Testbed {
         let mut d = s.lock().await;
         // Memory may have gone since the deploy: refuse before the source takes a snapshot.
         crate::config::check_state_fits(d.spec.state_bytes, crate::config::available_memory())?;
+        if let Some(f) = opts.fault.as_ref().filter(|f| f.outage_s.is_some()) {
+            let host = match f.kill {
+                Role::Source => d.current.host.clone(),
+                Role::Target => to.to_string(),
+            };
+            self.links.check_link(&host)?;
+        }
         let plan = self.plan(&mut d, to).await?;
 
         let target_url = self
@@ -343,13 +352,14 @@ impl Testbed {
         let t_start = now_ns();
         let mut ctx = Ctx::new(
             &self.link,
+            self.links.clone(),
             &self.runtime,
             &d.spec,
             &target_url,
             &opts,
             &*d,
             plan.migration_id.clone(),
-            plan.source.instance.clone(),
+            plan.source.clone(),
             plan.target.clone(),
         );
         let failure = strategies::run_or_roll_back(strategy, &mut ctx).await;

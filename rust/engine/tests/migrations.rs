@@ -404,6 +404,7 @@ async fn target_killed_in_the_middle_of_a_chunked_transfer(tb: &Testbed) -> Resu
                 at_phase: PhaseName::Transfer,
                 // 200 chunks of 1 MiB take far longer than this to fetch.
                 after_ms: 50.0,
+                outage_s: None,
             };
             let o = MigrationOptions {
                 chunk_bytes: 1 << 20,
@@ -585,6 +586,7 @@ async fn target_killed_during_transfer_restore_or_replay(tb: &Testbed) -> Result
                 kill: Role::Target,
                 at_phase: phase,
                 after_ms: 0.0,
+                outage_s: None,
             };
             assert_rolled_back(tb, &name, Strategy::Ms2m, fault).await
         })
@@ -600,6 +602,7 @@ async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> 
             kill: Role::Target,
             at_phase: PhaseName::Restore,
             after_ms: 0.0,
+            outage_s: None,
         };
         assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
     })
@@ -618,6 +621,7 @@ async fn target_killed_just_after_it_starts_in_stop_and_copy(tb: &Testbed) -> Re
                 kill: Role::Target,
                 at_phase: PhaseName::Restore,
                 after_ms: 1.0,
+                outage_s: None,
             };
             assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
         },
@@ -632,6 +636,7 @@ async fn source_killed_during_replay_is_reported(tb: &Testbed) -> Result<()> {
                 kill: Role::Source,
                 at_phase: PhaseName::Replay,
                 after_ms: 0.0,
+                outage_s: None,
             }),
             drain_timeout_s: 3.0,
             ..opts()
@@ -840,6 +845,61 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
         })
         .await
         .context("outage")?;
+        // An outage of the target's link during the transfer: its fetch cannot answer, the
+        // migration is rolled back and the source serves on, nothing lost; once the link is
+        // back, the next migration completes.
+        with_service(shaped, spec("cut", 200_000), 10.0, |name| async move {
+            let fault = Fault {
+                kill: Role::Target,
+                at_phase: PhaseName::Transfer,
+                after_ms: 0.0,
+                outage_s: Some(6.0),
+            };
+            // An outage needs a link: cloud has none, refused before anything starts.
+            let to_cloud = MigrationOptions {
+                fault: Some(fault.clone()),
+                ..opts()
+            };
+            let refused = shaped
+                .migrate(&name, "cloud", Strategy::Ms2m, to_cloud)
+                .await
+                .unwrap_err();
+            ensure!(refused.error.is_config(), "{}", refused.error);
+            ensure!(refused.report.is_none());
+            let o = MigrationOptions {
+                reply_timeout_s: 3.0,
+                fault: Some(fault),
+                ..opts()
+            };
+            let started = std::time::Instant::now();
+            let Err(MigrationError { error, report }) =
+                shaped.migrate(&name, "edge-2", Strategy::Ms2m, o).await
+            else {
+                bail!("the migration completed across a link that was down");
+            };
+            ensure!(error.is_migration_failed(), "{error}");
+            let r = report.context("report of the aborted run")?;
+            ensure!(
+                r.migration.failed_phase == Some(PhaseName::Transfer),
+                "{error}"
+            );
+            let note = r.migration.outcome.fault.as_deref().unwrap_or_default();
+            ensure!(note.contains("link of edge-2 down"), "fault: {note:?}");
+            let v = &r.verdict;
+            ensure!(v.lost.count == 0 && v.duplicated.count == 0, "{v:?}");
+            ensure!(v.state.consistent == Some(true), "{:?}", v.state);
+            ensure!(r.leftovers.is_empty(), "{:?}", r.leftovers);
+            ensure!(shaped.service_info(&name).await?.host == "edge-1");
+            // The outage ends 6 s after it began.
+            tokio::time::sleep(Duration::from_secs(6).saturating_sub(started.elapsed())).await;
+            clean(
+                &shaped
+                    .migrate(&name, "edge-2", Strategy::Ms2m, opts())
+                    .await?,
+            )
+        })
+        .await
+        .context("outage during the transfer")?;
         let err = shaped.set_link_outage("cloud", true).unwrap_err();
         ensure!(err.is_config(), "{err}");
         Ok(())

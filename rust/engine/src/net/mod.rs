@@ -193,6 +193,11 @@ impl Links {
         })
     }
 
+    /// Refuses a host without a link (before a fault that needs one).
+    pub fn check_link(&self, host: &str) -> Result<()> {
+        self.relay(host).map(drop)
+    }
+
     /// The URL an instance on `host` reaches the broker with: `url` through the host's
     /// relay, or `url` itself for a host without a link.
     pub fn url_for(&self, host: &str, url: &str) -> String {

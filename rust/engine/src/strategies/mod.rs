@@ -19,13 +19,14 @@ pub use timeline::{Phase, PhaseName, Timeline};
 use crate::broker::{Answer, Link, Sent};
 use crate::config::ServiceSpec;
 use crate::error::{Error, Result};
+use crate::net::Links;
 use crate::runtime::Runtime;
 use ms2m_wire::control::{Checkpoint, Command, Reply, StreamTo};
 use ms2m_wire::{names, now_ns};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use strum::IntoStaticStr;
 use tokio::time::Instant;
@@ -193,6 +194,8 @@ pub struct Outcome {
 /// Everything a strategy acts through.
 pub(crate) struct Ctx<'a> {
     pub link: &'a Link,
+    /// The hosts' links, for outage faults.
+    pub links: Arc<Links>,
     pub runtime: &'a Runtime,
     pub spec: &'a ServiceSpec,
     /// The broker's URL as the target's host reaches it (through its link, if shaped).
@@ -201,6 +204,7 @@ pub(crate) struct Ctx<'a> {
     pub probe: &'a dyn RateProbe,
     pub migration_id: String,
     pub source: String,
+    pub source_host: String,
     pub target: String,
     pub target_host: String,
     pub timeline: Timeline,
@@ -222,24 +226,27 @@ impl<'a> Ctx<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: &'a Link,
+        links: Arc<Links>,
         runtime: &'a Runtime,
         spec: &'a ServiceSpec,
         target_url: &'a str,
         opts: &'a MigrationOptions,
         probe: &'a dyn RateProbe,
         migration_id: String,
-        source: String,
+        source: Placement,
         target: Placement,
     ) -> Self {
         Ctx {
             link,
+            links,
             runtime,
             spec,
             target_url,
             opts,
             probe,
             migration_id,
-            source,
+            source: source.instance,
+            source_host: source.host,
             target: target.instance,
             target_host: target.host,
             timeline: Timeline::default(),
@@ -279,6 +286,11 @@ impl<'a> Ctx<'a> {
             *self.scheduled_kill.lock().unwrap() = Some((at, fault.kill));
             return Ok(());
         }
+        if let Some(outage) = fault.outage_s {
+            let note = self.cut_link(fault.kill, outage)?;
+            self.outcome.fault = Some(note);
+            return Ok(());
+        }
         match fault.kill {
             Role::Source => self.kill(&self.source.clone()).await,
             Role::Target if self.target_started => self.kill(&self.target.clone()).await,
@@ -287,6 +299,28 @@ impl<'a> Ctx<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Takes the link of `role`'s host down for `seconds` (a task ends the outage); what
+    /// happened, for the report.
+    fn cut_link(&self, role: Role, seconds: f64) -> Result<String> {
+        let host = match role {
+            Role::Source => self.source_host.clone(),
+            Role::Target => self.target_host.clone(),
+        };
+        self.links.set_outage(&host, true)?;
+        let links = self.links.clone();
+        let h = host.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            let _ = links.set_outage(&h, false);
+        });
+        Ok(format!(
+            "link of {host} down for {seconds} s from {} into {} ({} ns)",
+            self.opts.fault.as_ref().map_or(0.0, |f| f.after_ms),
+            self.timeline.current().map_or("?", PhaseName::name),
+            now_ns()
+        ))
     }
 
     async fn kill(&mut self, instance: &str) -> Result<()> {
@@ -340,6 +374,11 @@ impl<'a> Ctx<'a> {
             return Ok(());
         };
         let phase = self.timeline.current().map_or("?", PhaseName::name);
+        if let Some(outage) = self.opts.fault.as_ref().and_then(|f| f.outage_s) {
+            let note = self.cut_link(role, outage)?;
+            *self.fired.lock().unwrap() = Some(note);
+            return Ok(());
+        }
         let fault = self.opts.fault.as_ref().map_or(0.0, |f| f.after_ms);
         let victim = match role {
             Role::Source => Some(&self.source),

@@ -13,16 +13,22 @@ pub enum Role {
     Target,
 }
 
-/// A fault to inject: kill an instance (SIGKILL) when a phase begins, or `after_ms` into it,
-/// as a crash would. For experiments on failure handling and for the engine's own tests.
+/// A fault to inject when a phase begins, or `after_ms` into it: kill an instance (SIGKILL),
+/// as a crash would, or with `outage_s` cut the link of its host for that long instead. For
+/// experiments on failure handling and for the engine's own tests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fault {
+    /// The instance hit (or whose host's link goes down).
     pub kill: Role,
     pub at_phase: PhaseName,
-    /// How long into the phase (0: as it begins). A kill still pending when the phase ends
+    /// How long into the phase (0: as it begins). A fault still pending when the phase ends
     /// does not happen, so that it never hits a later phase.
     #[serde(default)]
     pub after_ms: f64,
+    /// Not a kill but an outage of the instance's host link, this many seconds (the host needs
+    /// a link); it ends by itself, whatever the migration does meanwhile.
+    #[serde(default)]
+    pub outage_s: Option<f64>,
 }
 
 /// Knobs of one migration.
@@ -98,6 +104,13 @@ impl MigrationOptions {
                     f.after_ms
                 )));
             }
+            if let Some(o) = f.outage_s {
+                if !(o.is_finite() && o > 0.0) {
+                    return Err(Error::Config(format!(
+                        "fault outage_s must be > 0, got {o}"
+                    )));
+                }
+            }
             if !strategy.phases().contains(&f.at_phase) {
                 let phases: Vec<_> = strategy.phases().iter().map(|p| p.name()).collect();
                 return Err(Error::Config(format!(
@@ -128,6 +141,7 @@ mod tests {
                 kill: Role::Target,
                 at_phase: PhaseName::Replay,
                 after_ms: 0.0,
+                outage_s: None,
             }),
             ..Default::default()
         };
