@@ -39,10 +39,11 @@ fmt: ## format Rust and Python
 	$(PY) -m ruff format python
 	$(PY) -m ruff check --fix python
 
-bench: setup ## benchmarks against a real broker: the instrument (generator, recorder), service rates, state sizes
+bench: setup ## benchmarks against a real broker: the instrument (generator, recorder), service rates, state sizes; the link relay's fidelity
 	cargo bench --locked -p ms2m-engine --bench instrument
 	cargo bench --locked -p ms2m-engine --bench rates
 	cargo bench --locked -p ms2m-engine --bench sizes
+	cargo bench --locked -p ms2m-engine --bench links
 
 notebooks: setup ## execute the notebooks in place with full parameters (refreshes their outputs)
 	$(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[notebooks]"

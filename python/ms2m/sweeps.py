@@ -13,6 +13,7 @@ keeps ``sweep.json``, the parameters, and refuses to resume with other ones.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -138,13 +139,20 @@ class Grid:
 
     def report_name(self, run: dict[str, Any]) -> str:
         """File name of a run's report: the axes that vary, then the repetition."""
-        parts = [run["strategy"], f"r{run['rate']:g}"]
+        parts = [run["strategy"], f"r{_fmt(run['rate'])}"]
         for axis in SERVICE_AXES + LINK_AXES:
             if len(getattr(self, axis)) > 1:
-                value = run[axis]
-                parts.append(f"{axis}{'none' if value is None else format(value, 'g')}")
+                parts.append(f"{axis}{_fmt(run[axis])}")
         parts.append(str(run["repetition"]))
         return "-".join(parts) + ".json"
+
+
+def _fmt(value: float | None) -> str:
+    """An axis value in a file name: whole numbers in full (``1048576``, not ``1.04858e+06``,
+    which two states could share)."""
+    if value is None:
+        return "none"
+    return str(int(value)) if float(value).is_integer() else format(value, "g")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -252,9 +260,13 @@ def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
         for host in grid.hosts:
             if tb.links[host]["configured"] != link.to_config():
                 tb.set_link(host, link)
-    name = "sw-" + grid.report_name(run)[: -len(".json")].replace("_", "-").replace(".", "p")
+    stem = grid.report_name(run)[: -len(".json")]
+    # Service names are at most 48 characters: long ones keep a digest of the whole name.
+    name = "sw-" + stem.replace("_", "-").replace(".", "p")
+    if len(name) > 48:
+        name = name[:39] + "-" + hashlib.sha256(stem.encode()).hexdigest()[:8]
     svc = tb.deploy(
-        name[:48],
+        name,
         host=grid.hosts[0],
         processing_ms=run["processing_ms"],
         state_bytes=int(run["state_bytes"]),

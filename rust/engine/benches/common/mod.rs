@@ -20,6 +20,7 @@ where
     }
 }
 
+#[allow(dead_code)] // the links benchmark needs no testbed
 /// Runs `f` on a two-worker tokio runtime with a testbed whose runtime `MS2M_RUNTIME` picks
 /// (docker, local; default auto).
 pub fn with_testbed<T>(f: impl AsyncFnOnce(Testbed) -> Result<T>) -> Result<T> {
