@@ -110,6 +110,13 @@ impl TestbedConfig {
         if let Some(url) = &self.amqp_url {
             check_amqp_url(url, self.runtime)?;
         }
+        if !self.links.is_empty() && self.amqp_url.is_some() && self.runtime == RuntimeKind::Docker
+        {
+            return refuse(
+                "links need the broker the testbed starts on the docker runtime: leave amqp_url \
+                 out, or use the local runtime",
+            );
+        }
         for (host, link) in &self.links {
             if !self.hosts.contains(host) {
                 return refuse(format!(
@@ -285,6 +292,26 @@ mod tests {
         }
         .validate(&tb)
         .unwrap();
+    }
+
+    #[test]
+    fn links_are_checked_against_the_hosts_and_the_runtime() {
+        let link = crate::net::LinkSpec {
+            delay_ms: 5.0,
+            ..Default::default()
+        };
+        let mut tb = TestbedConfig {
+            links: [("edge-9".to_string(), link.clone())].into(),
+            ..TestbedConfig::default()
+        };
+        let e = tb.validate().unwrap_err().to_string();
+        assert!(e.contains("not one of the testbed's hosts"), "{e}");
+        tb.links = [("edge-1".to_string(), link)].into();
+        tb.validate().unwrap();
+        tb.runtime = RuntimeKind::Docker;
+        tb.amqp_url = Some("amqp://guest:guest@10.0.0.5:5672/%2f".into());
+        let e = tb.validate().unwrap_err().to_string();
+        assert!(e.contains("links need the broker"), "{e}");
     }
 
     #[test]

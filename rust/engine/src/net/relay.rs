@@ -163,7 +163,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let Ok(client) = client else { continue };
+        let Ok(client) = client else {
+            // Out of descriptors, say: wait rather than spin on the error.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let Ok(upstream) = TcpStream::connect_timeout(&shared.upstream, CONNECT_TIMEOUT) else {
             let _ = client.shutdown(Shutdown::Both);
             continue;
