@@ -13,6 +13,8 @@ Options:
     --ms2m-amqp-url URL                 use this existing broker instead of starting one
                                         (``$MS2M_AMQP_URL``)
     --ms2m-hosts edge-1,edge-2,cloud    the testbed's hosts
+    --ms2m-link HOST=SPEC               a host's link to the broker's host, e.g.
+                                        ``edge-1=20mbit,20ms,jitter=5ms`` (repeat per host)
     --ms2m-keep                         keep the testbed's containers and processes after the
                                         session, for debugging
     --ms2m-require                      fail, rather than skip, when the runtime is unavailable
@@ -34,6 +36,7 @@ from collections.abc import Iterator
 import pytest
 
 from . import _native
+from .links import parse_host_links
 from .testbed import RUNTIMES, Service, Testbed
 
 SERVICE_PARAMS = ("host", "processing_ms", "state_bytes", "prefetch")
@@ -54,6 +57,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="use this existing broker instead of starting one (default: $MS2M_AMQP_URL)",
     )
     g.addoption("--ms2m-hosts", default="edge-1,edge-2,cloud", help="the testbed's hosts")
+    g.addoption(
+        "--ms2m-link",
+        action="append",
+        default=[],
+        metavar="HOST=SPEC",
+        help="a host's link to the broker's host, e.g. edge-1=20mbit,20ms,jitter=5ms "
+        "(repeat per host; see ms2m.Link)",
+    )
     g.addoption(
         "--ms2m-keep",
         action="store_true",
@@ -83,8 +94,15 @@ def ms2m_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     if keep:
         # testcontainers reads it when its client is created: before the first container.
         os.environ["TESTCONTAINERS_COMMAND"] = "keep"
-    hosts = [h for h in str(config.getoption("--ms2m-hosts")).split(",") if h]
+    names = [h for h in str(config.getoption("--ms2m-hosts")).split(",") if h]
     try:
+        links = parse_host_links(config.getoption("--ms2m-link"))
+        stray = set(links) - set(names)
+        if stray:
+            raise _native.ConfigurationError(
+                f"--ms2m-link names hosts {sorted(stray)} missing from --ms2m-hosts {names}"
+            )
+        hosts = {h: links.get(h) for h in names}
         tb = Testbed(
             hosts=hosts,
             runtime=str(config.getoption("--ms2m-runtime")),

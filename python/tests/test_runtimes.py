@@ -101,6 +101,14 @@ def test_plugin_refuses_a_bad_broker_url(pytester: pytest.Pytester):
     result.stdout.fnmatch_lines(["*ms2m: the testbed options are invalid*must start with amqp://*"])
 
 
+def test_plugin_refuses_a_bad_link(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_x(ms2m_testbed):\n    pass\n")
+    for link, says in [("edge-1=20parsecs", "unknown unit"), ("edge-9=20mbit", "missing from")]:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--ms2m-link={link}")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([f"*testbed options are invalid*{says}*"])
+
+
 def test_plugin_skip_reason_says_what_is_missing(pytester: pytest.Pytester):
     pytester.makepyfile("def test_x(ms2m_testbed):\n    pass\n")
     with pytest.MonkeyPatch.context() as mp:
