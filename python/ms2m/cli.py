@@ -30,6 +30,7 @@ def _compare(args: argparse.Namespace) -> int:
         rate=args.rate,
         processing_ms=args.processing_ms,
         state_bytes=args.state_bytes,
+        prefetch=args.prefetch,
         message_bytes=args.message_bytes,
         warmup_s=args.warmup_s,
         settle_s=args.settle_s,
@@ -136,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
     c.add_argument("--processing-ms", type=float, default=50.0)
     c.add_argument("--state-bytes", type=int, default=1_000_000)
+    c.add_argument(
+        "--prefetch",
+        type=int,
+        default=1,
+        help="messages an instance keeps in flight (default 1; behind a --link, more: each "
+        "message otherwise waits two of the link's round trips)",
+    )
     c.add_argument("--message-bytes", type=int, default=64)
     c.add_argument("--warmup-s", type=float, default=2.0)
     _settle_option(c)

@@ -27,6 +27,9 @@ class Comparison:
     rate: float = 10.0
     processing_ms: float = 50.0
     state_bytes: int = 1_000_000
+    #: Messages an instance keeps in flight; above 1 behind a link (each message otherwise
+    #: waits two of its round trips).
+    prefetch: int = 1
     message_bytes: int = 64
     warmup_s: float = 2.0
     settle_s: float = MIGRATION_DEFAULTS["settle_s"]
@@ -45,6 +48,8 @@ class Comparison:
             raise _native.ConfigurationError(f"runs must be at least 1, got {self.runs}")
         if not self.rate >= 0:
             raise _native.ConfigurationError(f"rate must be >= 0, got {self.rate}")
+        if not 1 <= self.prefetch <= 65535:
+            raise _native.ConfigurationError(f"prefetch must be 1..65535, got {self.prefetch}")
         if not self.warmup_s >= 0 or not self.settle_s >= 0:
             raise _native.ConfigurationError("warmup_s and settle_s must be >= 0")
 
@@ -67,6 +72,7 @@ def compare_strategies(
         repetitions=params.runs,
         processing_ms=(params.processing_ms,),
         state_bytes=(params.state_bytes,),
+        prefetch=(params.prefetch,),
         message_bytes=(params.message_bytes,),
         warmup_s=params.warmup_s,
         settle_s=params.settle_s,

@@ -616,6 +616,10 @@ def test_links_are_read_from_python_the_command_line_and_testbed_files(tmp_path)
 
 
 def test_a_bad_link_is_refused_before_anything_starts():
+    from ms2m.experiment import Comparison
+
+    with pytest.raises(ms2m.ConfigurationError, match="prefetch must be"):
+        Comparison(prefetch=0, links={"edge-1": ms2m.Link(mbit=20)}).validate()
     for link, match in [
         (ms2m.Link(mbit=0), "up_mbit must be at least"),
         (ms2m.Link(delay_ms=-1), "delay_ms must be between"),
