@@ -18,7 +18,7 @@ from . import _native
 from .defaults import DEFAULT_HOSTS, MIGRATION_DEFAULTS
 from .links import Link, as_link
 from .report import Report
-from .sweeps import Grid, run_grid
+from .sweeps import Grid, _tuple, run_grid
 from .testbed import Testbed
 
 if sys.version_info >= (3, 11):
@@ -151,10 +151,6 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         link_delay_ms=tuple(float(v) for v in _tuple(sw.get("link_delay_ms", 0.0))),
         link_jitter_ms=float(sw.get("link_jitter_ms", 0.0)),
     )
-
-
-def _tuple(v: Any) -> tuple[Any, ...]:
-    return tuple(v) if isinstance(v, list) else (v,)
 
 
 def _links(tbc: dict[str, Any]) -> dict[str, Link]:
