@@ -511,7 +511,12 @@ async fn cutoff_converges_above_capacity(tb: &Testbed) -> Result<()> {
                 .cutoff
                 .clone()
                 .context("cutoff report")?;
-            ensure!(c.fired, "the cutoff did not fire at {rate} msg/s: {c:?}");
+            // At capacity (20 msg/s) the target may or may not draw level before T_cutoff: a
+            // race, not a property. Above it, it never can.
+            ensure!(
+                c.fired || rate <= 20.0,
+                "the cutoff did not fire at {rate} msg/s: {c:?}"
+            );
             let t = c.t_cutoff_s.context("T_cutoff")?;
             ensure!((t - c.replay_max_s * c.mu / c.lambda).abs() < 1e-9);
             Ok(())
