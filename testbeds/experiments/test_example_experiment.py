@@ -29,7 +29,9 @@ def test_migration_keeps_every_message_and_the_state(
 
 @pytest.mark.ms2m(processing_ms=50, state_bytes=10_000)
 def test_cutoff_bounds_the_replay_near_capacity(ms2m_testbed, ms2m_service, record_property):
-    with ms2m_testbed.workload(ms2m_service, rate=20):
+    # Above the capacity of 20 msg/s the target can never draw level, so the cutoff must fire;
+    # at 20 exactly, whether it does is a race.
+    with ms2m_testbed.workload(ms2m_service, rate=25):
         time.sleep(1.5)
         report = ms2m_testbed.migrate(
             ms2m_service, to="cloud", strategy="ms2m_cutoff", replay_max_s=1.0, settle_s=0.3
