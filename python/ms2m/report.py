@@ -307,8 +307,9 @@ class Report:
         }
         for name, ms in self.phases.items():
             row[f"phase_{name}_ms"] = ms
+        links = d.get("links", {})
         for role in ("source", "target"):
-            link = self.links.get(d[role]["host"])
+            link = links.get(d[role]["host"])
             spec = link["configured"] if link else None
             row[f"{role}_link_mbit"] = None if spec is None else spec["up_mbit"]
             row[f"{role}_link_delay_ms"] = None if spec is None else spec["delay_ms"]
