@@ -192,6 +192,10 @@ def _run_migrations(data: dict[str, Any], out: Path, progress: TextIO | None) ->
             ):
                 time.sleep(wl.get("warmup_s", 2.0))
                 for i, m in enumerate(data["migration"], 1):
+                    if i > 1:
+                        # Each migration's baseline window needs steady serving before it (it
+                        # reaches back no further than the previous migration's end).
+                        time.sleep(wl.get("warmup_s", 2.0))
                     opts = {k: v for k, v in m.items() if k not in ("to", "strategy")}
                     report: Report | None
                     try:

@@ -181,8 +181,9 @@ pub(crate) struct RunRecord<'a> {
     pub failure: Option<Failure>,
     /// From the first phase's start to the last one's end, host clock ns.
     pub window: (u64, u64),
-    /// Since when the service has been under its current workload: the baseline window ends
-    /// at the migration's start and reaches back no further.
+    /// Since when the service has been under its current workload and past its last migration
+    /// (its backlog drained): the baseline window ends at the migration's start and reaches
+    /// back no further.
     pub steady_since_ns: u64,
     pub history: &'a History,
     /// Messages sent after this instant are outside the check.

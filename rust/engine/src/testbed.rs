@@ -50,6 +50,9 @@ struct Deployed {
     /// Payload size of this service's workloads: the checker regenerates payloads from it, so
     /// every workload of a service uses the same.
     message_bytes: Option<usize>,
+    /// When the last migration's report was taken (its backlog drained), host clock ns: the
+    /// next baseline window reaches back no further, or it would measure that migration.
+    settled_ns: u64,
 }
 
 impl Deployed {
@@ -274,6 +277,7 @@ impl Testbed {
             next_seq: 1,
             instances_started: 1,
             message_bytes: None,
+            settled_ns: 0,
         };
         let info = self.info(&d);
         self.services
@@ -403,7 +407,8 @@ impl Testbed {
                 .workload
                 .as_ref()
                 .map_or(d.deployed_ns, |w| w.started_ns)
-                .max(d.deployed_ns),
+                .max(d.deployed_ns)
+                .max(d.settled_ns),
             history: &history,
             cut_ns,
             observed,
@@ -411,6 +416,7 @@ impl Testbed {
             recorder_lag: d.recorder.lag(),
             leftovers,
         });
+        d.settled_ns = now_ns();
         match error {
             None => Ok(report),
             Some(error) => Err(MigrationError {
