@@ -16,7 +16,7 @@ from pathlib import Path
 from . import _native
 from .defaults import MIGRATION_DEFAULTS
 from .experiment import Comparison, compare_strategies, describe, format_table, summarize
-from .links import parse_host_links
+from .links import parse_host_links, parse_pair_links
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
 from .sweeps import run_grid
@@ -36,6 +36,8 @@ def _compare(args: argparse.Namespace) -> int:
         settle_s=args.settle_s,
         runtime=args.runtime,
         links=parse_host_links(args.link),
+        transfer=args.transfer,
+        host_links=parse_pair_links(args.host_link),
     )
     params.validate()
     out = Path(args.out) if args.out else Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
@@ -64,6 +66,8 @@ def _matrix(args: argparse.Namespace) -> int:
         replay_max_s=args.replay_max_s,
         runtime=args.runtime,
         links=parse_host_links(args.link),
+        transfer=(args.transfer,),
+        host_links=parse_pair_links(args.host_link),
     )
     reports = run_grid(grid, args.out, amqp_url=args.amqp_url)
     print(format_matrix(table(reports)))
@@ -115,6 +119,21 @@ def _testbed_options(p: argparse.ArgumentParser) -> None:
         metavar="HOST=SPEC",
         help="a host's link to the broker's host, e.g. edge-1=20mbit,20ms,jitter=5ms "
         "(also up=5mbit, down=20mbit); repeat for each shaped host",
+    )
+    p.add_argument(
+        "--host-link",
+        action="append",
+        default=[],
+        metavar="A,B=SPEC",
+        help="a link between two hosts for direct transfers, e.g. edge-1,edge-2=100mbit,2ms "
+        "(up: from A to B); without one, a direct transfer crosses both hosts' --link",
+    )
+    p.add_argument(
+        "--transfer",
+        choices=("broker", "direct"),
+        default=MIGRATION_DEFAULTS["transfer"],
+        help="how the checkpoint travels: through the broker, or from host to host "
+        "(default %(default)s)",
     )
 
 

@@ -15,7 +15,7 @@ from .report_types import MigrationOptions
 MIGRATION_DEFAULTS: Final[MigrationOptions] = json.loads(_native.default_migration_options())
 """The engine's default :class:`~ms2m.report_types.MigrationOptions` (read-only by convention):
 ``reply_timeout_s``, ``replay_timeout_s``, ``settle_s``, ``drain_timeout_s``, ``replay_max_s``,
-``fault`` (none) and ``chunk_bytes``."""
+``fault`` (none), ``chunk_bytes`` and ``transfer``."""
 
 _TESTBED_DEFAULTS: Final = json.loads(_native.default_testbed_config())
 

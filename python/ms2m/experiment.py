@@ -36,6 +36,10 @@ class Comparison:
     runtime: str = "auto"
     #: Links of edge-1 and edge-2 to the broker's host (see :class:`~ms2m.Link`).
     links: dict[str, Link] = field(default_factory=dict)
+    #: How the checkpoint travels: "broker" or "direct" (host to host).
+    transfer: str = "broker"
+    #: Links between two hosts by name (``edge-1<->edge-2``), for direct transfers.
+    host_links: dict[str, Link] = field(default_factory=dict)
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -78,6 +82,8 @@ def compare_strategies(
         settle_s=params.settle_s,
         runtime=params.runtime,
         links=dict(params.links),
+        transfer=(params.transfer,),
+        host_links=dict(params.host_links),
     )
     if out_dir is not None:
         return run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url)

@@ -106,6 +106,36 @@ def parse_host_links(items: Sequence[str]) -> dict[str, Link]:
     return out
 
 
+def pair_name(a: str, b: str) -> str:
+    """How reports name the link between two hosts: ``a<->b``."""
+    return f"{a}<->{b}"
+
+
+def split_pair(name: str) -> tuple[str, str]:
+    """The two hosts of a pair's name (``a<->b``)."""
+    a, sep, b = name.partition("<->")
+    if not (sep and a and b):
+        raise _native.ConfigurationError(
+            f"a link between hosts is named 'a<->b', e.g. 'edge-1<->edge-2'; got {name!r}"
+        )
+    return a, b
+
+
+def parse_pair_links(items: Sequence[str]) -> dict[str, Link]:
+    """``A,B=SPEC`` items of the command line (``--host-link edge-1,edge-2=100mbit,2ms``), by
+    the pair's name (``edge-1<->edge-2``)."""
+    out = {}
+    for item in items:
+        hosts, sep, spec = item.partition("=")
+        a, comma, b = hosts.partition(",")
+        if not (sep and comma and a and b):
+            raise _native.ConfigurationError(
+                f"--host-link takes A,B=SPEC, e.g. edge-1,edge-2=100mbit,2ms; got {item!r}"
+            )
+        out[pair_name(a.strip(), b.strip())] = parse_link(spec)
+    return out
+
+
 def as_link(host: str, value: Link | Mapping[str, Any] | None) -> Link | None:
     """A host's link from a :class:`Link`, a table of its fields (testbed files), or None."""
     if value is None or isinstance(value, Link):

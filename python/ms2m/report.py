@@ -299,6 +299,7 @@ class Report:
             "messages_replayed": self.messages_replayed,
             "checkpoint_write_mib_s": None if cp is None else cp["write_mib_s"],
             "checkpoint_fetch_mib_s": None if cp is None else cp["fetch_mib_s"],
+            "transfer": d["options"].get("transfer", "broker"),
             "lost": self.lost,
             "duplicated": self.duplicated,
             "reordered": self.reordered,

@@ -33,6 +33,10 @@ be observed."""
 Role = Literal["source", "target"]
 """Which instance a fault hits."""
 
+Transfer = Literal["broker", "direct"]
+"""How a checkpoint goes from the source's host to the target's: through the broker (a queue),
+or directly from host to host (as the paper's rsync)."""
+
 
 # -- configuration -----------------------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class MigrationOptions(TypedDict):
     replay_max_s: float
     fault: Fault | None
     chunk_bytes: int
+    transfer: Transfer
 
 
 class Placement(TypedDict):
@@ -203,11 +208,23 @@ CutoffReport = TypedDict(
 began, T_cutoff = ``replay_max_s`` * mu / lambda, and whether the cutoff ended the replay."""
 
 
+HopStats = TypedDict(
+    "HopStats",
+    {"from": str, "to": str, "bytes": int, "ms": Optional[float], "mbit_s": Optional[float]},
+)
+"""One stretch of a checkpoint's way: ``from`` and ``to`` are hosts or ``broker``; ``ms`` and
+``mbit_s`` (payload) are None for a stretch not crossed. (``from`` is a Python keyword, hence
+the functional form.)"""
+
+
 class CheckpointStats(TypedDict):
     """How the checkpoint travelled: written by the source to its queue in ``chunks`` chunks
-    (``write_ms``, from the snapshot to the broker's last confirm), then fetched and checked by
-    the target (``fetch_ms``; None when it never was). Throughputs in MiB/s."""
+    (``write_ms``, from the snapshot to the broker's last confirm; direct: to serving it), then
+    fetched and checked by the target (``fetch_ms``; None when it never was), each stretch in
+    ``hops``. Throughputs in MiB/s."""
 
+    transfer: Transfer
+    hops: list[HopStats]
     bytes: int
     chunks: int
     chunk_bytes: int

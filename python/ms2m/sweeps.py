@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _native
 from .defaults import MIGRATION_DEFAULTS
-from .links import Link
+from .links import Link, split_pair
 from .report import Report, to_dataframe
-from .testbed import RUNTIMES, Testbed
+from .testbed import RUNTIMES, TRANSFERS, Testbed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,6 +67,10 @@ class Grid:
     link_mbit: tuple[float | None, ...] = (None,)
     link_delay_ms: tuple[float, ...] = (0.0,)
     link_jitter_ms: float = 0.0
+    #: How each run's checkpoint travels: "broker" and/or "direct" (an axis).
+    transfer: tuple[str, ...] = ("broker",)
+    #: Links between two hosts by name (``edge-1<->edge-2``), for direct transfers.
+    host_links: dict[str, Link] = field(default_factory=dict)
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -99,6 +103,17 @@ class Grid:
             )
         if not self.link_jitter_ms >= 0:
             raise _native.ConfigurationError("link_jitter_ms must be >= 0")
+        if not self.transfer or any(t not in TRANSFERS for t in self.transfer):
+            raise _native.ConfigurationError(
+                f"transfer needs values among {TRANSFERS}, got {self.transfer}"
+            )
+        for name in self.host_links:
+            stray_pair = set(split_pair(name)) - set(self.hosts)
+            if stray_pair:
+                raise _native.ConfigurationError(
+                    f"host link {name} names hosts {sorted(stray_pair)} that the sweep does not "
+                    f"use {self.hosts}"
+                )
         stray = set(self.links) - set(self.hosts)
         if stray:
             raise _native.ConfigurationError(
@@ -124,7 +139,7 @@ class Grid:
 
     def runs(self) -> Iterator[dict[str, Any]]:
         """Every run's parameters, repetition-major so that a partial sweep is balanced."""
-        names = SERVICE_AXES + LINK_AXES
+        names = SERVICE_AXES + LINK_AXES + ("transfer",)
         axes = [getattr(self, a) for a in names]
         for rep in range(1, self.repetitions + 1):
             for values in itertools.product(*axes):
@@ -143,6 +158,8 @@ class Grid:
         for axis in SERVICE_AXES + LINK_AXES:
             if len(getattr(self, axis)) > 1:
                 parts.append(f"{axis}{_fmt(run[axis])}")
+        if len(self.transfer) > 1:
+            parts.append(run["transfer"])
         parts.append(str(run["repetition"]))
         return "-".join(parts) + ".json"
 
@@ -239,7 +256,12 @@ def run_grid(
     bar = _Progress(len(runs), len(runs) - len(todo), progress)
     try:
         if todo:
-            with Testbed(hosts=grid.testbed_hosts(), runtime=grid.runtime, amqp_url=amqp_url) as tb:
+            with Testbed(
+                hosts=grid.testbed_hosts(),
+                runtime=grid.runtime,
+                amqp_url=amqp_url,
+                host_links={split_pair(n): link for n, link in grid.host_links.items()},
+            ) as tb:
                 for run in todo:
                     report = _one_run(tb, grid, run)
                     _write_atomically(out / grid.report_name(run), report.to_json())
@@ -284,6 +306,7 @@ def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
                     replay_timeout_s=grid.replay_timeout_s,
                     replay_max_s=grid.replay_max_s,
                     chunk_bytes=grid.chunk_bytes,
+                    transfer=run["transfer"],
                 )
             except _native.MigrationFailed as e:
                 # An aborted migration is a result too: its report says what happened.
@@ -319,6 +342,8 @@ def sweep(
     link_mbit: float | Sequence[float | None] | None = None,
     link_delay_ms: float | Sequence[float] = 0.0,
     link_jitter_ms: float = 0.0,
+    transfer: str | Sequence[str] = "broker",
+    host_links: dict[str, Link] | None = None,
     amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,
 ) -> pd.DataFrame:
@@ -343,5 +368,7 @@ def sweep(
         link_mbit=tuple(None if v is None else float(v) for v in _tuple(link_mbit)),
         link_delay_ms=tuple(float(v) for v in _tuple(link_delay_ms)),
         link_jitter_ms=float(link_jitter_ms),
+        transfer=tuple(str(t) for t in _tuple(transfer)),
+        host_links=dict(host_links or {}),
     )
     return to_dataframe(run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url))

@@ -20,9 +20,27 @@ from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULT
 from .links import Link, as_link
 from .profiles import Profile, constant
 from .report import Report
-from .report_types import LinkReport, PhaseName, Role
+from .report_types import LinkReport, PhaseName, Role, Transfer
 
 RUNTIMES = ("auto", "docker", "local")
+TRANSFERS: tuple[Transfer, ...] = ("broker", "direct")
+
+
+def _host_links(
+    host_links: Mapping[tuple[str, str], Link | Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The engine's ``host_links``: each pair of hosts with its link."""
+    out = []
+    for pair, value in host_links.items():
+        if isinstance(pair, str) or len(pair) != 2:
+            raise _native.ConfigurationError(
+                f"host_links are keyed by two host names, e.g. ('edge-1', 'edge-2'); got {pair!r}"
+            )
+        link = as_link(f"{pair[0]}<->{pair[1]}", value)
+        if link is None:
+            raise _native.ConfigurationError(f"host link {pair!r} needs a Link, not None")
+        out.append({"between": list(pair), "link": link.to_config()})
+    return out
 
 
 @dataclass(frozen=True)
@@ -74,11 +92,14 @@ def _options(
     replay_max_s: float,
     fault: Fault | None,
     chunk_bytes: int,
+    transfer: Transfer,
 ) -> str:
     if fault is not None and fault.kill not in ("source", "target"):
         raise _native.ConfigurationError(
             f"Fault.kill must be 'source' or 'target', got {fault.kill!r}"
         )
+    if transfer not in TRANSFERS:
+        raise _native.ConfigurationError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     return json.dumps(
         {
             "reply_timeout_s": reply_timeout_s,
@@ -95,6 +116,7 @@ def _options(
                 "outage_s": fault.outage_s,
             },
             "chunk_bytes": chunk_bytes,
+            "transfer": transfer,
         }
     )
 
@@ -118,6 +140,7 @@ def _config(
     service_image: str | None,
     service_binary: str | None,
     broker_startup_timeout_s: float,
+    host_links: Mapping[tuple[str, str], Link | Mapping[str, Any]] | None = None,
 ) -> str:
     if isinstance(hosts, str):
         raise _native.ConfigurationError(
@@ -130,6 +153,7 @@ def _config(
     if isinstance(hosts, Mapping):
         links = {h: as_link(h, v) for h, v in hosts.items()}
         cfg["links"] = {h: link.to_config() for h, link in links.items() if link is not None}
+    cfg["host_links"] = _host_links(host_links or {})
     cfg["runtime"] = runtime
     cfg["amqp_url"] = amqp_url or None
     cfg["service_binary"] = service_binary
@@ -166,6 +190,11 @@ class Testbed:
             ``$MS2M_SERVICE_BIN``, ``ms2m-service`` on PATH, or this checkout's release build).
         broker_startup_timeout_s: longest wait for the broker to accept connections (default:
             the engine's).
+        host_links: links between two hosts, for direct checkpoint transfers
+            (``migrate(..., transfer="direct")``): ``{("edge-1", "edge-2"): Link(mbit=100)}``,
+            ``up`` being from the first host to the second. Without one, a direct transfer
+            crosses the source host's link and then the target host's. Reported (and probed)
+            as ``"edge-1<->edge-2"``.
     """
 
     def __init__(
@@ -178,6 +207,7 @@ class Testbed:
         service_image: str | None = None,
         service_binary: str | None = None,
         broker_startup_timeout_s: float = BROKER_STARTUP_TIMEOUT_S,
+        host_links: Mapping[tuple[str, str], Link | Mapping[str, Any]] | None = None,
     ) -> None:
         self._config = _config(
             hosts,
@@ -187,6 +217,7 @@ class Testbed:
             service_image,
             service_binary,
             broker_startup_timeout_s,
+            host_links,
         )
         self._tb: _native.Testbed | None = None
 
@@ -405,6 +436,7 @@ class Testbed:
         replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
         chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
+        transfer: Transfer = MIGRATION_DEFAULTS["transfer"],
     ) -> Report:
         """Migrates ``service`` to host ``to`` and returns the checked report.
 
@@ -412,8 +444,12 @@ class Testbed:
         then the engine waits until every message sent so far was processed (at most
         ``drain_timeout_s``) and checks the whole history. ``replay_max_s`` is T_replay_max of
         the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`);
-        ``chunk_bytes`` is the largest chunk the checkpoint is streamed in (4 KiB to 64 MiB). Every
-        option defaults to the engine's value (``ms2m.defaults.MIGRATION_DEFAULTS``).
+        ``chunk_bytes`` is the largest chunk the checkpoint is streamed in (4 KiB to 64 MiB);
+        ``transfer`` is how it travels: ``"broker"`` (through a queue: the source host's link,
+        then the target host's) or ``"direct"`` (the target reads it from the source over TCP,
+        across the link between their hosts, as the paper's rsync; the report's
+        ``migration.checkpoint.hops`` gives bytes and throughput per stretch). Every option
+        defaults to the engine's value (``ms2m.defaults.MIGRATION_DEFAULTS``).
 
         Raises:
             ConfigurationError: unknown strategy or host, or bad options (nothing started).
@@ -428,6 +464,7 @@ class Testbed:
             replay_max_s,
             fault,
             chunk_bytes,
+            transfer,
         )
         with _report_on_failure():
             return Report.from_json(self._native.migrate(_name(service), to, strategy, options))
@@ -445,6 +482,7 @@ class Testbed:
         replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],
         fault: Fault | None = None,
         chunk_bytes: int = MIGRATION_DEFAULTS["chunk_bytes"],
+        transfer: Transfer = MIGRATION_DEFAULTS["transfer"],
     ) -> Report:
         """Async twin of :meth:`migrate`."""
         options = _options(
@@ -455,6 +493,7 @@ class Testbed:
             replay_max_s,
             fault,
             chunk_bytes,
+            transfer,
         )
         with _report_on_failure():
             text = await self._native.migrate_async(_name(service), to, strategy, options)

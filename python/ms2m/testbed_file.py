@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from . import _native
 from .defaults import DEFAULT_HOSTS, MIGRATION_DEFAULTS
-from .links import Link, as_link
+from .links import Link, as_link, pair_name
 from .report import Report
 from .sweeps import Grid, _tuple, run_grid
 from .testbed import Testbed
@@ -36,6 +36,7 @@ SECTIONS: dict[str, set[str]] = {
         "service_binary",
         "broker_startup_timeout_s",
         "links",
+        "host_links",
     },
     "service": {"name", "host", "processing_ms", "state_bytes", "prefetch"},
     "workload": {"rate", "profile", "message_bytes", "seed", "warmup_s"},
@@ -48,6 +49,7 @@ SECTIONS: dict[str, set[str]] = {
         "reply_timeout_s",
         "drain_timeout_s",
         "chunk_bytes",
+        "transfer",
     },
     "sweep": {
         "strategies",
@@ -65,6 +67,7 @@ SECTIONS: dict[str, set[str]] = {
         "link_mbit",
         "link_delay_ms",
         "link_jitter_ms",
+        "transfer",
     },
 }
 
@@ -103,6 +106,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise _refuse(p, "migrations are an array of tables: write [[migration]]")
     try:
         _hosts(data.get("testbed", {}))
+        _host_links(p, data.get("testbed", {}))
     except _native.ConfigurationError as e:
         raise _refuse(p, str(e)) from None
     return data
@@ -118,7 +122,7 @@ def run(
     if "sweep" in data:
         url = data.get("testbed", {}).get("amqp_url")
         return run_grid(_grid(p, data), out, progress=progress, amqp_url=url)
-    return _run_migrations(data, out, progress)
+    return _run_migrations(p, data, out, progress)
 
 
 def _grid(path: Path, data: dict[str, Any]) -> Grid:
@@ -150,6 +154,11 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         link_mbit=tuple(float(v) or None for v in _tuple(sw.get("link_mbit", 0))),
         link_delay_ms=tuple(float(v) for v in _tuple(sw.get("link_delay_ms", 0.0))),
         link_jitter_ms=float(sw.get("link_jitter_ms", 0.0)),
+        transfer=tuple(str(t) for t in _tuple(sw.get("transfer", "broker"))),
+        host_links={
+            pair_name(a, b): link
+            for (a, b), link in _host_links(path, data.get("testbed", {})).items()
+        },
     )
 
 
@@ -157,6 +166,25 @@ def _links(tbc: dict[str, Any]) -> dict[str, Link]:
     """The ``[testbed.links]`` table: each shaped host's :class:`~ms2m.Link` fields."""
     links = {h: as_link(h, v) for h, v in tbc.get("links", {}).items()}
     return {h: link for h, link in links.items() if link is not None}
+
+
+def _host_links(path: Path, tbc: dict[str, Any]) -> dict[tuple[str, str], Link]:
+    """The ``[[testbed.host_links]]`` array: ``between = ["a", "b"]`` and the link's fields."""
+    out = {}
+    for entry in tbc.get("host_links", []):
+        fields = dict(entry)
+        between = fields.pop("between", None)
+        if not (isinstance(between, list) and len(between) == 2):
+            raise _refuse(
+                path,
+                'each [[testbed.host_links]] needs between = ["host-a", "host-b"] and the '
+                "link's fields (mbit, delay_ms, ...)",
+            )
+        a, b = between
+        link = as_link(pair_name(a, b), fields)
+        assert link is not None
+        out[(a, b)] = link
+    return out
 
 
 def _hosts(tbc: dict[str, Any]) -> dict[str, Link | None]:
@@ -169,12 +197,14 @@ def _hosts(tbc: dict[str, Any]) -> dict[str, Link | None]:
     return {h: links.get(h) for h in tbc.get("hosts", DEFAULT_HOSTS)}
 
 
-def _run_migrations(data: dict[str, Any], out: Path, progress: TextIO | None) -> list[Report]:
+def _run_migrations(
+    path: Path, data: dict[str, Any], out: Path, progress: TextIO | None
+) -> list[Report]:
     tbc, svc, wl = data.get("testbed", {}), data["service"], data["workload"]
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    kwargs = {k: v for k, v in tbc.items() if k not in ("hosts", "links")}
-    with Testbed(hosts=_hosts(tbc), **kwargs) as tb:
+    kwargs = {k: v for k, v in tbc.items() if k not in ("hosts", "links", "host_links")}
+    with Testbed(hosts=_hosts(tbc), host_links=_host_links(path, tbc), **kwargs) as tb:
         service = tb.deploy(
             svc["name"],
             host=svc.get("host", "edge-1"),

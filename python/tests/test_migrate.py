@@ -231,14 +231,16 @@ def test_quickstart_testbed_file_runs_from_the_command_line(tmp_path):
 
 
 def test_edge_links_from_python_with_an_outage():
-    """Hosts with links: measured at start, crossed by the checkpoint, an outage held."""
+    """Hosts with links: measured at start, crossed by the checkpoint (through the broker, and
+    directly across a link between two hosts), an outage held."""
     hosts = {
         "edge-1": ms2m.Link(mbit=50, delay_ms=5, jitter_ms=1),
         "edge-2": ms2m.Link(up_mbit=20, down_mbit=50, delay_ms=2),
         "cloud": None,
     }
-    with ms2m.Testbed(hosts=hosts) as tb:
-        assert set(tb.links) == {"edge-1", "edge-2"}
+    pair = {("edge-2", "cloud"): ms2m.Link(mbit=40, delay_ms=1)}
+    with ms2m.Testbed(hosts=hosts, host_links=pair) as tb:
+        assert set(tb.links) == {"edge-1", "edge-2", "edge-2<->cloud"}
         measured = tb.links["edge-1"]["measured"]
         assert measured is not None and measured["rtt_ms_p50"] >= 8
         assert tb.links["edge-1"]["mechanism"] == "relay"
@@ -253,5 +255,20 @@ def test_edge_links_from_python_with_an_outage():
         assert report.link_traffic["edge-2"]["down_bytes"] >= report.checkpoint_bytes
         row = report.summary()
         assert row["source_link_delay_ms"] == 5 and row["target_link_mbit"] == 20
+        assert row["transfer"] == "broker"
+        assert [(h["from"], h["to"]) for h in report.checkpoint["hops"]] == [
+            ("edge-1", "broker"),
+            ("broker", "edge-2"),
+        ]
+        with tb.workload(svc, rate=20):
+            time.sleep(0.5)
+            direct = tb.migrate(svc, to="cloud", strategy="stop_and_copy", transfer="direct")
+        _assert_clean(direct)
+        cp = direct.checkpoint
+        assert cp is not None and cp["transfer"] == "direct"
+        [hop] = cp["hops"]
+        assert (hop["from"], hop["to"]) == ("edge-2", "cloud")
+        assert hop["mbit_s"] is not None and 0 < hop["mbit_s"] <= 40 * 1.05
+        assert direct.link_traffic["edge-2<->cloud"]["up_bytes"] >= direct.checkpoint_bytes
         with pytest.raises(ms2m.ConfigurationError, match="reaches the broker directly"):
             tb.set_link_outage("cloud", True)

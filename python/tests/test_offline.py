@@ -529,8 +529,11 @@ def test_migration_defaults_are_the_engines_everywhere(capsys):
     assert defaults == {k: v["default"] for k, v in schema.items()}
     # Floats, as the literals they replace were: a sweep folder holds them as JSON.
     assert all(
-        isinstance(v, float) for k, v in defaults.items() if k not in ("fault", "chunk_bytes")
+        isinstance(v, float)
+        for k, v in defaults.items()
+        if k not in ("fault", "chunk_bytes", "transfer")
     )
+    assert defaults["transfer"] == "broker"
     assert isinstance(defaults["chunk_bytes"], int)
     for fn in (ms2m.Testbed.migrate, ms2m.Testbed.migrate_async):
         params = inspect.signature(fn).parameters
@@ -613,6 +616,56 @@ def test_links_are_read_from_python_the_command_line_and_testbed_files(tmp_path)
         load(bad)
     with pytest.raises(ms2m.ConfigurationError, match="does not use"):
         Grid(strategies=("ms2m",), rates=(1.0,), links={"cloud": link}).validate()
+
+
+def test_direct_transfers_and_links_between_hosts_are_configured_everywhere(tmp_path):
+    from ms2m.cli import main
+    from ms2m.links import parse_pair_links
+    from ms2m.sweeps import Grid
+    from ms2m.testbed_file import _grid, load
+
+    assert parse_pair_links(["edge-1,edge-2=100mbit,2ms"]) == {
+        "edge-1<->edge-2": ms2m.Link(mbit=100, delay_ms=2)
+    }
+    with pytest.raises(ms2m.ConfigurationError, match="A,B=SPEC"):
+        parse_pair_links(["edge-1=100mbit"])
+    tb = ms2m.Testbed(host_links={("edge-1", "cloud"): ms2m.Link(up_mbit=5, delay_ms=3)})
+    [hl] = tb.config["host_links"]
+    assert hl["between"] == ["edge-1", "cloud"] and hl["link"]["up_mbit"] == 5
+    with pytest.raises(ms2m.ConfigurationError, match="two host names"):
+        ms2m.Testbed(host_links={"edge-1": ms2m.Link()})  # type: ignore[dict-item]
+    # The engine refuses what cannot be: unknown hosts, a host linked to itself.
+    for pair, match in [
+        (("edge-1", "mars"), "not one of the testbed's hosts"),
+        (("a", "a"), "to itself"),
+    ]:
+        with pytest.raises(ms2m.ConfigurationError, match=match):
+            ms2m.Testbed(
+                hosts=["a", "edge-1"], host_links={pair: ms2m.Link()}, runtime="local"
+            ).start()
+    with pytest.raises(ms2m.ConfigurationError, match="transfer must be one of"):
+        ms2m.Testbed().migrate("x", to="edge-2", transfer="rsync")  # type: ignore[arg-type]
+    grid = Grid(strategies=("ms2m",), rates=(1.0,), transfer=("broker", "direct"))
+    grid.validate()
+    names = [grid.report_name(r) for r in grid.runs()]
+    assert names == ["ms2m-r1-broker-1.json", "ms2m-r1-direct-1.json"]
+    with pytest.raises(ms2m.ConfigurationError, match="transfer needs"):
+        Grid(strategies=("ms2m",), rates=(1.0,), transfer=("rsync",)).validate()
+    toml = tmp_path / "pair.toml"
+    toml.write_text(
+        '[testbed]\nhosts = ["edge-1", "edge-2"]\n'
+        '[[testbed.host_links]]\nbetween = ["edge-1", "edge-2"]\nmbit = 100\ndelay_ms = 2\n'
+        '[service]\nname = "x"\n[workload]\nrate = 1\n'
+        '[sweep]\nstrategies = ["ms2m"]\ntransfer = ["direct"]\n'
+    )
+    sweep = _grid(toml, load(toml))
+    assert sweep.transfer == ("direct",)
+    assert sweep.host_links == {"edge-1<->edge-2": ms2m.Link(mbit=100, delay_ms=2)}
+    toml.write_text(toml.read_text().replace('between = ["edge-1", "edge-2"]\n', ""))
+    with pytest.raises(ms2m.ConfigurationError, match="needs between"):
+        load(toml)
+    with pytest.raises(SystemExit):
+        main(["compare", "--transfer", "rsync"])
 
 
 def test_a_bad_link_is_refused_before_anything_starts():

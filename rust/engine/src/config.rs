@@ -59,6 +59,10 @@ pub struct TestbedConfig {
     /// figure) reaches the broker directly.
     #[serde(default)]
     pub links: std::collections::BTreeMap<String, crate::net::LinkSpec>,
+    /// Links between two hosts, for direct checkpoint transfers between them (without one, a
+    /// direct transfer crosses the two hosts' links to the broker's host).
+    #[serde(default)]
+    pub host_links: Vec<crate::net::HostLink>,
     /// Seeds the links' jitter.
     #[serde(default)]
     pub link_seed: u64,
@@ -77,12 +81,18 @@ impl Default for TestbedConfig {
                 .unwrap_or_else(|_| "ms2m/service:dev".into()),
             broker_startup_timeout_s: 90.0,
             links: Default::default(),
+            host_links: Vec::new(),
             link_seed: 0,
         }
     }
 }
 
 impl TestbedConfig {
+    /// Whether any link is configured (the testbed then starts relays).
+    pub fn has_links(&self) -> bool {
+        !self.links.is_empty() || !self.host_links.is_empty()
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.hosts.is_empty() {
             return refuse("a testbed needs at least one host");
@@ -110,8 +120,7 @@ impl TestbedConfig {
         if let Some(url) = &self.amqp_url {
             check_amqp_url(url, self.runtime)?;
         }
-        if !self.links.is_empty() && self.amqp_url.is_some() && self.runtime == RuntimeKind::Docker
-        {
+        if self.has_links() && self.amqp_url.is_some() && self.runtime == RuntimeKind::Docker {
             return refuse(
                 "links need the broker the testbed starts on the docker runtime: leave amqp_url \
                  out, or use the local runtime",
@@ -125,6 +134,25 @@ impl TestbedConfig {
                 ));
             }
             link.validate(host)?;
+        }
+        let mut pairs = std::collections::BTreeSet::new();
+        for hl in &self.host_links {
+            let [a, b] = &hl.between;
+            for h in [a, b] {
+                if !self.hosts.contains(h) {
+                    return refuse(format!(
+                        "host_links name host {h:?}, which is not one of the testbed's hosts {:?}",
+                        self.hosts
+                    ));
+                }
+            }
+            if a == b {
+                return refuse(format!("a host link joins two hosts, not {a:?} to itself"));
+            }
+            if !pairs.insert((a.min(b), a.max(b))) {
+                return refuse(format!("host_links give {a} and {b} two links"));
+            }
+            hl.link.validate(&hl.name())?;
         }
         if let Some(bin) = &self.service_binary {
             if !std::path::Path::new(bin).is_file() {

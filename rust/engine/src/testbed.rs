@@ -682,12 +682,13 @@ async fn start_links(
     runtime: &Runtime,
     endpoint: &BrokerEndpoint,
 ) -> Result<Links> {
-    if cfg.links.is_empty() {
+    if !cfg.has_links() {
         return Ok(Links::none());
     }
     let listen = runtime.host_address(cfg).await?;
-    let (specs, url, seed) = (cfg.links.clone(), endpoint.url.clone(), cfg.link_seed);
-    tokio::task::spawn_blocking(move || Links::start(&specs, listen, &url, seed))
+    let (specs, pairs) = (cfg.links.clone(), cfg.host_links.clone());
+    let (url, seed) = (endpoint.url.clone(), cfg.link_seed);
+    tokio::task::spawn_blocking(move || Links::start(&specs, &pairs, listen, &url, seed))
         .await
         .map_err(|e| Error::RuntimeUnavailable(format!("starting the links: {e}")))?
 }

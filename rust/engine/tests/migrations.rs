@@ -10,9 +10,9 @@
 use anyhow::{bail, ensure, Context, Result};
 use ms2m_engine::checker::CheckResult;
 use ms2m_engine::config::RuntimeKind;
-use ms2m_engine::net::LinkSpec;
+use ms2m_engine::net::{HostLink, LinkSpec};
 use ms2m_engine::report::MigrationStatus;
-use ms2m_engine::strategies::{Fault, Role};
+use ms2m_engine::strategies::{Fault, Role, Transfer};
 use ms2m_engine::testbed::MigrationError;
 use ms2m_engine::{
     Error, MigrationOptions, PhaseName, Report, ServiceSpec, Strategy, Testbed, TestbedConfig,
@@ -416,17 +416,40 @@ async fn target_killed_in_the_middle_of_a_chunked_transfer(tb: &Testbed) -> Resu
     .await
 }
 
+/// Every strategy once, through the broker and then directly from host to host (no links
+/// here: the target connects to the source's own address).
 async fn several_migrations_in_a_row(tb: &Testbed) -> Result<()> {
     with_service(tb, spec("chain", 100_000), 10.0, |name| async move {
-        for (to, strategy) in [
-            ("edge-2", Strategy::Ms2m),
-            ("cloud", Strategy::Ms2mCutoff),
-            ("edge-1", Strategy::Ms2mSequential),
-            ("edge-2", Strategy::StopAndCopy),
+        let mut previous_end = 0;
+        for (to, strategy, transfer) in [
+            ("edge-2", Strategy::Ms2m, Transfer::Broker),
+            ("cloud", Strategy::Ms2mCutoff, Transfer::Broker),
+            ("edge-1", Strategy::Ms2mSequential, Transfer::Broker),
+            ("edge-2", Strategy::StopAndCopy, Transfer::Broker),
+            ("cloud", Strategy::Ms2m, Transfer::Direct),
+            ("edge-1", Strategy::Ms2mCutoff, Transfer::Direct),
+            ("edge-2", Strategy::Ms2mSequential, Transfer::Direct),
+            ("cloud", Strategy::StopAndCopy, Transfer::Direct),
         ] {
-            let r = tb.migrate(&name, to, strategy, opts()).await?;
-            clean(&r).with_context(|| format!("to {to}"))?;
+            let o = MigrationOptions { transfer, ..opts() };
+            let r = tb.migrate(&name, to, strategy, o).await?;
+            let context = || format!("{} to {to}, {}", strategy.name(), transfer.name());
+            clean(&r).with_context(context)?;
+            let cp = r
+                .migration
+                .outcome
+                .checkpoint
+                .as_ref()
+                .context("checkpoint")?;
+            ensure!(cp.transfer == transfer && cp.fetch_ms.is_some(), "{cp:?}");
             ensure!(tb.service_info(&name).await?.host == to);
+            // The baseline window reaches back no further than the previous migration's end.
+            let (from, _) = r.metrics.baseline_downtime.window_ns;
+            ensure!(
+                from >= previous_end,
+                "baseline window {from} before {previous_end}"
+            );
+            previous_end = r.migration.t_end_ns;
         }
         Ok(())
     })
@@ -741,7 +764,8 @@ async fn external_broker_is_used_and_left_clean(tb: &Testbed) -> Result<()> {
 
 /// A testbed whose edge hosts reach the broker over shaped links: the probe measured each
 /// link, every strategy migrates across them without loss, the checkpoint crosses the
-/// source's link up and the target's down, and an outage holds messages until it ends.
+/// source's link up and the target's down (through the broker, or directly: across the two
+/// host links, or the link between two hosts), and an outage holds messages until it ends.
 /// Bounds here are ones a relay cannot break however slow the machine (never faster than
 /// the link, never before the outage ends), not timings.
 async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -> Result<()> {
@@ -757,6 +781,12 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
         delay_ms: 5.0,
         jitter_ms: 0.0,
     };
+    let pair = LinkSpec {
+        up_mbit: Some(50.0),
+        down_mbit: Some(50.0),
+        delay_ms: 1.0,
+        jitter_ms: 0.0,
+    };
     let cfg = TestbedConfig {
         runtime: tb.runtime(),
         links: [
@@ -764,12 +794,20 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
             ("edge-2".into(), edge2.clone()),
         ]
         .into(),
+        host_links: vec![HostLink {
+            between: ["edge-2".into(), "cloud".into()],
+            link: pair.clone(),
+        }],
         ..TestbedConfig::default()
     };
     let shaped = &Testbed::start(cfg).await?;
     let result = async {
         let links = shaped.links();
-        for (host, spec) in [("edge-1", &edge1), ("edge-2", &edge2)] {
+        for (host, spec) in [
+            ("edge-1", &edge1),
+            ("edge-2", &edge2),
+            ("edge-2<->cloud", &pair),
+        ] {
             let l = links.get(host).context("a report per shaped link")?;
             ensure!(l.configured == *spec && l.mechanism == "relay");
             let m = l.measured.as_ref().context("the probe measured the link")?;
@@ -789,7 +827,7 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
             with_service(shaped, spec(&name, 2_000_000), 10.0, |name| async move {
                 let r = shaped.migrate(&name, "edge-2", strategy, opts()).await?;
                 clean(&r)?;
-                ensure!(r.links.len() == 2, "{:?}", r.links.keys());
+                ensure!(r.links.len() == 3, "{:?}", r.links.keys());
                 let cp = r.migration.outcome.checkpoint_bytes;
                 let (up, down) = (&r.link_traffic["edge-1"], &r.link_traffic["edge-2"]);
                 ensure!(
@@ -804,6 +842,49 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
             })
             .await
             .with_context(|| strategy.name())?;
+        }
+        // Direct transfers: edge-1 and edge-2 have no link of their own, so the checkpoint
+        // crosses edge-1's link up and edge-2's down, past the broker; edge-2 to cloud crosses
+        // the link between them.
+        for strategy in [Strategy::StopAndCopy, Strategy::Ms2m] {
+            let name = format!("direct-{}", strategy.name().replace('_', "-"));
+            with_service(shaped, spec(&name, 2_000_000), 10.0, |name| async move {
+                let direct = MigrationOptions {
+                    transfer: Transfer::Direct,
+                    ..opts()
+                };
+                let r = shaped
+                    .migrate(&name, "edge-2", strategy, direct.clone())
+                    .await?;
+                clean(&r)?;
+                let cp = r
+                    .migration
+                    .outcome
+                    .checkpoint
+                    .clone()
+                    .context("checkpoint")?;
+                ensure!(cp.transfer == Transfer::Direct, "{cp:?}");
+                let [hop] = &cp.hops[..] else {
+                    bail!("one hop expected: {:?}", cp.hops)
+                };
+                ensure!((hop.from.as_str(), hop.to.as_str()) == ("edge-1", "edge-2"));
+                // Never faster than the slower of the two links (edge-1's 20 Mbit/s).
+                let mbit = hop.mbit_s.context("the hop was timed")?;
+                ensure!(mbit > 0.0 && mbit <= 20.0 * 1.05, "{hop:?}");
+                let (up, down) = (&r.link_traffic["edge-1"], &r.link_traffic["edge-2"]);
+                ensure!(up.up_bytes >= cp.bytes, "edge-1 carried {up:?}");
+                ensure!(down.down_bytes >= cp.bytes, "edge-2 carried {down:?}");
+                let r = shaped.migrate(&name, "cloud", strategy, direct).await?;
+                clean(&r)?;
+                let bytes = r.migration.outcome.checkpoint_bytes;
+                let pair = &r.link_traffic["edge-2<->cloud"];
+                ensure!(pair.up_bytes >= bytes, "edge-2<->cloud carried {pair:?}");
+                let host = &r.link_traffic["edge-2"];
+                ensure!(host.up_bytes < bytes, "edge-2's own link carried {host:?}");
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("direct {}", strategy.name()))?;
         }
         // A link changes for what is sent next, and is probed again.
         let slower = LinkSpec {

@@ -34,6 +34,9 @@ const STREAM_WINDOW: usize = 4;
 /// Longest wait for the next chunk of a checkpoint being fetched: a source that died
 /// mid-stream must fail the fetch, not hang the target.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a source serves a checkpoint for a direct transfer that nobody fetches: a
+/// migration that gave up must not leave the snapshot's copy in memory for good.
+const SERVE_IDLE: Duration = Duration::from_secs(600);
 /// A replay consumer prefetches at least what it processes in this long, up to
 /// [`REPLAY_PREFETCH_MAX`]: with a live-sized prefetch a fast target would wait for a broker
 /// round trip every few messages and replay no faster than it serves. Not more: the manager
@@ -104,9 +107,10 @@ async fn publish_reply(
     .map(drop)
 }
 
-/// Sends `o`: streams its attachment (a snapshot) to `o.stream` on `stream_channel` first when
-/// it has a stream, and replies with the stream's description, or with why streaming failed:
-/// nothing about a checkpoint stops the instance. The reply is stamped when it goes out.
+/// Sends `o`: streams its attachment (a snapshot) to `o.stream` first when it has a stream (to
+/// its queue on `stream_channel`, or served to the target directly), and replies with the
+/// stream's description, or with why streaming failed: nothing about a checkpoint stops the
+/// instance. The reply is stamped when it goes out.
 async fn deliver(
     out: &Channel,
     stream_channel: Option<Result<Channel>>,
@@ -118,31 +122,94 @@ async fn deliver(
         attachment,
         stream,
     } = o;
-    let attachment = match (stream, stream_channel) {
-        (Some(stream), Some(channel)) => {
-            let streamed = match channel {
-                Ok(channel) => {
+    let attachment = match stream {
+        Some(stream) => {
+            let streamed = match (&stream.listen, stream_channel) {
+                (Some(listen), _) => serve_checkpoint(attachment, &stream, listen).await,
+                (None, Some(Ok(channel))) => {
                     let r = stream_checkpoint(&channel, attachment, &stream).await;
                     let _ = channel.close(200, "checkpoint streamed".into()).await;
                     r
                 }
-                Err(e) => Err(e),
+                (None, Some(Err(e))) => Err(e),
+                (None, None) => Err(anyhow::anyhow!("no channel to stream on")),
             };
             match streamed {
                 Ok(checkpoint) => reply.checkpoint = Some(checkpoint),
                 Err(e) => {
                     reply.error = Some(format!(
                         "streaming the checkpoint to {} failed: {e:#}",
-                        stream.queue
+                        stream.listen.as_deref().unwrap_or(&stream.queue)
                     ))
                 }
             }
             Vec::new()
         }
-        _ => attachment,
+        None => attachment,
     };
     reply.t_ns = now_ns();
     publish_reply(out, &to, &reply, &attachment).await
+}
+
+/// Serves `snapshot` for a direct transfer: listens on `listen`, hashes the snapshot, and
+/// answers with where it is served; a task then sends the chunks to whoever connects, until all
+/// of them went out on one connection, or nobody came for [`SERVE_IDLE`]. The task holds
+/// the one copy of the snapshot; the broker carries none of it.
+async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Result<Checkpoint> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?.to_string();
+    let addr_served = addr.clone();
+    let snapshot = Arc::new(snapshot);
+    let snap = snapshot.clone();
+    let sha256 =
+        tokio::task::spawn_blocking(move || ms2m_wire::hex(&Sha256::digest(&snap[..]))).await?;
+    let total = snapshot.len() as u64;
+    let chunk_bytes = to.chunk_bytes;
+    let chunks = ChunkHeader::split(total, chunk_bytes).count() as u32;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::time::timeout(SERVE_IDLE, listener.accept()).await;
+            let Ok(Ok((mut conn, peer))) = accepted else {
+                eprintln!("ms2m-service: stopped serving the checkpoint on {addr_served}");
+                return;
+            };
+            match send_chunks(&mut conn, &snapshot, chunk_bytes).await {
+                Ok(()) => return,
+                Err(e) => eprintln!("ms2m-service: serving the checkpoint to {peer}: {e:#}"),
+            }
+        }
+    });
+    Ok(Checkpoint {
+        queue: to.queue.clone(),
+        bytes: total,
+        chunks,
+        sha256,
+        addr: Some(addr),
+    })
+}
+
+/// Writes every chunk of `snapshot` to `conn`, each a length-prefixed envelope as on a
+/// checkpoint queue, then waits (a while) for the reader to close: it closes once it has
+/// checked them, and the relay of a link may still hold the last bytes until then.
+async fn send_chunks(
+    conn: &mut tokio::net::TcpStream,
+    snapshot: &[u8],
+    chunk_bytes: u32,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (header, range) in ChunkHeader::split(snapshot.len() as u64, chunk_bytes) {
+        let head = control::encode(&header, &[]);
+        let frame = (head.len() + range.len()) as u32;
+        conn.write_all(&frame.to_le_bytes()).await?;
+        conn.write_all(&head).await?;
+        conn.write_all(&snapshot[range]).await?;
+    }
+    conn.flush().await?;
+    let mut rest = [0u8; 1];
+    let _ = tokio::time::timeout(CHUNK_TIMEOUT, conn.read(&mut rest)).await;
+    Ok(())
 }
 
 /// Writes `snapshot` to `to.queue` as chunks of at most `to.chunk_bytes`, at most
@@ -194,6 +261,7 @@ async fn stream_checkpoint(
         bytes: total,
         chunks,
         sha256: ms2m_wire::hex(&hasher.finalize()),
+        addr: None,
     })
 }
 
@@ -439,7 +507,10 @@ impl Instance {
                 Action::Checkpoint(o) => self.send_in_background(o).await,
                 Action::Fetch(checkpoint) => {
                     let fetched = self.fetch(&checkpoint).await.map_err(|e| {
-                        format!("fetching the checkpoint from {}: {e:#}", checkpoint.queue)
+                        format!(
+                            "fetching the checkpoint from {}: {e:#}",
+                            checkpoint.origin()
+                        )
                     });
                     todo.extend(self.core.handle(now_ns(), CoreEvent::Fetched(fetched)));
                 }
@@ -523,7 +594,9 @@ impl Instance {
     /// A channel of its own for streaming `o`'s checkpoint, if it streams one: a broker error
     /// on it (a chunk refused) closes that channel, never the one output events go out on.
     async fn stream_channel(&self, o: &Outgoing) -> Option<Result<Channel>> {
-        o.stream.as_ref()?;
+        if o.stream.as_ref()?.listen.is_some() {
+            return None;
+        }
         Some(
             async {
                 let channel = self.bulk.create_channel().await?;
@@ -536,14 +609,23 @@ impl Instance {
         )
     }
 
-    /// Reads a streamed checkpoint: every chunk in order, its size and SHA-256 checked. The
-    /// chunks are acked as they arrive, so the broker lets go of them; the buffer is the one
-    /// copy of the checkpoint here (the restore takes it over).
+    /// Reads a streamed checkpoint: every chunk in order, its size and SHA-256 checked, from
+    /// its queue or (with an address) from the source directly. Queued chunks are acked as they
+    /// arrive, so the broker lets go of them; the buffer is the one copy of the checkpoint here
+    /// (the restore takes it over).
     async fn fetch(&self, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
+        if let Some(addr) = &checkpoint.addr {
+            let conn = tokio::time::timeout(CHUNK_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting took over {} s", CHUNK_TIMEOUT.as_secs()))?
+                .with_context(|| format!("connecting to {addr}"))?;
+            // Dropped (closed) once checked: the source takes that as done.
+            return read_chunks(&mut Chunks::Direct(conn), checkpoint).await;
+        }
         let mut sub =
             Subscription::open(&self.bulk, &checkpoint.queue, "fetch", STREAM_WINDOW as u16)
                 .await?;
-        let fetched = read_chunks(&mut sub.consumer, checkpoint).await;
+        let fetched = read_chunks(&mut Chunks::Queue(&mut sub.consumer), checkpoint).await;
         let _ = sub.close().await;
         fetched
     }
@@ -600,25 +682,73 @@ impl Instance {
     }
 }
 
+/// Where a fetch reads a checkpoint's chunks from.
+enum Chunks<'a> {
+    Queue(&'a mut Consumer),
+    /// The source's own connection (a direct transfer).
+    Direct(tokio::net::TcpStream),
+}
+
+impl Chunks<'_> {
+    /// The next chunk's envelope. Waits at most [`CHUNK_TIMEOUT`] for a queued chunk, and for
+    /// each read of a direct one (a slow link may take longer than that for a whole chunk,
+    /// but not between two reads): a source that died mid-stream fails the fetch.
+    async fn next(&mut self, index: u32, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
+        let late = || {
+            anyhow::anyhow!(
+                "chunk {index} of {} did not arrive within {} s",
+                checkpoint.chunks,
+                CHUNK_TIMEOUT.as_secs()
+            )
+        };
+        match self {
+            Chunks::Queue(consumer) => {
+                let d = tokio::time::timeout(CHUNK_TIMEOUT, consumer.next())
+                    .await
+                    .map_err(|_| late())?
+                    .context("the checkpoint queue's consumer closed")??;
+                d.ack(BasicAckOptions::default()).await?;
+                Ok(d.data)
+            }
+            Chunks::Direct(conn) => {
+                use tokio::io::AsyncReadExt;
+                let mut len = [0u8; 4];
+                tokio::time::timeout(CHUNK_TIMEOUT, conn.read_exact(&mut len))
+                    .await
+                    .map_err(|_| late())?
+                    .context("the source closed the connection")?;
+                let len = u32::from_le_bytes(len) as usize;
+                // A chunk is never larger than the checkpoint plus its header.
+                if len as u64 > checkpoint.bytes + 4096 {
+                    anyhow::bail!("a chunk of {len} bytes announced, beyond the checkpoint's size");
+                }
+                let mut body = vec![0u8; len];
+                let mut filled = 0;
+                while filled < len {
+                    let n = tokio::time::timeout(CHUNK_TIMEOUT, conn.read(&mut body[filled..]))
+                        .await
+                        .map_err(|_| late())??;
+                    if n == 0 {
+                        anyhow::bail!("the source closed the connection within chunk {index}");
+                    }
+                    filled += n;
+                }
+                Ok(body)
+            }
+        }
+    }
+}
+
 /// The chunks of `checkpoint`, reassembled and checked.
-async fn read_chunks(consumer: &mut Consumer, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
+async fn read_chunks(chunks: &mut Chunks<'_>, checkpoint: &Checkpoint) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     buf.try_reserve_exact(checkpoint.bytes as usize)
         .with_context(|| format!("no memory for a checkpoint of {} bytes", checkpoint.bytes))?;
     ms2m_wire::state::hint_huge_pages(&mut buf);
     let mut hasher = Sha256::new();
     for index in 0..checkpoint.chunks {
-        let d = tokio::time::timeout(CHUNK_TIMEOUT, consumer.next())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "chunk {index} of {} did not arrive within {} s",
-                    checkpoint.chunks,
-                    CHUNK_TIMEOUT.as_secs()
-                )
-            })?
-            .context("the checkpoint queue's consumer closed")??;
-        let (header, data) = control::decode::<ChunkHeader>(&d.data)?;
+        let body = chunks.next(index, checkpoint).await?;
+        let (header, data) = control::decode::<ChunkHeader>(&body)?;
         let expected = (index, checkpoint.chunks, buf.len() as u64, checkpoint.bytes);
         if (header.index, header.count, header.offset, header.total) != expected {
             anyhow::bail!(
@@ -637,7 +767,6 @@ async fn read_chunks(consumer: &mut Consumer, checkpoint: &Checkpoint) -> Result
         }
         hasher.update(data);
         buf.extend_from_slice(data);
-        d.ack(BasicAckOptions::default()).await?;
     }
     if buf.len() as u64 != checkpoint.bytes {
         anyhow::bail!(

@@ -215,20 +215,39 @@ pub struct Reply {
 }
 
 /// Where to stream a checkpoint: the queue, and the largest chunk to write to it.
+///
+/// With `listen` (a direct transfer, as the paper's rsync from host to host), the source writes
+/// nothing to the broker: it listens on that address (`ip:port`, port 0 for any free one) and
+/// sends the same chunk envelopes, each behind a 4-byte little-endian length, to whoever
+/// connects, until all of them went out on one connection (the reader closes once it has
+/// checked them); `queue` then only names the checkpoint in messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamTo {
     pub queue: String,
     pub chunk_bytes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// A checkpoint written to `queue` as `chunks` chunks, `bytes` in all, whose concatenation has
-/// the SHA-256 `sha256` (lower-case hex).
+/// the SHA-256 `sha256` (lower-case hex). With `addr`, the chunks are not on `queue`: the source
+/// serves them on that TCP address (see [`StreamTo::listen`]); in a `fetch` command, `addr` is
+/// where the target connects (the manager may put a link's relay in between).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub queue: String,
     pub bytes: u64,
     pub chunks: u32,
     pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+impl Checkpoint {
+    /// Where the chunks are read from: the source's address, or the queue.
+    pub fn origin(&self) -> &str {
+        self.addr.as_deref().unwrap_or(&self.queue)
+    }
 }
 
 /// The header of one message on a checkpoint queue; the chunk's bytes are its attachment.
@@ -440,6 +459,7 @@ mod tests {
             bytes: 9,
             chunks: 2,
             sha256: "ab".into(),
+            addr: None,
         });
         let json = serde_json::to_value(&fetch).unwrap();
         assert_eq!(json["cmd"], "fetch");

@@ -1,6 +1,7 @@
-//! Links between each host and the broker's host: bandwidth per direction, one-way delay,
-//! jitter and outages, emulated by a TCP relay per shaped host that its instances reach the
-//! broker through (ARCHITECTURE.md, "Links").
+//! Links between each host and the broker's host, and between hosts for direct transfers:
+//! bandwidth per direction, one-way delay, jitter and outages, emulated by a TCP relay per
+//! shaped host that its instances reach the broker through, and one per direct transfer
+//! (ARCHITECTURE.md, "Links").
 //!
 //! Why a relay and not the kernel: this kernel has no netem, so it cannot delay packets; a
 //! relay in user space delays, paces and holds the same way on both runtimes, so one testbed
@@ -14,11 +15,11 @@ pub mod shaper;
 use crate::amqp_url::url_host_port;
 use crate::error::{Error, Result};
 use probe::{LinkProbe, ProbeServer};
-use relay::{Relay, Traffic};
+use relay::{Hop, LinkState, Relay, Traffic};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// One host's link to the broker's host. Every field left out is unshaped: no figure at all is
 /// today's direct connection.
@@ -98,9 +99,36 @@ pub struct LinkTraffic {
     pub down_mbit: f64,
 }
 
-/// The links of a testbed's hosts that have one, each a running relay.
+/// A link between two hosts, for direct transfers between them: `up` is from the first host
+/// named towards the second. Without one, a direct transfer crosses the source host's link and
+/// then the target host's (both through the broker's host, as on a star of edge links).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostLink {
+    pub between: [String; 2],
+    pub link: LinkSpec,
+}
+
+impl HostLink {
+    /// The name links and traffic are reported under: `a<->b`.
+    pub fn name(&self) -> String {
+        pair_name(&self.between[0], &self.between[1])
+    }
+}
+
+fn pair_name(a: &str, b: &str) -> String {
+    format!("{a}<->{b}")
+}
+
+/// The links of a testbed: each host that has one reaches the broker through a running relay;
+/// links between hosts wait for a direct transfer to cross them.
 pub struct Links {
+    /// Every link by name: a host's, or a host pair's (`a<->b`).
+    states: BTreeMap<String, Arc<LinkState>>,
+    /// Each linked host's relay to the broker.
     relays: BTreeMap<String, Relay>,
+    /// The links between hosts, by their two hosts in order.
+    pairs: BTreeMap<(String, String), Arc<LinkState>>,
     /// Where relays and probes listen.
     listen: Option<IpAddr>,
     seed: u64,
@@ -111,7 +139,9 @@ impl Links {
     /// No host has a link.
     pub fn none() -> Links {
         Links {
+            states: BTreeMap::new(),
             relays: BTreeMap::new(),
+            pairs: BTreeMap::new(),
             listen: None,
             seed: 0,
             reports: Mutex::new(BTreeMap::new()),
@@ -121,15 +151,20 @@ impl Links {
     /// Starts a relay per host of `specs` (even one with no figure: its link can then have
     /// outages and change later), listening on `listen` (the address the host's instances
     /// reach this machine on), towards the broker at `broker_url` (as this machine reaches
-    /// it); then probes each link.
+    /// it); keeps the links between hosts; then probes each link.
     pub fn start(
         specs: &BTreeMap<String, LinkSpec>,
+        host_links: &[HostLink],
         listen: IpAddr,
         broker_url: &str,
         seed: u64,
     ) -> Result<Links> {
         let upstream = resolve(broker_url)?;
-        let mut relays = BTreeMap::new();
+        let mut links = Links {
+            listen: Some(listen),
+            seed,
+            ..Links::none()
+        };
         for (i, (host, spec)) in specs.iter().enumerate() {
             let relay = Relay::start(
                 spec.clone(),
@@ -142,24 +177,31 @@ impl Links {
                     "cannot start the link relay of {host} on {listen}: {e}"
                 ))
             })?;
-            relays.insert(host.clone(), relay);
+            let state = relay.link().expect("a relay of its own link").clone();
+            links.states.insert(host.clone(), state);
+            links.relays.insert(host.clone(), relay);
         }
-        let links = Links {
-            relays,
-            listen: Some(listen),
-            seed,
-            reports: Mutex::new(BTreeMap::new()),
-        };
+        for hl in host_links {
+            let state = LinkState::new(hl.link.clone());
+            let [a, b] = hl.between.clone();
+            links.pairs.insert((a, b), state.clone());
+            links.states.insert(hl.name(), state);
+        }
         // One after another: probes at the same time would share this machine's CPU and
         // disturb each other's figures.
-        for (host, spec) in specs {
-            links.probe(host, spec)?;
+        let all: Vec<_> = links
+            .states
+            .iter()
+            .map(|(n, s)| (n.clone(), s.spec()))
+            .collect();
+        for (name, spec) in all {
+            links.probe(&name, &spec)?;
         }
         Ok(links)
     }
 
-    /// Probes `host`'s link as `spec` configures it and keeps the result for reports.
-    fn probe(&self, host: &str, spec: &LinkSpec) -> Result<()> {
+    /// Probes the link `name` as `spec` configures it and keeps the result for reports.
+    fn probe(&self, name: &str, spec: &LinkSpec) -> Result<()> {
         let listen = self.listen.expect("links with relays listen somewhere");
         let server = ProbeServer::start(listen).map_err(|e| {
             Error::RuntimeUnavailable(format!("cannot start the link probe on {listen}: {e}"))
@@ -180,22 +222,23 @@ impl Links {
         self.reports
             .lock()
             .expect("links lock")
-            .insert(host.to_string(), report);
+            .insert(name.to_string(), report);
         Ok(())
     }
 
-    fn relay(&self, host: &str) -> Result<&Relay> {
-        self.relays.get(host).ok_or_else(|| {
+    fn link(&self, name: &str) -> Result<&Arc<LinkState>> {
+        self.states.get(name).ok_or_else(|| {
             Error::Config(format!(
-                "host {host:?} reaches the broker directly: give it a link when the testbed \
-                 starts (any Link, even one with no figure) to change it or cut it later"
+                "{name:?} has no link (a host without one reaches the broker directly): give it \
+                 one when the testbed starts (any Link, even one with no figure) to change it or \
+                 cut it later"
             ))
         })
     }
 
     /// Refuses a host without a link (before a fault that needs one).
     pub fn check_link(&self, host: &str) -> Result<()> {
-        self.relay(host).map(drop)
+        self.link(host).map(drop)
     }
 
     /// The URL an instance on `host` reaches the broker with: `url` through the host's
@@ -207,6 +250,53 @@ impl Links {
         }
     }
 
+    /// A relay for a direct transfer from a client on `client_host` to `server` on
+    /// `server_host`, across the link between the two hosts or, without one, across the
+    /// client host's link and then the server host's (each shared with the host's other
+    /// traffic). None when the path crosses no link: the client connects to `server` itself.
+    pub fn path(
+        &self,
+        client_host: &str,
+        server_host: &str,
+        server: SocketAddr,
+    ) -> Result<Option<Relay>> {
+        let (c, s) = (client_host.to_string(), server_host.to_string());
+        let hops = if let Some(l) = self.pairs.get(&(c.clone(), s.clone())) {
+            vec![Hop {
+                link: l.clone(),
+                up: true,
+            }]
+        } else if let Some(l) = self.pairs.get(&(s, c)) {
+            vec![Hop {
+                link: l.clone(),
+                up: false,
+            }]
+        } else {
+            let client = self.relays.get(client_host).and_then(Relay::link);
+            let server = self.relays.get(server_host).and_then(Relay::link);
+            let client = client.map(|l| Hop {
+                link: l.clone(),
+                up: true,
+            });
+            let server = server.map(|l| Hop {
+                link: l.clone(),
+                up: false,
+            });
+            client.into_iter().chain(server).collect()
+        };
+        let Some(listen) = self.listen.filter(|_| !hops.is_empty()) else {
+            return Ok(None);
+        };
+        let seed = self.seed ^ 0x5eed_d1ec;
+        Relay::through(hops, SocketAddr::new(listen, 0), server, seed)
+            .map(Some)
+            .map_err(|e| {
+                Error::RuntimeUnavailable(format!(
+                    "cannot start a relay from {client_host} to {server_host} on {listen}: {e}"
+                ))
+            })
+    }
+
     /// The links as configured now, with what the last probe of each measured.
     pub fn reports(&self) -> BTreeMap<String, LinkReport> {
         self.reports.lock().expect("links lock").clone()
@@ -214,24 +304,24 @@ impl Links {
 
     /// Bytes each link has carried so far.
     pub fn traffic(&self) -> BTreeMap<String, Traffic> {
-        self.relays
+        self.states
             .iter()
-            .map(|(h, r)| (h.clone(), r.traffic()))
+            .map(|(h, l)| (h.clone(), l.traffic()))
             .collect()
     }
 
-    /// Starts or ends an outage of `host`'s link.
-    pub fn set_outage(&self, host: &str, down: bool) -> Result<()> {
-        self.relay(host)?.set_outage(down);
+    /// Starts or ends an outage of a link (a host's, or `a<->b`).
+    pub fn set_outage(&self, name: &str, down: bool) -> Result<()> {
+        self.link(name)?.set_outage(down);
         Ok(())
     }
 
-    /// Gives `host`'s link new figures (open connections included), then probes it. Blocks
-    /// for the probe (a second or so).
-    pub fn set_spec(&self, host: &str, spec: LinkSpec) -> Result<()> {
-        spec.validate(host)?;
-        self.relay(host)?.set_spec(spec.clone());
-        self.probe(host, &spec)
+    /// Gives a link new figures (open connections included), then probes it. Blocks for the
+    /// probe (a second or so).
+    pub fn set_spec(&self, name: &str, spec: LinkSpec) -> Result<()> {
+        spec.validate(name)?;
+        self.link(name)?.set_spec(spec.clone());
+        self.probe(name, &spec)
     }
 
     pub fn stop(&self) {
@@ -370,17 +460,18 @@ mod tests {
         let relay = Relay::start(spec, SocketAddr::new(ip, 0), server.addr(), 1).unwrap();
         let mut s = std::net::TcpStream::connect(relay.addr()).unwrap();
         s.write_all(b"P").unwrap();
-        relay.set_outage(true);
+        let link = relay.link().unwrap();
+        link.set_outage(true);
         s.write_all(b"x").unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
             .unwrap();
         let mut b = [0u8; 1];
         assert!(s.read_exact(&mut b).is_err(), "nothing crosses an outage");
-        relay.set_outage(false);
+        link.set_outage(false);
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"x");
-        assert_eq!(relay.traffic().up, 2);
+        assert_eq!(link.traffic().up, 2);
     }
 }

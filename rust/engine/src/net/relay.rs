@@ -1,6 +1,8 @@
-//! One host's link as a TCP relay: the host's clients connect to the relay, which connects
-//! to the upstream (the broker) and forwards each direction through a [`Shaper`]: bandwidth,
-//! one-way delay and jitter, and an outage that holds every byte until it ends.
+//! Links as TCP relays: a host's clients connect to the relay, which connects to the upstream
+//! (the broker, or another host for a direct transfer) and forwards each direction through a
+//! [`Shaper`] per link crossed ([`Hop`]): bandwidth, one-way delay and jitter, and an outage
+//! that holds every byte until it ends. A link's state ([`LinkState`]) is shared by every
+//! relay that crosses it.
 //!
 //! Blocking threads, not tokio tasks: tokio's timers have 1 ms granularity, which would add up
 //! to a millisecond to every delay; a thread's sleep is precise to tens of microseconds. A
@@ -16,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long connecting to the upstream may take before the client is turned away.
@@ -37,51 +39,155 @@ pub struct Traffic {
     pub down: u64,
 }
 
-struct Shared {
+/// One link's state, shared by every relay whose path crosses it: its figures, its outage,
+/// its byte counters, and the one bottleneck queue per direction that all of them share.
+pub struct LinkState {
     /// Read by every connection before each read: a change applies to what is sent next.
     spec: Mutex<LinkSpec>,
-    upstream: SocketAddr,
-    epoch: Instant,
-    seed: u64,
     outage: AtomicBool,
-    stopping: AtomicBool,
     up: AtomicU64,
     down: AtomicU64,
-    /// When each direction (up, down) has serialized what was scheduled on it: the one
-    /// bottleneck queue every connection of the link shares.
+    /// When each direction (up, down) has serialized what was scheduled on it, as an offset
+    /// from [`epoch`].
     link_free: [Mutex<Duration>; 2],
+}
+
+impl LinkState {
+    pub fn new(spec: LinkSpec) -> Arc<LinkState> {
+        Arc::new(LinkState {
+            spec: Mutex::new(spec),
+            outage: AtomicBool::new(false),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            link_free: [Mutex::new(Duration::ZERO), Mutex::new(Duration::ZERO)],
+        })
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The link's figures from now on, for open connections too.
+    pub fn set_spec(&self, spec: LinkSpec) {
+        *self.spec.lock().expect("link lock") = spec;
+    }
+
+    pub fn spec(&self) -> LinkSpec {
+        self.spec.lock().expect("link lock").clone()
+    }
+
+    /// Starts (true) or ends (false) an outage: while it lasts nothing crosses the link in
+    /// either direction, and what was sent waits (connections stay open).
+    pub fn set_outage(&self, down: bool) {
+        self.outage.store(down, Ordering::SeqCst);
+    }
+
+    pub fn in_outage(&self) -> bool {
+        self.outage.load(Ordering::SeqCst)
+    }
+}
+
+/// One link a relay's path crosses, and which way: `up` when the relay's clients send towards
+/// the link's upstream end (a host's link: towards the broker).
+#[derive(Clone)]
+pub struct Hop {
+    pub link: Arc<LinkState>,
+    pub up: bool,
+}
+
+/// The instant every schedule counts from: one for the process, so that links shared by
+/// several relays (a host's link, crossed by its broker relay and by a direct transfer's) keep
+/// one timeline.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn elapsed() -> Duration {
+    epoch().elapsed()
+}
+
+struct Shared {
+    /// The links from the clients towards the upstream, in that order; the other direction
+    /// crosses them backwards.
+    hops: Vec<Hop>,
+    upstream: SocketAddr,
+    seed: u64,
+    stopping: AtomicBool,
     /// Both sockets of every open connection, to cut them when the relay stops.
     conns: Mutex<HashMap<u64, [TcpStream; 2]>>,
     next_conn: AtomicU64,
 }
 
+impl Shared {
+    /// The hops of one direction (`up`: from the clients towards the upstream), in the order
+    /// data crosses them, each with the direction it is crossed in.
+    fn path(&self, up: bool) -> Vec<Hop> {
+        if up {
+            self.hops.clone()
+        } else {
+            self.hops
+                .iter()
+                .rev()
+                .map(|h| Hop {
+                    link: h.link.clone(),
+                    up: !h.up,
+                })
+                .collect()
+        }
+    }
+
+    fn in_outage(&self) -> bool {
+        self.hops.iter().any(|h| h.link.in_outage())
+    }
+}
+
 /// A running relay; [`Relay::stop`] (or dropping it) closes the listener and every connection.
 pub struct Relay {
     addr: SocketAddr,
+    /// The link of a relay started with [`Relay::start`].
+    own: Option<Arc<LinkState>>,
     shared: Arc<Shared>,
 }
 
 impl Relay {
     /// Listens on `listen` (port 0: any free one) and relays every connection to `upstream`
-    /// through `spec`; `seed` makes the jitter reproducible.
+    /// through a link of its own with `spec`; `seed` makes the jitter reproducible.
     pub fn start(
         spec: LinkSpec,
         listen: SocketAddr,
         upstream: SocketAddr,
         seed: u64,
     ) -> std::io::Result<Relay> {
+        let link = LinkState::new(spec);
+        let hop = Hop {
+            link: link.clone(),
+            up: true,
+        };
+        let mut relay = Relay::through(vec![hop], listen, upstream, seed)?;
+        relay.own = Some(link);
+        Ok(relay)
+    }
+
+    /// Listens on `listen` and relays every connection to `upstream` across `hops` (links that
+    /// other relays may cross too: they share each one's bandwidth and outages).
+    pub fn through(
+        hops: Vec<Hop>,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        seed: u64,
+    ) -> std::io::Result<Relay> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
+        epoch();
         let shared = Arc::new(Shared {
-            spec: Mutex::new(spec),
+            hops,
             upstream,
-            epoch: Instant::now(),
             seed,
-            outage: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-            link_free: [Mutex::new(Duration::ZERO), Mutex::new(Duration::ZERO)],
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
         });
@@ -89,7 +195,11 @@ impl Relay {
         std::thread::Builder::new()
             .name("ms2m-link".into())
             .spawn(move || accept_loop(listener, s))?;
-        Ok(Relay { addr, shared })
+        Ok(Relay {
+            addr,
+            own: None,
+            shared,
+        })
     }
 
     /// Where the host's clients connect.
@@ -97,30 +207,9 @@ impl Relay {
         self.addr
     }
 
-    pub fn traffic(&self) -> Traffic {
-        Traffic {
-            up: self.shared.up.load(Ordering::Relaxed),
-            down: self.shared.down.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The link's figures from now on, for open connections too.
-    pub fn set_spec(&self, spec: LinkSpec) {
-        *self.shared.spec.lock().expect("relay lock") = spec;
-    }
-
-    pub fn spec(&self) -> LinkSpec {
-        self.shared.spec.lock().expect("relay lock").clone()
-    }
-
-    /// Starts (true) or ends (false) an outage: while it lasts nothing crosses the link in
-    /// either direction, and what was sent waits (connections stay open).
-    pub fn set_outage(&self, down: bool) {
-        self.shared.outage.store(down, Ordering::SeqCst);
-    }
-
-    pub fn in_outage(&self) -> bool {
-        self.shared.outage.load(Ordering::SeqCst)
+    /// The link of a relay started with [`Relay::start`].
+    pub fn link(&self) -> Option<&Arc<LinkState>> {
+        self.own.as_ref()
     }
 
     /// Closes the listener and cuts every connection.
@@ -193,8 +282,18 @@ fn relay(shared: &Arc<Shared>, client: TcpStream, upstream: TcpStream) -> std::i
         (true, client.try_clone()?, upstream.try_clone()?),
         (false, upstream, client),
     ] {
-        let shaper = shaper_of(&shared.spec.lock().expect("relay lock"), up);
-        let capacity = (shaper.queue_bytes() / shaper.piece()).max(4);
+        let path = shared.path(up);
+        let shapers: Vec<Shaper> = path
+            .iter()
+            .map(|h| shaper_of(&h.link.spec.lock().expect("link lock"), h.up))
+            .collect();
+        // Bounded by the narrowest hop's queue.
+        let capacity = shapers
+            .iter()
+            .map(|s| s.queue_bytes() / s.piece())
+            .min()
+            .unwrap_or(usize::MAX)
+            .max(4);
         let (tx, rx) = sync_channel(capacity);
         let rng = StdRng::seed_from_u64(shared.seed ^ (id << 1 | u64::from(up)));
         let (s, w) = (shared.clone(), shared.clone());
@@ -202,7 +301,7 @@ fn relay(shared: &Arc<Shared>, client: TcpStream, upstream: TcpStream) -> std::i
         let open = open.clone();
         std::thread::Builder::new()
             .name("ms2m-link-rd".into())
-            .spawn(move || read_side(&s, up, from, shaper, rng, tx))?;
+            .spawn(move || read_side(&s, path, from, shapers, rng, tx))?;
         std::thread::Builder::new()
             .name("ms2m-link-wr".into())
             .spawn(move || {
@@ -232,21 +331,25 @@ fn figures(spec: &LinkSpec, up: bool) -> (Option<f64>, Duration, Duration) {
 }
 
 fn hold_while_outage(shared: &Shared) {
-    while shared.outage.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
+    while shared.in_outage() && !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(OUTAGE_POLL);
     }
 }
 
-/// Reads one direction, cuts it into pieces and schedules each; ends at end of stream.
+/// Reads one direction, cuts it into pieces and schedules each across every hop of `path`;
+/// ends at end of stream.
+///
+/// A piece reserves each hop's bottleneck from when it reaches that hop, so a later hop may be
+/// reserved a little ahead of time: traffic that enters there meanwhile waits behind it, which
+/// errs on the slow side by at most the earlier hops' delay.
 fn read_side(
     shared: &Shared,
-    up: bool,
+    path: Vec<Hop>,
     mut from: TcpStream,
-    mut shaper: Shaper,
+    mut shapers: Vec<Shaper>,
     mut rng: StdRng,
     tx: SyncSender<(Duration, Vec<u8>)>,
 ) {
-    let counter = if up { &shared.up } else { &shared.down };
     let mut buf = vec![0u8; super::shaper::CHUNK];
     loop {
         let n = match from.read(&mut buf) {
@@ -255,21 +358,31 @@ fn read_side(
         };
         // Data that arrives during an outage is scheduled once the link is back, at its rate.
         hold_while_outage(shared);
-        {
-            let (mbit, delay, jitter) = figures(&shared.spec.lock().expect("relay lock"), up);
+        for (hop, shaper) in path.iter().zip(shapers.iter_mut()) {
+            let (mbit, delay, jitter) = figures(&hop.link.spec.lock().expect("link lock"), hop.up);
             shaper.reconfigure(mbit, delay, jitter);
         }
-        let link_free = &shared.link_free[usize::from(!up)];
-        for piece in buf[..n].chunks(shaper.piece()) {
-            let at = {
-                let mut free = link_free.lock().expect("relay lock");
-                shaper.departure(&mut free, shared.epoch.elapsed(), piece.len(), rng.random())
-            };
+        let piece_len = shapers
+            .iter()
+            .map(Shaper::piece)
+            .min()
+            .unwrap_or(super::shaper::CHUNK);
+        for piece in buf[..n].chunks(piece_len) {
+            let mut at = elapsed();
+            for (hop, shaper) in path.iter().zip(shapers.iter_mut()) {
+                let mut free = hop.link.link_free[usize::from(!hop.up)]
+                    .lock()
+                    .expect("link lock");
+                at = shaper.departure(&mut free, at, piece.len(), rng.random());
+            }
             if tx.send((at, piece.to_vec())).is_err() {
                 return;
             }
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        for hop in &path {
+            let counter = if hop.up { &hop.link.up } else { &hop.link.down };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -279,13 +392,13 @@ fn write_side(shared: &Shared, mut to: TcpStream, rx: Receiver<(Duration, Vec<u8
     let mut next = None;
     let mut batch = Vec::new();
     while let Some((at, piece)) = next.take().or_else(|| rx.recv().ok()) {
-        if let Some(wait) = at.checked_sub(shared.epoch.elapsed()) {
+        if let Some(wait) = at.checked_sub(elapsed()) {
             std::thread::sleep(wait);
         }
         hold_while_outage(shared);
         batch.clear();
         batch.extend_from_slice(&piece);
-        let now = shared.epoch.elapsed();
+        let now = elapsed();
         while batch.len() < super::shaper::CHUNK {
             match rx.try_recv() {
                 Ok((at, piece)) if at <= now => batch.extend_from_slice(&piece),

@@ -271,6 +271,35 @@ impl DockerRuntime {
             })
     }
 
+    /// An instance's address on the testbed network, where this machine and the other
+    /// containers reach it.
+    pub async fn instance_address(&self, instance: &str) -> Result<std::net::IpAddr> {
+        let id = match self.instances.lock().await.get(instance) {
+            Some(c) => c.id().to_string(),
+            None => {
+                return Err(Error::RuntimeUnavailable(format!(
+                    "instance {instance} is not running"
+                )))
+            }
+        };
+        let info = daemon()
+            .await?
+            .inspect_container(&id, None::<qp::InspectContainerOptions>)
+            .await
+            .map_err(|e| Error::docker(format!("inspecting {instance}"), e))?;
+        info.network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(&self.network))
+            .and_then(|e| e.ip_address)
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| {
+                Error::RuntimeUnavailable(format!(
+                    "instance {instance} has no address on network {}",
+                    self.network
+                ))
+            })
+    }
+
     fn labels(&self, role: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
         let mut l = HashMap::from([
             (LABEL_TESTBED.to_string(), self.testbed_id.clone()),

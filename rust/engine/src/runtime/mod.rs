@@ -93,6 +93,23 @@ impl Runtime {
         }
     }
 
+    /// Where an instance listens for a direct checkpoint transfer (port 0: any free one):
+    /// every address of its container, or loopback for a local process.
+    pub fn serve_listen(&self) -> &'static str {
+        match self {
+            Runtime::Docker(_) => "0.0.0.0:0",
+            Runtime::Local(_) => "127.0.0.1:0",
+        }
+    }
+
+    /// Where this machine and the other instances reach an instance.
+    pub async fn instance_address(&self, instance: &str) -> Result<std::net::IpAddr> {
+        match self {
+            Runtime::Docker(d) => d.instance_address(instance).await,
+            Runtime::Local(_) => Ok(std::net::Ipv4Addr::LOCALHOST.into()),
+        }
+    }
+
     /// Kills an instance's process at once (SIGKILL), as a crash would.
     pub async fn kill_instance(&self, instance: &str) -> Result<()> {
         match self {

@@ -13,7 +13,7 @@ mod options;
 mod stop_and_copy;
 mod timeline;
 
-pub use options::{Fault, MigrationOptions, Role, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+pub use options::{Fault, MigrationOptions, Role, Transfer, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 pub use timeline::{Phase, PhaseName, Timeline};
 
 use crate::broker::{Answer, Link, Sent};
@@ -135,21 +135,57 @@ pub struct CutoffReport {
 }
 
 /// How the checkpoint travelled: written by the source to its queue in chunks, then fetched
-/// by the target. Times are the instances' own (host clock).
+/// by the target; or (direct) read by the target from the source. Times are the instances'
+/// own (host clock).
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CheckpointStats {
+    pub transfer: Transfer,
+    /// Each stretch the bytes crossed, in order: source host to broker to target host, or
+    /// (direct) source host to target host.
+    pub hops: Vec<HopStats>,
     pub bytes: u64,
     pub chunks: u32,
     /// The largest chunk asked for (`chunk_bytes`).
     pub chunk_bytes: u32,
     /// SHA-256 of the snapshot, checked by the target.
     pub sha256: String,
-    /// From the source taking the snapshot to the broker confirming its last chunk, ms.
+    /// From the source taking the snapshot to the broker confirming its last chunk (direct:
+    /// to serving it), ms.
     pub write_ms: f64,
     pub write_mib_s: f64,
     /// From the target asking for the first chunk to holding all of them, checked, ms.
     pub fetch_ms: Option<f64>,
     pub fetch_mib_s: Option<f64>,
+}
+
+/// One stretch of a checkpoint's way: `from` and `to` are hosts, or `broker`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+pub struct HopStats {
+    pub from: String,
+    pub to: String,
+    pub bytes: u64,
+    /// How long the bytes took over this stretch, ms (None: not crossed, the migration ended
+    /// before).
+    pub ms: Option<f64>,
+    /// Payload throughput over it, Mbit/s.
+    pub mbit_s: Option<f64>,
+}
+
+impl HopStats {
+    fn new(from: &str, to: &str, bytes: u64) -> Self {
+        HopStats {
+            from: from.into(),
+            to: to.into(),
+            bytes,
+            ms: None,
+            mbit_s: None,
+        }
+    }
+
+    fn took(&mut self, ms: f64) {
+        self.ms = Some(ms);
+        self.mbit_s = Some(mib_s(self.bytes, ms) * (1 << 20) as f64 * 8.0 / 1e6);
+    }
 }
 
 /// MiB per second of `bytes` moved in `ms` milliseconds (0 for no time).
@@ -395,20 +431,27 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Declares the migration's checkpoint queue (rollback deletes it) and says how to
-    /// stream to it.
+    /// Says how to stream the checkpoint: to the migration's checkpoint queue, declared here
+    /// (rollback deletes it), or served by the source for a direct transfer.
     pub async fn checkpoint_stream(&mut self) -> Result<StreamTo> {
         let queue = names::checkpoint_queue(&self.spec.name, &self.migration_id);
-        self.link.declare_queue(&queue).await?;
-        self.checkpoint_queue = Some(queue.clone());
+        let listen = match self.opts.transfer {
+            Transfer::Direct => Some(self.runtime.serve_listen().to_string()),
+            Transfer::Broker => {
+                self.link.declare_queue(&queue).await?;
+                self.checkpoint_queue = Some(queue.clone());
+                None
+            }
+        };
         Ok(StreamTo {
             queue,
             chunk_bytes: self.opts.chunk_bytes,
+            listen,
         })
     }
 
-    /// Asks the source for a snapshot streamed to the checkpoint queue (the source need not
-    /// serve: no barrier), and records it.
+    /// Asks the source for a snapshot streamed as [`Ctx::checkpoint_stream`] says (the source
+    /// need not serve: no barrier), and records it.
     pub async fn snapshot_source(&mut self) -> Result<Checkpoint> {
         let stream = self.checkpoint_stream().await?;
         let source = self.source.clone();
@@ -428,8 +471,19 @@ impl<'a> Ctx<'a> {
             )));
         };
         let write_ms = span_ms(reply.t_begin_ns, reply.t_ns);
+        let (source, target) = (self.source_host.as_str(), self.target_host.as_str());
+        let hops = match self.opts.transfer {
+            Transfer::Broker => {
+                let mut up = HopStats::new(source, "broker", cp.bytes);
+                up.took(write_ms);
+                vec![up, HopStats::new("broker", target, cp.bytes)]
+            }
+            Transfer::Direct => vec![HopStats::new(source, target, cp.bytes)],
+        };
         self.outcome.checkpoint_bytes = cp.bytes;
         self.outcome.checkpoint = Some(CheckpointStats {
+            transfer: self.opts.transfer,
+            hops,
             bytes: cp.bytes,
             chunks: cp.chunks,
             chunk_bytes: self.opts.chunk_bytes,
@@ -442,16 +496,38 @@ impl<'a> Ctx<'a> {
         Ok(cp)
     }
 
-    /// The target fetches the checkpoint from its queue (all chunks, checked).
-    pub async fn fetch(&mut self, checkpoint: Checkpoint) -> Result<()> {
+    /// The target fetches the checkpoint (all chunks, checked): from its queue, or from the
+    /// source across the link between their hosts.
+    pub async fn fetch(&mut self, mut checkpoint: Checkpoint) -> Result<()> {
         let target = self.target.clone();
+        // Lives until the fetch is answered: it carries the transfer.
+        let mut relay = None;
+        if let Some(served) = &checkpoint.addr {
+            let port = served
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| {
+                    self.failed(format!(
+                        "the source served its checkpoint on {served:?}: {e}"
+                    ))
+                })?
+                .port();
+            let at =
+                std::net::SocketAddr::new(self.runtime.instance_address(&self.source).await?, port);
+            relay = self.links.path(&self.target_host, &self.source_host, at)?;
+            let reach = relay.as_ref().map_or(at, |r| r.addr());
+            checkpoint.addr = Some(reach.to_string());
+        }
         let (fetched, _) = self
             .command(&target, Command::Fetch(checkpoint), &[])
             .await?;
+        drop(relay);
         if let Some(stats) = self.outcome.checkpoint.as_mut() {
             let ms = span_ms(fetched.t_begin_ns, fetched.t_ns);
             stats.fetch_ms = Some(ms);
             stats.fetch_mib_s = Some(mib_s(stats.bytes, ms));
+            if let Some(last) = stats.hops.last_mut() {
+                last.took(ms);
+            }
         }
         Ok(())
     }

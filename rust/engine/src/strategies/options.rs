@@ -31,6 +31,30 @@ pub struct Fault {
     pub outage_s: Option<f64>,
 }
 
+/// How the checkpoint goes from the source's host to the target's.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Transfer {
+    /// Through the broker: the source writes chunks to a queue, the target reads them (two
+    /// hops: the source host's link, then the target host's).
+    #[default]
+    Broker,
+    /// From host to host, as the paper's rsync: the target reads the chunks from the source
+    /// over TCP, across the link between the two hosts.
+    Direct,
+}
+
+impl Transfer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transfer::Broker => "broker",
+            Transfer::Direct => "direct",
+        }
+    }
+}
+
 /// Knobs of one migration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default)]
@@ -50,6 +74,8 @@ pub struct MigrationOptions {
     pub fault: Option<Fault>,
     /// Largest chunk a checkpoint is streamed in, bytes (see [`MAX_CHUNK_BYTES`]).
     pub chunk_bytes: u32,
+    /// How the checkpoint travels.
+    pub transfer: Transfer,
 }
 
 /// The largest chunk: far below the broker's 128 MiB message limit, and small enough that
@@ -68,6 +94,7 @@ impl Default for MigrationOptions {
             replay_max_s: 2.0,
             fault: None,
             chunk_bytes: 8 << 20,
+            transfer: Transfer::Broker,
         }
     }
 }

@@ -509,6 +509,7 @@ fn checkpoint_of(snapshot: &[u8]) -> Checkpoint {
         bytes: snapshot.len() as u64,
         chunks: 1,
         sha256: "ab".into(),
+        addr: None,
     }
 }
 
@@ -599,6 +600,7 @@ fn a_barrier_with_a_stream_says_where_to_stream() {
     let stream = StreamTo {
         queue: "svc.ckpt.m1".into(),
         chunk_bytes: 1 << 20,
+        listen: None,
     };
     let barrier = Input::Barrier {
         id: "b".into(),
