@@ -410,7 +410,17 @@ async fn target_killed_in_the_middle_of_a_chunked_transfer(tb: &Testbed) -> Resu
                 chunk_bytes: 1 << 20,
                 ..opts()
             };
-            assert_rolled_back_with(tb, &name, Strategy::Ms2m, fault, o).await
+            assert_rolled_back_with(tb, &name, Strategy::Ms2m, fault.clone(), o.clone()).await?;
+            // The same, read directly from the source (back on edge-1 first): its server gives
+            // up on the dead reader, and the next checkpoint replaces the one never fetched.
+            clean(&tb.migrate(&name, "edge-1", Strategy::Ms2m, opts()).await?)?;
+            let direct = MigrationOptions {
+                transfer: Transfer::Direct,
+                ..o
+            };
+            assert_rolled_back_with(tb, &name, Strategy::Ms2m, fault, direct)
+                .await
+                .context("direct transfer")
         },
     )
     .await

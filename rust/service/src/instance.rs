@@ -37,6 +37,9 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a source serves a checkpoint for a direct transfer that nobody fetches: a
 /// migration that gave up must not leave the snapshot's copy in memory for good.
 const SERVE_IDLE: Duration = Duration::from_secs(600);
+
+/// The task serving the last checkpoint taken for a direct transfer, if it still runs.
+static SERVING: std::sync::Mutex<Option<tokio::task::AbortHandle>> = std::sync::Mutex::new(None);
 /// A replay consumer prefetches at least what it processes in this long, up to
 /// [`REPLAY_PREFETCH_MAX`]: with a live-sized prefetch a fast target would wait for a broker
 /// round trip every few messages and replay no faster than it serves. Not more: the manager
@@ -168,7 +171,7 @@ async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Res
     let total = snapshot.len() as u64;
     let chunk_bytes = to.chunk_bytes;
     let chunks = ChunkHeader::split(total, chunk_bytes).count() as u32;
-    tokio::spawn(async move {
+    let serving = tokio::spawn(async move {
         loop {
             let accepted = tokio::time::timeout(SERVE_IDLE, listener.accept()).await;
             let Ok(Ok((mut conn, peer))) = accepted else {
@@ -181,6 +184,15 @@ async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Res
             }
         }
     });
+    // A newer checkpoint replaces an older one nobody fetched (a migration rolled back): the
+    // instance never holds more than one snapshot copy besides its state.
+    let older = SERVING
+        .lock()
+        .expect("serving lock")
+        .replace(serving.abort_handle());
+    if let Some(older) = older {
+        older.abort();
+    }
     Ok(Checkpoint {
         queue: to.queue.clone(),
         bytes: total,
