@@ -151,8 +151,9 @@ class Report:
 
     @property
     def links(self) -> dict[str, LinkReport]:
-        """The shaped hosts' links: configured, how emulated, measured at testbed start
-        (empty: every host reached the broker directly). Reports older than links: empty."""
+        """The shaped hosts' links, and links between two hosts (``a<->b``): configured, how
+        emulated, measured at testbed start (empty: every host reached the broker directly).
+        Reports older than links: empty."""
         return copy.deepcopy(self._d.get("links", {}))
 
     @property
