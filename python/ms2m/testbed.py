@@ -301,13 +301,15 @@ class Testbed:
     def set_link_outage(self, host: str, down: bool) -> None:
         """Starts (``down=True``) or ends an outage of ``host``'s link: while it lasts nothing
         its instances send or are sent crosses (connections stay open, data waits). The host
-        needs a link from the start (any :class:`~ms2m.Link`, even ``Link()``)."""
+        needs a link from the start (any :class:`~ms2m.Link`, even ``Link()``). ``host`` may
+        also name a link between two hosts (``"edge-1<->edge-2"``)."""
         self._native.set_link_outage(host, down)
 
     def set_link(self, host: str, link: Link) -> None:
         """Gives ``host``'s link new figures, for connections already open too (a link that
         degrades mid-run), and probes it again (``links`` has the new figures). The host needs
-        a link from the start (any :class:`~ms2m.Link`, even ``Link()``)."""
+        a link from the start (any :class:`~ms2m.Link`, even ``Link()``); ``host`` may also
+        name a link between two hosts (``"edge-1<->edge-2"``)."""
         self._native.set_link(host, json.dumps(link.to_config()))
 
     @contextmanager

@@ -270,5 +270,7 @@ def test_edge_links_from_python_with_an_outage():
         assert (hop["from"], hop["to"]) == ("edge-2", "cloud")
         assert hop["mbit_s"] is not None and 0 < hop["mbit_s"] <= 40 * 1.05
         assert direct.link_traffic["edge-2<->cloud"]["up_bytes"] >= direct.checkpoint_bytes
+        with tb.outage("edge-2<->cloud"):  # a link between hosts can fail too
+            pass
         with pytest.raises(ms2m.ConfigurationError, match="reaches the broker directly"):
             tb.set_link_outage("cloud", True)

@@ -660,19 +660,27 @@ impl Testbed {
     /// Starts (`down`) or ends an outage of `host`'s link to the broker: while it lasts,
     /// nothing its instances send or are sent crosses; connections stay open.
     pub fn set_link_outage(&self, host: &str, down: bool) -> Result<()> {
-        check_host(&self.cfg, host)?;
+        check_link_name(&self.cfg, host)?;
         self.links.set_outage(host, down)
     }
 
     /// Gives `host`'s link new figures, for open connections too, and probes it again.
     pub async fn set_link(&self, host: &str, spec: net::LinkSpec) -> Result<()> {
-        check_host(&self.cfg, host)?;
+        check_link_name(&self.cfg, host)?;
         let links = self.links.clone();
         let host = host.to_string();
         tokio::task::spawn_blocking(move || links.set_spec(&host, spec))
             .await
             .map_err(|e| Error::RuntimeUnavailable(format!("changing a link: {e}")))?
     }
+}
+
+/// Refuses a name that is neither a host nor a link between two hosts (`a<->b`).
+fn check_link_name(cfg: &TestbedConfig, name: &str) -> Result<()> {
+    if cfg.host_links.iter().any(|l| l.name() == name) {
+        return Ok(());
+    }
+    check_host(cfg, name)
 }
 
 /// Starts the relays of the shaped hosts, where the runtime's instances reach this machine,
