@@ -42,13 +42,18 @@ or directly from host to host (as the paper's rsync)."""
 
 
 class ServiceSpec(TypedDict):
-    """A service to deploy: the reference service's parameters."""
+    """A service to deploy: the reference service's parameters, or (``image`` and/or
+    ``command``) any implementation of the wire contract, which gets them as ``MS2M_*``
+    environment variables besides its own ``env``."""
 
     name: str
     host: str
     processing_ms: float
     state_bytes: int
     prefetch: int
+    image: str | None
+    command: list[str] | None
+    env: dict[str, str]
 
 
 class Step(TypedDict):
@@ -362,9 +367,16 @@ class ObservedState(TypedDict):
     digest: str
 
 
-class StateVerdict(TypedDict):
-    """Whether the final state equals the fold of the confirmed log (``None``: unknown)."""
+StateOracle = Literal["reference", "none"]
+"""What checked the final state: the reference service's fold of the confirmed log, or nothing
+(a service of one's own: only lost, duplicated and reordered messages are checked)."""
 
+
+class StateVerdict(TypedDict):
+    """Whether the final state equals what ``oracle`` expects (``None``: unknown, or no
+    oracle)."""
+
+    oracle: StateOracle
     consistent: bool | None
     observed: ObservedState | None
     expected_digest: str | None

@@ -331,8 +331,13 @@ class Testbed:
         processing_ms: float = 50.0,
         state_bytes: int = 1_000_000,
         prefetch: int = 1,
+        image: str | None = None,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Service:
-        """Deploys the reference service and starts its first instance on ``host``.
+        """Deploys a service and starts its first instance on ``host``: the reference service,
+        or with ``image`` / ``command`` any implementation of the wire contract
+        (``rust/wire/README.md``).
 
         Args:
             name: service name (letters, digits, ``-``, ``_``); prefixes its broker resources.
@@ -340,13 +345,32 @@ class Testbed:
             processing_ms: time spent on each message.
             state_bytes: size of the state payload each message mutates (the checkpoint size).
             prefetch: messages an instance may fetch ahead of processing.
+            image: docker runtime: the image its instances run (it must be on the engine).
+            command: the program and arguments an instance runs (docker: instead of the
+                image's entrypoint; local: instead of ``ms2m-service``).
+            env: more environment variables. Every instance gets the contract's too:
+                ``MS2M_AMQP_URL``, ``MS2M_SERVICE``, ``MS2M_INSTANCE``, ``MS2M_HOST``,
+                ``MS2M_LIVE`` (``1``: serve at once), ``MS2M_PROCESSING_MS``,
+                ``MS2M_STATE_BYTES``, ``MS2M_PREFETCH``. An instance is ready once it prints
+                ``ms2m-service ready``; one that is not within 60 s, or exits, is an error
+                quoting the last lines of its log.
+
+        A service of one's own has no reference model: its reports check lost, duplicated and
+        reordered messages, not the state (``verdict.state.oracle == "none"``).
         """
+        if isinstance(command, str):
+            raise _native.ConfigurationError(
+                f"command is a list of program and arguments, not the string {command!r}"
+            )
         spec = {
             "name": name,
             "host": host,
             "processing_ms": processing_ms,
             "state_bytes": state_bytes,
             "prefetch": prefetch,
+            "image": image,
+            "command": None if command is None else list(command),
+            "env": dict(env or {}),
         }
         _check_ints(state_bytes=state_bytes, prefetch=prefetch)
         return Service._from_json(self._native.deploy(json.dumps(spec)))

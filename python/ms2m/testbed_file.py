@@ -38,7 +38,16 @@ SECTIONS: dict[str, set[str]] = {
         "links",
         "host_links",
     },
-    "service": {"name", "host", "processing_ms", "state_bytes", "prefetch"},
+    "service": {
+        "name",
+        "host",
+        "processing_ms",
+        "state_bytes",
+        "prefetch",
+        "image",
+        "command",
+        "env",
+    },
     "workload": {"rate", "profile", "message_bytes", "seed", "warmup_s"},
     "migration": {
         "to",
@@ -211,6 +220,9 @@ def _run_migrations(
             processing_ms=svc.get("processing_ms", 50.0),
             state_bytes=svc.get("state_bytes", 1_000_000),
             prefetch=svc.get("prefetch", 1),
+            image=svc.get("image"),
+            command=svc.get("command"),
+            env=svc.get("env"),
         )
         try:
             with tb.workload(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -274,3 +275,38 @@ def test_edge_links_from_python_with_an_outage():
             pass
         with pytest.raises(ms2m.ConfigurationError, match="reaches the broker directly"):
             tb.set_link_outage("cloud", True)
+
+
+def test_a_service_of_ones_own_by_image_and_command(testbed: ms2m.Testbed):
+    """Any image or command that keeps the wire contract deploys and migrates (here the
+    reference binary, reading the contract's MS2M_* variables); its state has no oracle. One
+    that is never ready is refused with the wait and its log."""
+    if testbed.runtime == "docker":
+        where = {"image": "ms2m/service:dev"}
+        program = "/usr/local/bin/ms2m-service"
+    else:
+        where = {}
+        program = str(Path(__file__).parents[2] / "target" / "release" / "ms2m-service")
+    svc = testbed.deploy(
+        "own", host="edge-1", processing_ms=2, command=[program], env={"MY_FLAG": "1"}, **where
+    )
+    try:
+        with testbed.workload(svc, rate=20):
+            time.sleep(1)
+            report = testbed.migrate(svc, to="edge-2", strategy="ms2m", settle_s=0.3)
+        assert report.lost == 0 and report.duplicated == 0 and report.reordered == 0
+        assert report.verdict["state"]["oracle"] == "none"
+        assert report.state_consistent is None
+        assert report.to_dict()["service"]["env"] == {"MY_FLAG": "1"}
+    finally:
+        testbed.remove(svc)
+    with pytest.raises(ms2m.RuntimeUnavailable) as e:
+        testbed.deploy(
+            "never-ready",
+            host="edge-1",
+            command=["sh", "-c", "echo 'no config file' >&2; exit 1"],
+            **where,
+        )
+    assert "exited before it was ready" in str(e.value)
+    assert "no config file" in str(e.value)
+    assert testbed.broker_queues() == {}

@@ -679,3 +679,8 @@ def test_a_bad_link_is_refused_before_anything_starts():
     ]:
         with pytest.raises(ms2m.ConfigurationError, match=match):
             ms2m.Testbed(hosts={"edge-1": link}, runtime="local").start()
+
+
+def test_a_command_is_a_list_not_a_string():
+    with pytest.raises(ms2m.ConfigurationError, match="list of program and arguments"):
+        ms2m.Testbed().deploy("x", host="edge-1", command="ms2m-service --live")  # type: ignore[arg-type]

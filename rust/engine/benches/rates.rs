@@ -45,6 +45,9 @@ fn spec(name: String, processing_ms: f64, state_bytes: u64) -> ServiceSpec {
         processing_ms,
         state_bytes,
         prefetch: PREFETCH,
+        image: None,
+        command: None,
+        env: Default::default(),
     }
 }
 

@@ -36,10 +36,27 @@ pub struct ObservedState {
     pub digest: String,
 }
 
+/// What the final state is checked against.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum StateOracle {
+    /// The reference service's state, folded from the confirmed log.
+    #[default]
+    Reference,
+    /// Nothing: a service of one's own (an image or a command) has no reference model; its
+    /// state is not checked, only lost, duplicated and reordered messages are.
+    None,
+}
+
 /// The state verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateVerdict {
-    /// None when no final state was observed (verdict unknown).
+    /// Which oracle checked the state.
+    #[serde(default)]
+    pub oracle: StateOracle,
+    /// None when no final state was observed, or no oracle applies (verdict unknown).
     pub consistent: Option<bool>,
     pub observed: Option<ObservedState>,
     /// Digest of the confirmed log up to the observed `last_seq`.
@@ -82,6 +99,16 @@ impl Verdict {
 
 /// Checks `history` for messages sent up to `t_cut_ns` against the `observed` final state.
 pub fn check(history: &History, t_cut_ns: u64, observed: Option<ObservedState>) -> Verdict {
+    check_with(history, t_cut_ns, observed, StateOracle::Reference)
+}
+
+/// [`check`], the state checked against `oracle`.
+pub fn check_with(
+    history: &History,
+    t_cut_ns: u64,
+    observed: Option<ObservedState>,
+    oracle: StateOracle,
+) -> Verdict {
     let live = history.first_live();
     let mut lost = Finding::default();
     let mut duplicated = Finding::default();
@@ -121,7 +148,15 @@ pub fn check(history: &History, t_cut_ns: u64, observed: Option<ObservedState>) 
         }
         highest = highest.max(e.seq);
     }
-    let state = check_state(history, &live, observed);
+    let state = match oracle {
+        StateOracle::Reference => check_state(history, &live, observed),
+        StateOracle::None => StateVerdict {
+            oracle,
+            consistent: None,
+            observed,
+            expected_digest: None,
+        },
+    };
     let broken =
         lost.count + duplicated.count + reordered.count > 0 || state.consistent == Some(false);
     let result = if broken {
@@ -149,6 +184,7 @@ fn check_state(
 ) -> StateVerdict {
     let Some(obs) = observed else {
         return StateVerdict {
+            oracle: StateOracle::Reference,
             consistent: None,
             observed: None,
             expected_digest: None,
@@ -172,6 +208,7 @@ fn check_state(
     }
     let expected = state.digest();
     StateVerdict {
+        oracle: StateOracle::Reference,
         consistent: Some(expected == obs.digest),
         observed: Some(obs),
         expected_digest: Some(expected),

@@ -233,7 +233,8 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// A service to deploy: the reference service's parameters.
+/// A service to deploy: the reference service's parameters, or any implementation of the wire
+/// contract (`image` and/or `command`), which gets them as `MS2M_*` environment variables.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ServiceSpec {
     pub name: String,
@@ -244,6 +245,16 @@ pub struct ServiceSpec {
     pub state_bytes: u64,
     /// Messages an instance may fetch ahead of processing.
     pub prefetch: u16,
+    /// docker runtime: the image its instances run (default: the testbed's service image).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The program and its arguments an instance runs (docker: instead of the image's
+    /// entrypoint; local: instead of `ms2m-service`).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// More environment variables for every instance (`MS2M_*` ones are the contract's).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl ServiceSpec {
@@ -259,7 +270,35 @@ impl ServiceSpec {
         if self.prefetch == 0 {
             return refuse("prefetch must be at least 1");
         }
+        if self.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
+            return refuse("image must name an image (leave it out for the reference service)");
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.first().is_none_or(|p| p.trim().is_empty()) {
+                return refuse("command needs a program: [\"program\", \"arg\", ...]");
+            }
+        }
+        if self.image.is_some() && tb.runtime == RuntimeKind::Local {
+            return refuse(
+                "image needs the docker runtime; on the local runtime give the service a command",
+            );
+        }
+        if let Some(k) = self
+            .env
+            .keys()
+            .find(|k| k.starts_with("MS2M_") || k.is_empty())
+        {
+            return refuse(format!(
+                "env {k:?}: MS2M_* variables are the contract's (set from the service's \
+                 parameters); name yours otherwise"
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the instances run the reference service (whose state the checker can fold).
+    pub fn is_reference(&self) -> bool {
+        self.image.is_none() && self.command.is_none()
     }
 }
 
@@ -284,6 +323,9 @@ mod tests {
             processing_ms: 50.0,
             state_bytes: 1000,
             prefetch: 1,
+            image: None,
+            command: None,
+            env: Default::default(),
         }
     }
 
@@ -350,5 +392,45 @@ mod tests {
         assert!(e.to_string().contains("5.0 GiB"), "{e}");
         assert!(e.to_string().contains("at most 858993459 bytes"), "{e}");
         assert!(available_memory().is_some_and(|m| m > 0));
+    }
+
+    #[test]
+    fn a_service_of_ones_own_is_checked_before_anything_starts() {
+        let local = TestbedConfig {
+            runtime: RuntimeKind::Local,
+            ..TestbedConfig::default()
+        };
+        for (spec, want) in [
+            (
+                ServiceSpec {
+                    command: Some(vec![]),
+                    ..spec()
+                },
+                "command needs a program",
+            ),
+            (
+                ServiceSpec {
+                    env: [("MS2M_LIVE".to_string(), "1".to_string())].into(),
+                    ..spec()
+                },
+                "MS2M_",
+            ),
+            (
+                ServiceSpec {
+                    image: Some("mine:1".into()),
+                    ..spec()
+                },
+                "image needs the docker runtime",
+            ),
+        ] {
+            let e = spec.validate(&local).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let own = ServiceSpec {
+            command: Some(vec!["./my-service".into()]),
+            ..spec()
+        };
+        own.validate(&local).unwrap();
+        assert!(!own.is_reference() && spec().is_reference());
     }
 }

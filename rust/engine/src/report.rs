@@ -203,7 +203,12 @@ impl Report {
             cut_ns,
             ..
         } = run;
-        let verdict = checker::check(history, cut_ns, run.observed);
+        let oracle = if run.service.is_reference() {
+            checker::StateOracle::Reference
+        } else {
+            checker::StateOracle::None
+        };
+        let verdict = checker::check_with(history, cut_ns, run.observed, oracle);
         let baseline = (
             t_start
                 .saturating_sub(t_end - t_start)

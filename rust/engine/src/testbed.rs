@@ -262,6 +262,8 @@ impl Testbed {
             .await
         {
             recorder.stop().await;
+            // Nothing of a service that never served stays on the broker.
+            let _ = self.delete_broker_resources(&spec.name, &instance).await;
             return Err(e);
         }
         let d = Deployed {
@@ -585,8 +587,16 @@ impl Testbed {
             .await;
         self.runtime.remove_instance(&instance).await?;
         d.recorder.stop().await;
+        self.delete_broker_resources(service, &instance).await?;
+        drop(d);
+        self.services.lock().await.remove(service);
+        Ok(())
+    }
+
+    /// Deletes a service's queues (its instance's control queue among them) and exchanges.
+    async fn delete_broker_resources(&self, service: &str, instance: &str) -> Result<()> {
         for q in [
-            names::control_queue(service, &instance),
+            names::control_queue(service, instance),
             names::primary_queue(service),
             names::events_queue(service),
         ] {
@@ -598,8 +608,6 @@ impl Testbed {
         ] {
             self.link.delete_exchange(&ex).await?;
         }
-        drop(d);
-        self.services.lock().await.remove(service);
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! Pass words as arguments to run only the cases (or runtimes) whose names contain one of them.
 
 use anyhow::{bail, ensure, Context, Result};
-use ms2m_engine::checker::CheckResult;
+use ms2m_engine::checker::{CheckResult, StateOracle};
 use ms2m_engine::config::RuntimeKind;
 use ms2m_engine::net::{HostLink, LinkSpec};
 use ms2m_engine::report::MigrationStatus;
@@ -59,6 +59,7 @@ fn main() {
                 source_killed_during_replay_is_reported,
                 checker_catches_a_migration_without_barrier,
                 links_carry_every_strategy_and_an_outage_holds_messages,
+                a_service_of_ones_own_is_deployed_by_image_or_command,
             ],
         ),
         (
@@ -74,6 +75,7 @@ fn main() {
                 large_state_of_200_mib_with_every_strategy,
                 external_broker_is_used_and_left_clean,
                 links_carry_every_strategy_and_an_outage_holds_messages,
+                a_service_of_ones_own_is_deployed_by_image_or_command,
             ],
         ),
     ];
@@ -176,6 +178,9 @@ fn spec(name: &str, state_bytes: u64) -> ServiceSpec {
         processing_ms: 50.0,
         state_bytes,
         prefetch: 1,
+        image: None,
+        command: None,
+        env: Default::default(),
     }
 }
 
@@ -1004,4 +1009,68 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
     let closed = shaped.close().await;
     result?;
     Ok(closed?)
+}
+
+/// A service of one's own, deployed by image and command (here the reference binary, which
+/// takes the contract's `MS2M_*` variables), migrates without loss or duplicates; its state has
+/// no oracle. One that never gets ready is refused with the wait it failed and its log, and
+/// leaves nothing behind.
+async fn a_service_of_ones_own_is_deployed_by_image_or_command(tb: &Testbed) -> Result<()> {
+    let (image, program) = match tb.runtime() {
+        RuntimeKind::Docker => (
+            Some("ms2m/service:dev".to_string()),
+            "/usr/local/bin/ms2m-service".to_string(),
+        ),
+        _ => (
+            None,
+            ms2m_engine::runtime::local::service_binary(&TestbedConfig::default())?
+                .display()
+                .to_string(),
+        ),
+    };
+    let own = ServiceSpec {
+        image: image.clone(),
+        command: Some(vec![program]),
+        env: [("MY_SETTING".to_string(), "1".to_string())].into(),
+        ..spec("own", 10_000)
+    };
+    with_service(tb, own, 10.0, |name| async move {
+        for (to, strategy) in [("edge-2", Strategy::Ms2m), ("cloud", Strategy::StopAndCopy)] {
+            let r = tb.migrate(&name, to, strategy, opts()).await?;
+            ensure!(r.migration.status == MigrationStatus::Completed);
+            let v = &r.verdict;
+            ensure!(
+                v.lost.count == 0 && v.duplicated.count == 0 && v.reordered.count == 0,
+                "{v:?}"
+            );
+            ensure!(
+                v.state.oracle == StateOracle::None && v.state.consistent.is_none(),
+                "{:?}",
+                v.state
+            );
+            ensure!(r.service.command.is_some() && r.leftovers.is_empty());
+        }
+        Ok(())
+    })
+    .await?;
+    let broken = ServiceSpec {
+        image,
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo starting; echo 'cannot reach my database' >&2; exit 3".into(),
+        ]),
+        ..spec("broken", 10_000)
+    };
+    let err = tb.deploy(broken).await.unwrap_err();
+    let text = err.to_string();
+    ensure!(
+        text.contains("exited before it was ready")
+            && text.contains("cannot reach my database")
+            && text.contains("ms2m-service ready"),
+        "{text}"
+    );
+    let left = tb.broker_queues().await?;
+    ensure!(left.is_empty(), "queues left: {left:?}");
+    Ok(())
 }

@@ -6,7 +6,7 @@
 //! [`DockerRuntime::shutdown`]; testcontainers' `Drop` is the backstop. Set
 //! `TESTCONTAINERS_COMMAND=keep` to keep the containers for debugging.
 
-use super::{api_shim, BrokerEndpoint};
+use super::{api_shim, BrokerEndpoint, Launch};
 use crate::config::{ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -15,6 +15,7 @@ use testcontainers::bollard::{self, query_parameters as qp, Docker};
 use testcontainers::core::{ExecCommand, IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Mutex, OnceCell};
 
 const LABEL_TESTBED: &str = "ms2m.testbed";
@@ -114,6 +115,26 @@ async fn require_image(docker: &Docker, image: &str) -> Result<()> {
              MS2M_SERVICE_IMAGE at images you have"
         ))
     })
+}
+
+/// What an instance prints once it consumes its control queue (the contract's readiness).
+const READY_LINE: &str = "ms2m-service ready";
+const INSTANCE_STARTUP: Duration = Duration::from_secs(60);
+
+/// The last lines a container printed (stdout and stderr).
+async fn log_tail(container: &ContainerAsync<GenericImage>) -> String {
+    let mut text =
+        String::from_utf8_lossy(&container.stdout_to_vec().await.unwrap_or_default()).into_owned();
+    text.push_str(&String::from_utf8_lossy(
+        &container.stderr_to_vec().await.unwrap_or_default(),
+    ));
+    let lines: Vec<&str> = text.lines().rev().take(12).collect();
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail.join("\n")
+    }
 }
 
 fn generic(image: &str) -> GenericImage {
@@ -318,14 +339,22 @@ impl DockerRuntime {
         spec: &ServiceSpec,
         instance: &str,
         host: &str,
-        args: Vec<String>,
+        launch: Launch,
     ) -> Result<()> {
+        let image = spec.image.as_deref().unwrap_or(&self.service_image);
+        if spec.image.is_some() {
+            require_image(&daemon().await?, image).await?;
+        }
         // A target starts on "another host": its start-up must not take CPU from the source.
         // Once it is ready it gets the weight of any instance.
-        let shares = (!args.iter().any(|a| a == "--live")).then_some(TARGET_CPU_SHARES);
-        let container = generic(&self.service_image)
-            .with_wait_for(WaitFor::message_on_stdout("ms2m-service ready"))
-            .with_cmd(args)
+        let shares = (!launch.live).then_some(TARGET_CPU_SHARES);
+        let mut command = launch.command;
+        let mut img = generic(image);
+        if launch.custom {
+            img = img.with_entrypoint(&command.remove(0));
+        }
+        let mut request = img
+            .with_cmd(command)
             .with_network(&self.network)
             .with_container_name(format!("ms2m-{}-{instance}", self.testbed_id))
             .with_hostname(host)
@@ -337,19 +366,44 @@ impl DockerRuntime {
                     ("host", host),
                 ],
             ))
-            .with_startup_timeout(Duration::from_secs(60))
             .with_host_config_modifier({
                 let parent = self.cgroup_parent.clone();
                 move |hc| {
                     hc.cgroup_parent = parent.clone();
                     hc.cpu_shares = shares;
                 }
-            })
-            .start()
-            .await
-            .map_err(docker_err(&format!(
-                "starting instance {instance} on {host}"
-            )))?;
+            });
+        for (k, v) in launch.env {
+            request = request.with_env_var(k, v);
+        }
+        let container = request.start().await.map_err(docker_err(&format!(
+            "starting instance {instance} on {host}"
+        )))?;
+        // Waited for here rather than by testcontainers, so that a failure can quote the log.
+        let ready = tokio::time::timeout(INSTANCE_STARTUP, async {
+            let mut lines = container.stdout(true).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(READY_LINE) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if ready != Ok(true) {
+            let why = match ready {
+                Err(_) => format!("was not ready within {} s", INSTANCE_STARTUP.as_secs()),
+                _ => "exited before it was ready".to_string(),
+            };
+            let log = log_tail(&container).await;
+            let _ = container.rm().await;
+            return Err(Error::RuntimeUnavailable(format!(
+                "instance {instance} of {} on {host} ({image}) {why}: the testbed waits for \
+                 {READY_LINE:?} on its stdout (rust/wire/README.md); the last lines of its \
+                 log:\n{log}",
+                spec.name
+            )));
+        }
         let id = container.id().to_string();
         self.instances
             .lock()

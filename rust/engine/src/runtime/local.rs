@@ -257,7 +257,7 @@ impl LocalRuntime {
         spec: &crate::config::ServiceSpec,
         instance: &str,
         host: &str,
-        args: Vec<String>,
+        launch: super::Launch,
     ) -> Result<()> {
         let log_path = self.dir.join(format!("{instance}.log"));
         let mut log = std::fs::File::create(&log_path)
@@ -265,16 +265,23 @@ impl LocalRuntime {
         let err = log
             .try_clone()
             .map_err(io_err("opening the instance log"))?;
-        let mut cmd = Command::new(&self.service_binary);
+        let (program, args) = if launch.custom {
+            let mut c = launch.command;
+            let program = PathBuf::from(c.remove(0));
+            (program, c)
+        } else {
+            (self.service_binary.clone(), launch.command)
+        };
+        let mut cmd = Command::new(&program);
         cmd.args(&args)
-            .env("MS2M_HOST", host)
+            .envs(launch.env)
             .stdout(Stdio::piped())
             .stderr(err);
         self.marks(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             Error::RuntimeUnavailable(format!(
                 "cannot start {} for instance {instance}: {e}",
-                self.service_binary.display()
+                program.display()
             ))
         })?;
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -296,8 +303,10 @@ impl LocalRuntime {
                 _ => "exited before it was ready".to_string(),
             };
             return Err(Error::RuntimeUnavailable(format!(
-                "instance {instance} of {} on {host} {why}; {}",
+                "instance {instance} of {} on {host} ({}) {why}: the testbed waits for \
+                 {READY_LINE:?} on its stdout (rust/wire/README.md); {}",
                 spec.name,
+                program.display(),
                 tail(&log_path)
             )));
         }

@@ -72,10 +72,18 @@ impl Runtime {
         amqp_url: &str,
         live: bool,
     ) -> Result<()> {
-        let args = instance_args(spec, instance, amqp_url, live);
+        let launch = Launch {
+            command: spec
+                .command
+                .clone()
+                .unwrap_or_else(|| instance_args(spec, instance, amqp_url, live)),
+            custom: spec.command.is_some(),
+            env: instance_env(spec, instance, amqp_url, live, host),
+            live,
+        };
         match self {
-            Runtime::Docker(d) => d.start_instance(spec, instance, host, args).await,
-            Runtime::Local(l) => l.start_instance(spec, instance, host, args).await,
+            Runtime::Docker(d) => d.start_instance(spec, instance, host, launch).await,
+            Runtime::Local(l) => l.start_instance(spec, instance, host, launch).await,
         }
     }
 
@@ -237,6 +245,42 @@ async fn resolve(cfg: &TestbedConfig) -> Result<RuntimeKind> {
 }
 
 /// The flags of `ms2m-service` for one instance (see rust/service/src/main.rs).
+/// What an instance runs.
+pub struct Launch {
+    /// The reference service's flags, or (`custom`) the service's own program and arguments.
+    pub command: Vec<String>,
+    pub custom: bool,
+    /// The contract's `MS2M_*` variables, then the service's own.
+    pub env: Vec<(String, String)>,
+    pub live: bool,
+}
+
+/// The contract's environment: the instance's parameters as `MS2M_*` variables (what the
+/// reference service also takes as flags), then the service's own variables.
+fn instance_env(
+    spec: &ServiceSpec,
+    instance: &str,
+    amqp_url: &str,
+    live: bool,
+    host: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("MS2M_AMQP_URL", amqp_url.to_string()),
+        ("MS2M_SERVICE", spec.name.clone()),
+        ("MS2M_INSTANCE", instance.to_string()),
+        ("MS2M_HOST", host.to_string()),
+        ("MS2M_PROCESSING_MS", spec.processing_ms.to_string()),
+        ("MS2M_STATE_BYTES", spec.state_bytes.to_string()),
+        ("MS2M_PREFETCH", spec.prefetch.to_string()),
+        ("MS2M_LIVE", if live { "1" } else { "0" }.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
 fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool) -> Vec<String> {
     let mut args = vec![
         "--amqp-url".to_string(),
