@@ -367,9 +367,11 @@ class ObservedState(TypedDict):
     digest: str
 
 
-StateOracle = Literal["reference", "none"]
-"""What checked the final state: the reference service's fold of the confirmed log, or nothing
-(a service of one's own: only lost, duplicated and reordered messages are checked)."""
+StateOracle = Literal["reference", "twin", "none"]
+"""What checked the final state: the reference service's fold of the confirmed log; for a
+service of one's own, a twin (a fresh instance fed the confirmed log in order, compared by
+digest); or nothing (the twin could not run: only lost, duplicated and reordered messages are
+checked)."""
 
 
 class StateVerdict(TypedDict):

@@ -355,8 +355,10 @@ class Testbed:
                 ``ms2m-service ready``; one that is not within 60 s, or exits, is an error
                 quoting the last lines of its log.
 
-        A service of one's own has no reference model: its reports check lost, duplicated and
-        reordered messages, not the state (``verdict.state.oracle == "none"``).
+        A service of one's own has no reference model: after each migration a twin (a fresh
+        instance of it that never migrated, on the same host) replays the confirmed log in
+        order and its digest must equal the migrated one's (``verdict.state.oracle ==
+        "twin"``).
         """
         if isinstance(command, str):
             raise _native.ConfigurationError(

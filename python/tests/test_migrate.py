@@ -279,8 +279,8 @@ def test_edge_links_from_python_with_an_outage():
 
 def test_a_service_of_ones_own_by_image_and_command(testbed: ms2m.Testbed):
     """Any image or command that keeps the wire contract deploys and migrates (here the
-    reference binary, reading the contract's MS2M_* variables); its state has no oracle. One
-    that is never ready is refused with the wait and its log."""
+    reference binary, reading the contract's MS2M_* variables); a twin that never migrated
+    checks its state. One that is never ready is refused with the wait and its log."""
     if testbed.runtime == "docker":
         where = {"image": "ms2m/service:dev"}
         program = "/usr/local/bin/ms2m-service"
@@ -295,8 +295,8 @@ def test_a_service_of_ones_own_by_image_and_command(testbed: ms2m.Testbed):
             time.sleep(1)
             report = testbed.migrate(svc, to="edge-2", strategy="ms2m", settle_s=0.3)
         assert report.lost == 0 and report.duplicated == 0 and report.reordered == 0
-        assert report.verdict["state"]["oracle"] == "none"
-        assert report.state_consistent is None
+        assert report.verdict["state"]["oracle"] == "twin"
+        assert report.state_consistent is True
         assert report.to_dict()["service"]["env"] == {"MY_FLAG": "1"}
     finally:
         testbed.remove(svc)

@@ -281,6 +281,42 @@ impl Link {
             .await
     }
 
+    /// Publishes `bodies` to `queue` in order, confirmed once at the end (the broker confirms
+    /// in order on one channel).
+    pub async fn publish_to_queue(
+        &self,
+        queue: &str,
+        bodies: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<()> {
+        let mut last = None;
+        for body in bodies {
+            last = Some(
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default(),
+                    )
+                    .rpc(format!("publishing to {queue}"))
+                    .await?,
+            );
+        }
+        if let Some(confirm) = last {
+            if confirm
+                .rpc(format!("confirm of a publish to {queue}"))
+                .await?
+                .is_nack()
+            {
+                return Err(Error::BrokerRefused(format!(
+                    "a message to {queue} was negatively confirmed"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn publish(&self, exchange: &str, key: &str, body: &[u8]) -> Result<()> {
         let confirm = self
             .channel

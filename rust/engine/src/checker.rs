@@ -45,9 +45,19 @@ pub enum StateOracle {
     /// The reference service's state, folded from the confirmed log.
     #[default]
     Reference,
-    /// Nothing: a service of one's own (an image or a command) has no reference model; its
-    /// state is not checked, only lost, duplicated and reordered messages are.
+    /// A twin: a fresh instance of the same service that never migrated, fed the confirmed
+    /// log in order (as a replay), compared by digest (a service of one's own).
+    Twin,
+    /// Nothing: the twin could not be run; only lost, duplicated and reordered messages are
+    /// checked.
     None,
+}
+
+/// What a twin reached after replaying the confirmed log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwinState {
+    pub last_seq: u64,
+    pub digest: String,
 }
 
 /// The state verdict.
@@ -99,15 +109,16 @@ impl Verdict {
 
 /// Checks `history` for messages sent up to `t_cut_ns` against the `observed` final state.
 pub fn check(history: &History, t_cut_ns: u64, observed: Option<ObservedState>) -> Verdict {
-    check_with(history, t_cut_ns, observed, StateOracle::Reference)
+    check_with(history, t_cut_ns, observed, StateOracle::Reference, None)
 }
 
-/// [`check`], the state checked against `oracle`.
+/// [`check`], the state checked against `oracle` (`twin`: what the twin reached).
 pub fn check_with(
     history: &History,
     t_cut_ns: u64,
     observed: Option<ObservedState>,
     oracle: StateOracle,
+    twin: Option<TwinState>,
 ) -> Verdict {
     let live = history.first_live();
     let mut lost = Finding::default();
@@ -150,6 +161,15 @@ pub fn check_with(
     }
     let state = match oracle {
         StateOracle::Reference => check_state(history, &live, observed),
+        StateOracle::Twin => StateVerdict {
+            oracle,
+            consistent: match (&observed, &twin) {
+                (Some(o), Some(t)) => Some(o.digest == t.digest && o.last_seq == t.last_seq),
+                _ => None,
+            },
+            observed,
+            expected_digest: twin.map(|t| t.digest),
+        },
         StateOracle::None => StateVerdict {
             oracle,
             consistent: None,
@@ -177,6 +197,42 @@ pub fn check_with(
     }
 }
 
+/// The sequence numbers the final state should hold, in order: every confirmed message up to
+/// `last_seq`, and every unconfirmed one that some instance processed live.
+fn log_of(
+    history: &History,
+    live: &std::collections::BTreeMap<u64, (&ms2m_wire::OutputEvent, u32)>,
+    last_seq: u64,
+) -> Vec<u64> {
+    let mut seqs: Vec<_> = history
+        .published
+        .iter()
+        .filter(|p| p.seq <= last_seq)
+        .filter(|p| match p.outcome {
+            PublishOutcome::Confirmed => true,
+            // An unconfirmed message belongs to the log only if some instance processed it.
+            _ => live.contains_key(&p.seq),
+        })
+        .map(|p| p.seq)
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// [`log_of`] for a twin to replay: the messages, in order, with their send times.
+pub fn confirmed_log(history: &History, last_seq: u64) -> Vec<(u64, u64)> {
+    let live = history.first_live();
+    let sent: std::collections::HashMap<u64, u64> = history
+        .published
+        .iter()
+        .map(|p| (p.seq, p.t_pub_ns))
+        .collect();
+    log_of(history, &live, last_seq)
+        .into_iter()
+        .map(|s| (s, sent.get(&s).copied().unwrap_or(0)))
+        .collect()
+}
+
 fn check_state(
     history: &History,
     live: &std::collections::BTreeMap<u64, (&ms2m_wire::OutputEvent, u32)>,
@@ -190,18 +246,7 @@ fn check_state(
             expected_digest: None,
         };
     };
-    let mut seqs: Vec<_> = history
-        .published
-        .iter()
-        .filter(|p| p.seq <= obs.last_seq)
-        .filter(|p| match p.outcome {
-            PublishOutcome::Confirmed => true,
-            // An unconfirmed message belongs to the log only if some instance processed it.
-            _ => live.contains_key(&p.seq),
-        })
-        .map(|p| p.seq)
-        .collect();
-    seqs.sort_unstable();
+    let seqs = log_of(history, live, obs.last_seq);
     let mut state = ServiceState::new(history.state_bytes as usize);
     for seq in seqs {
         state.apply(seq, workload_payload(seq, history.message_bytes).as_bytes());
@@ -374,5 +419,46 @@ pub(crate) mod tests {
         assert!(v.is_valid(), "{v:?}");
         assert_eq!(v.unconfirmed_processed.examples, vec![3]);
         assert_eq!(v.expected, 4);
+    }
+
+    #[test]
+    fn a_twin_decides_the_state_of_a_service_of_ones_own() {
+        let h = good(5);
+        let obs = ObservedState {
+            digest: "mine".into(),
+            ..observed(&h, 5)
+        };
+        let twin = |digest: &str, last_seq| TwinState {
+            last_seq,
+            digest: digest.into(),
+        };
+        let agree = check_with(
+            &h,
+            u64::MAX,
+            Some(obs.clone()),
+            StateOracle::Twin,
+            Some(twin("mine", 5)),
+        );
+        assert!(agree.is_valid(), "{agree:?}");
+        assert_eq!(agree.state.expected_digest.as_deref(), Some("mine"));
+        for other in [twin("theirs", 5), twin("mine", 4)] {
+            let v = check_with(
+                &h,
+                u64::MAX,
+                Some(obs.clone()),
+                StateOracle::Twin,
+                Some(other),
+            );
+            assert_eq!(
+                (v.result, v.state.consistent),
+                (CheckResult::Invalid, Some(false))
+            );
+        }
+        let none = check_with(&h, u64::MAX, Some(obs), StateOracle::None, None);
+        assert_eq!(
+            (none.result, none.state.consistent),
+            (CheckResult::Unknown, None)
+        );
+        assert_eq!(confirmed_log(&h, 3).len(), 3);
     }
 }

@@ -189,6 +189,8 @@ pub(crate) struct RunRecord<'a> {
     /// Messages sent after this instant are outside the check.
     pub cut_ns: u64,
     pub observed: Option<ObservedState>,
+    /// What the twin reached (a service of one's own; None: no twin ran).
+    pub twin: Option<checker::TwinState>,
     pub malformed_events: u64,
     pub recorder_lag: LatencySummary,
     pub leftovers: Vec<String>,
@@ -203,12 +205,12 @@ impl Report {
             cut_ns,
             ..
         } = run;
-        let oracle = if run.service.is_reference() {
-            checker::StateOracle::Reference
-        } else {
-            checker::StateOracle::None
+        let oracle = match (run.service.is_reference(), &run.twin) {
+            (true, _) => checker::StateOracle::Reference,
+            (false, Some(_)) => checker::StateOracle::Twin,
+            (false, None) => checker::StateOracle::None,
         };
-        let verdict = checker::check_with(history, cut_ns, run.observed, oracle);
+        let verdict = checker::check_with(history, cut_ns, run.observed, oracle, run.twin);
         let baseline = (
             t_start
                 .saturating_sub(t_end - t_start)

@@ -2,7 +2,7 @@
 //! migrations between hosts. This is the engine's entry point; the Python module wraps it.
 
 use crate::broker::Link;
-use crate::checker::ObservedState;
+use crate::checker::{self, ObservedState, TwinState};
 use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use crate::history::{History, PublishOutcome, Published};
@@ -57,9 +57,16 @@ struct Deployed {
 
 impl Deployed {
     fn history(&self) -> History {
+        let twin = names::twin_instance(&self.spec.name);
         History {
             published: self.published(),
-            events: self.recorder.events(),
+            // A twin's replay is the state check's, not the service's.
+            events: self
+                .recorder
+                .events()
+                .into_iter()
+                .filter(|e| e.instance != twin)
+                .collect(),
             message_bytes: self.message_bytes.unwrap_or(0),
             state_bytes: self.spec.state_bytes,
         }
@@ -387,6 +394,17 @@ impl Testbed {
         let observed = self
             .observe_state(service, &d.current.instance, &opts)
             .await;
+        // A service of one's own has no reference model: a twin checks its state.
+        let twin = match &observed {
+            Some(o) if !d.spec.is_reference() => match self.run_twin(&d, o, &opts).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("ms2m: the twin of {service} could not check its state: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         let leftovers = self.leftovers(service, &plan, failure.is_none()).await?;
         let history = d.history();
         let error = failure.as_ref().map(Failure::to_error);
@@ -414,6 +432,7 @@ impl Testbed {
             history: &history,
             cut_ns,
             observed,
+            twin,
             malformed_events: d.recorder.malformed(),
             recorder_lag: d.recorder.lag(),
             leftovers,
@@ -483,6 +502,91 @@ impl Testbed {
             count: r.count,
             digest: r.digest.unwrap_or_default(),
         })
+    }
+
+    /// Runs a twin of the service: a fresh instance that never migrated, on the service's
+    /// host, replays the log `observed` should hold (confirmed messages in order, from a queue
+    /// of its own), and says what it reached. Removed afterwards, whatever happened.
+    async fn run_twin(
+        &self,
+        d: &Deployed,
+        observed: &ObservedState,
+        opts: &MigrationOptions,
+    ) -> Result<TwinState> {
+        let service = d.spec.name.clone();
+        let (queue, twin) = (names::twin_queue(&service), names::twin_instance(&service));
+        let control = names::control_queue(&service, &twin);
+        self.queues_used
+            .lock()
+            .await
+            .extend([queue.clone(), control.clone()]);
+        let history = d.history();
+        let log = checker::confirmed_log(&history, observed.last_seq);
+        let result = async {
+            // Built before the first await: a borrowing iterator held across it would make
+            // the migration's future not `Send` for every lifetime.
+            let bodies: Vec<Vec<u8>> = log
+                .iter()
+                .map(|&(seq, t_pub_ns)| {
+                    serde_json::to_vec(&ms2m_wire::Input::Data {
+                        seq,
+                        t_pub_ns,
+                        payload: ms2m_wire::state::workload_payload(seq, history.message_bytes),
+                    })
+                    .expect("input serializes")
+                })
+                .collect();
+            self.link.declare_queue(&queue).await?;
+            self.link.declare_control_queue(&service, &twin).await?;
+            self.link.publish_to_queue(&queue, bodies).await?;
+            self.runtime
+                .start_instance(
+                    &d.spec,
+                    &twin,
+                    &d.current.host,
+                    &self.endpoint.internal_url,
+                    false,
+                )
+                .await?;
+            let until_seq = observed.last_seq;
+            let replay = Command::Replay {
+                queue: queue.clone(),
+                until_seq: Some(until_seq),
+            };
+            self.link
+                .command(&service, &twin, replay, &[], opts.reply_timeout())
+                .await?;
+            // The twin spends the processing time on every message, as the service does.
+            let replaying = Duration::from_secs_f64(log.len() as f64 * d.spec.processing_ms / 1e3)
+                * 2
+                + opts.reply_timeout();
+            let finish = Command::FinishReplay {
+                until_seq,
+                go_live: false,
+            };
+            self.link
+                .command(&service, &twin, finish, &[], replaying)
+                .await?;
+            let (r, _) = self
+                .link
+                .command(&service, &twin, Command::Digest, &[], opts.reply_timeout())
+                .await?;
+            Ok(TwinState {
+                last_seq: r.last_seq,
+                digest: r.digest.unwrap_or_default(),
+            })
+        }
+        .await;
+        let bye = Duration::from_secs(10);
+        let _ = self
+            .link
+            .command(&service, &twin, Command::Shutdown, &[], bye)
+            .await;
+        let _ = self.runtime.remove_instance(&twin).await;
+        for q in [&queue, &control] {
+            let _ = self.link.delete_queue(q).await;
+        }
+        result
     }
 
     /// Broker resources of the migration still present: its replay and checkpoint queues, and the control

@@ -1012,8 +1012,8 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
 }
 
 /// A service of one's own, deployed by image and command (here the reference binary, which
-/// takes the contract's `MS2M_*` variables), migrates without loss or duplicates; its state has
-/// no oracle. One that never gets ready is refused with the wait it failed and its log, and
+/// takes the contract's `MS2M_*` variables), migrates without loss or duplicates, and a twin
+/// that never migrated agrees with its state. One that never gets ready is refused with the wait it failed and its log, and
 /// leaves nothing behind.
 async fn a_service_of_ones_own_is_deployed_by_image_or_command(tb: &Testbed) -> Result<()> {
     let (image, program) = match tb.runtime() {
@@ -1044,7 +1044,7 @@ async fn a_service_of_ones_own_is_deployed_by_image_or_command(tb: &Testbed) -> 
                 "{v:?}"
             );
             ensure!(
-                v.state.oracle == StateOracle::None && v.state.consistent.is_none(),
+                v.state.oracle == StateOracle::Twin && v.state.consistent == Some(true),
                 "{:?}",
                 v.state
             );

@@ -33,6 +33,17 @@ pub fn replay_queue(service: &str, migration_id: &str) -> String {
 
 /// Queue a source streams the checkpoint of migration `migration_id` to, chunk by chunk, for
 /// the target to fetch.
+/// The queue a twin instance replays the confirmed log from (the state check of a service
+/// without a reference model).
+pub fn twin_queue(service: &str) -> String {
+    format!("{service}.twin")
+}
+
+/// The twin's instance name: never one of the service's numbered instances.
+pub fn twin_instance(service: &str) -> String {
+    format!("{service}-twin")
+}
+
 pub fn checkpoint_queue(service: &str, migration_id: &str) -> String {
     format!("{service}.ckpt.{migration_id}")
 }
