@@ -41,7 +41,7 @@ from .report import (
     to_dataframe,
 )
 from .sweeps import sweep
-from .testbed import Fault, Service, Testbed
+from .testbed import Fault, RuleOutcome, Service, Testbed
 
 STRATEGIES: tuple[str, ...] = tuple(_strategies())
 """Names of the migration strategies this build implements."""
@@ -88,6 +88,7 @@ __all__ = [
     "Ms2mError",
     "OperationTimeout",
     "Report",
+    "RuleOutcome",
     "RuntimeUnavailable",
     "Service",
     "Testbed",

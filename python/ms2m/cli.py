@@ -2,6 +2,7 @@
 
 ms2m compare [--runs N] [--rate R] ...   migrate with each strategy, print the comparison
 ms2m summarize DIR                        summarize a folder of reports
+ms2m conformance --image I | --command ... check an implementation of the wire contract
 ms2m cleanup [--all]                      remove containers and processes left by crashed runs
 """
 
@@ -91,6 +92,28 @@ def _summarize(args: argparse.Namespace) -> int:
     print()
     print(format_matrix(table(reports)))
     return 0
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+
+    if not (args.image or args.command):
+        print("ms2m: conformance needs --image or --command (or both)", file=sys.stderr)
+        return 2
+    env = dict(item.partition("=")[::2] for item in args.env)
+    with Testbed(runtime=args.runtime) as tb:
+        rules = tb.conformance(
+            image=args.image,
+            command=args.command or None,
+            env=env,
+            processing_ms=args.processing_ms,
+        )
+    for r in rules:
+        mark = "ok    " if r["passed"] else "BROKEN"
+        print(f"{mark} {r['rule']}: {r['detail']}")
+    broken = [r for r in rules if not r["passed"]]
+    print(f"\n{len(rules) - len(broken)} of {len(rules)} rules kept")
+    return 1 if broken else 0
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -202,6 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summarize", help="summarize a folder of reports")
     s.add_argument("folder")
     s.set_defaults(func=_summarize)
+
+    f = sub.add_parser(
+        "conformance",
+        help="check an implementation of the wire contract (an image or a command) rule by rule",
+    )
+    f.add_argument("--image", help="docker runtime: the image to check (it must be on the engine)")
+    f.add_argument(
+        "--command",
+        nargs="+",
+        help="the program and arguments to run (docker: instead of the image's entrypoint)",
+    )
+    f.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="repeat for each"
+    )
+    f.add_argument("--processing-ms", type=float, default=0.0)
+    f.add_argument("--runtime", choices=RUNTIMES, default="auto")
+    f.set_defaults(func=_conformance)
 
     k = sub.add_parser("cleanup", help="remove containers and processes left by crashed runs")
     k.add_argument("--all", action="store_true", help="also those of running testbeds")

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from . import _native
 from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULTS
@@ -163,6 +163,41 @@ def _config(
         cfg["service_image"] = service_image
     cfg["broker_startup_timeout_s"] = broker_startup_timeout_s
     return json.dumps(cfg)
+
+
+class RuleOutcome(TypedDict):
+    """One rule of the wire contract, as :meth:`Testbed.conformance` found it."""
+
+    rule: str
+    passed: bool
+    detail: str
+
+
+def _service_spec(
+    name: str,
+    host: str,
+    processing_ms: float,
+    state_bytes: int,
+    prefetch: int,
+    image: str | None,
+    command: Sequence[str] | None,
+    env: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    if isinstance(command, str):
+        raise _native.ConfigurationError(
+            f"command is a list of program and arguments, not the string {command!r}"
+        )
+    _check_ints(state_bytes=state_bytes, prefetch=prefetch)
+    return {
+        "name": name,
+        "host": host,
+        "processing_ms": processing_ms,
+        "state_bytes": state_bytes,
+        "prefetch": prefetch,
+        "image": image,
+        "command": None if command is None else list(command),
+        "env": dict(env or {}),
+    }
 
 
 class Testbed:
@@ -360,22 +395,36 @@ class Testbed:
         order and its digest must equal the migrated one's (``verdict.state.oracle ==
         "twin"``).
         """
-        if isinstance(command, str):
-            raise _native.ConfigurationError(
-                f"command is a list of program and arguments, not the string {command!r}"
-            )
-        spec = {
-            "name": name,
-            "host": host,
-            "processing_ms": processing_ms,
-            "state_bytes": state_bytes,
-            "prefetch": prefetch,
-            "image": image,
-            "command": None if command is None else list(command),
-            "env": dict(env or {}),
-        }
-        _check_ints(state_bytes=state_bytes, prefetch=prefetch)
+        spec = _service_spec(name, host, processing_ms, state_bytes, prefetch, image, command, env)
         return Service._from_json(self._native.deploy(json.dumps(spec)))
+
+    def conformance(
+        self,
+        name: str = "conformance",
+        *,
+        host: str | None = None,
+        processing_ms: float = 0.0,
+        state_bytes: int = 10_000,
+        prefetch: int = 1,
+        image: str | None = None,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> list[RuleOutcome]:
+        """Runs the wire contract's rules against a service (deployed as :meth:`deploy` would,
+        then removed): a barrier behind a backlog, restore refused while live, replay that skips
+        what the snapshot holds and has no side effects, ``until_seq``, malformed input. Returns
+        each rule with ``passed`` and what was seen (for a broken rule, how it broke)."""
+        spec = _service_spec(
+            name,
+            host or self.config["hosts"][0],
+            processing_ms,
+            state_bytes,
+            prefetch,
+            image,
+            command,
+            env,
+        )
+        return list(json.loads(self._native.conformance(json.dumps(spec))))
 
     def service(self, name: str) -> Service:
         """A fresh handle on a deployed service (where it runs now)."""

@@ -310,3 +310,21 @@ def test_a_service_of_ones_own_by_image_and_command(testbed: ms2m.Testbed):
     assert "exited before it was ready" in str(e.value)
     assert "no config file" in str(e.value)
     assert testbed.broker_queues() == {}
+
+
+def test_the_conformance_kit_checks_any_implementation(testbed: ms2m.Testbed, capsys):
+    """The reference service keeps every rule; one whose replay has side effects is told which
+    rule it breaks, by the API and by ``python -m ms2m conformance`` (exit code 1)."""
+    from ms2m.cli import main
+
+    rules = testbed.conformance("conform-ok")
+    assert len(rules) >= 5 and all(r["passed"] for r in rules), rules
+    if testbed.runtime == "docker":
+        where = ["--image", "ms2m/service:dev", "--command", "/usr/local/bin/ms2m-service"]
+    else:
+        where = ["--command", str(Path(__file__).parents[2] / "target/release/ms2m-service")]
+    broken = ["--env", "REFERENCE_SERVICE_BREAKS=replay_side_effects"]
+    assert main(["conformance", "--runtime", testbed.runtime, *where, *broken]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN replay skips what the snapshot holds and has no side effects" in out
+    assert "4 of 5 rules kept" in out

@@ -288,12 +288,30 @@ impl Link {
         queue: &str,
         bodies: impl IntoIterator<Item = Vec<u8>>,
     ) -> Result<()> {
+        self.publish_all("", queue, bodies).await
+    }
+
+    /// Publishes `bodies` to `exchange` in order, confirmed once at the end.
+    pub async fn publish_to_exchange(
+        &self,
+        exchange: &str,
+        bodies: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<()> {
+        self.publish_all(exchange, "", bodies).await
+    }
+
+    async fn publish_all(
+        &self,
+        exchange: &str,
+        queue: &str,
+        bodies: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<()> {
         let mut last = None;
         for body in bodies {
             last = Some(
                 self.channel
                     .basic_publish(
-                        "".into(),
+                        exchange.into(),
                         queue.into(),
                         BasicPublishOptions::default(),
                         &body,

@@ -1,6 +1,10 @@
 //! The testbed: a broker, hosts, deployed services, their workloads and recorders, and the
 //! migrations between hosts. This is the engine's entry point; the Python module wraps it.
 
+mod conformance;
+
+pub use conformance::RuleOutcome;
+
 use crate::broker::Link;
 use crate::checker::{self, ObservedState, TwinState};
 use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};

@@ -60,6 +60,7 @@ fn main() {
                 checker_catches_a_migration_without_barrier,
                 links_carry_every_strategy_and_an_outage_holds_messages,
                 a_service_of_ones_own_is_deployed_by_image_or_command,
+                the_conformance_kit_passes_the_reference_and_names_a_broken_rule,
             ],
         ),
         (
@@ -76,6 +77,7 @@ fn main() {
                 external_broker_is_used_and_left_clean,
                 links_carry_every_strategy_and_an_outage_holds_messages,
                 a_service_of_ones_own_is_deployed_by_image_or_command,
+                the_conformance_kit_passes_the_reference_and_names_a_broken_rule,
             ],
         ),
     ];
@@ -1072,5 +1074,40 @@ async fn a_service_of_ones_own_is_deployed_by_image_or_command(tb: &Testbed) -> 
     );
     let left = tb.broker_queues().await?;
     ensure!(left.is_empty(), "queues left: {left:?}");
+    Ok(())
+}
+
+/// The conformance kit passes the reference service on every rule, and fails one whose replay
+/// has side effects with a message that names that rule (and only that one).
+async fn the_conformance_kit_passes_the_reference_and_names_a_broken_rule(
+    tb: &Testbed,
+) -> Result<()> {
+    let reference = ServiceSpec {
+        processing_ms: 0.0,
+        ..spec("conform", 10_000)
+    };
+    let rules = tb.conformance(reference).await?;
+    ensure!(rules.len() >= 5, "{rules:?}");
+    for r in &rules {
+        ensure!(r.passed, "the reference breaks {:?}: {}", r.rule, r.detail);
+    }
+    let broken = ServiceSpec {
+        processing_ms: 0.0,
+        env: [(
+            "REFERENCE_SERVICE_BREAKS".to_string(),
+            "replay_side_effects".to_string(),
+        )]
+        .into(),
+        ..spec("conform-broken", 10_000)
+    };
+    let rules = tb.conformance(broken).await?;
+    let failed: Vec<_> = rules.iter().filter(|r| !r.passed).collect();
+    ensure!(failed.len() == 1, "{rules:?}");
+    ensure!(
+        failed[0].rule.contains("no side effects") && failed[0].detail.contains("side effects"),
+        "{:?}",
+        failed[0]
+    );
+    ensure!(tb.broker_queues().await?.is_empty());
     Ok(())
 }

@@ -239,6 +239,14 @@ impl PyTestbed {
         block_on(py, async move { tb.deploy(spec).await.map(|i| json(&i)) })
     }
 
+    /// Deploys a service from a JSON `ServiceSpec`, runs the wire contract's rules against it
+    /// and removes it; returns each rule's outcome as JSON.
+    fn conformance(&self, py: Python<'_>, spec_json: &str) -> PyResult<String> {
+        let spec: engine::ServiceSpec = parse("service", spec_json)?;
+        let tb = self.inner.clone();
+        block_on(py, async move { tb.conformance(spec).await.map(|r| json(&r)) })
+    }
+
     fn service_info(&self, py: Python<'_>, service: String) -> PyResult<String> {
         let tb = self.inner.clone();
         block_on(py, async move {

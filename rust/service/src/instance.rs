@@ -656,10 +656,11 @@ impl Instance {
 
     /// The output event of a run of replayed messages, stamped now.
     fn replay_event(&self, span: ReplaySpan) -> OutputEvent {
+        let broken = self.cfg.breaks.as_deref() == Some("replay_side_effects");
         OutputEvent {
             instance: self.cfg.instance.clone(),
             seq: span.seq,
-            mode: Mode::Replay,
+            mode: if broken { Mode::Live } else { Mode::Replay },
             t_pub_ns: span.t_pub_ns,
             t_start_ns: span.t_start_ns,
             t_end_ns: now_ns(),
@@ -847,6 +848,7 @@ mod tests {
             state_bytes: 0,
             prefetch,
             live: false,
+            breaks: None,
         }
     }
 

@@ -29,6 +29,10 @@ pub struct Config {
     pub state_bytes: usize,
     pub prefetch: u16,
     pub live: bool,
+    /// A deliberately broken rule of the contract, for the conformance kit's own tests
+    /// (`REFERENCE_SERVICE_BREAKS=replay_side_effects`: replayed messages are published as live
+    /// output events). Never set in a real run.
+    pub breaks: Option<String>,
 }
 
 fn parse_args() -> Result<Config> {
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Config> {
             .unwrap_or(1)
             .max(1),
         live: get("live").is_some_and(|v| v == "1" || v == "true"),
+        breaks: std::env::var("REFERENCE_SERVICE_BREAKS").ok(),
     })
 }
 
