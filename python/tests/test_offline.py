@@ -681,6 +681,14 @@ def test_a_bad_link_is_refused_before_anything_starts():
             ms2m.Testbed(hosts={"edge-1": link}, runtime="local").start()
 
 
-def test_a_command_is_a_list_not_a_string():
+def test_a_command_is_a_list_not_a_string(tmp_path):
+    from ms2m.testbed_file import load
+
+    toml = tmp_path / "own.toml"
+    toml.write_text(
+        '[service]\nname = "mine"\nimage = "my/service:1"\ncommand = ["/bin/my-service"]\n'
+        'env = { LOG = "debug" }\n[workload]\nrate = 1\n[[migration]]\nto = "edge-2"\n'
+    )
+    assert load(toml)["service"]["env"] == {"LOG": "debug"}
     with pytest.raises(ms2m.ConfigurationError, match="list of program and arguments"):
         ms2m.Testbed().deploy("x", host="edge-1", command="ms2m-service --live")  # type: ignore[arg-type]
