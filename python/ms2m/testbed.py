@@ -412,7 +412,8 @@ class Testbed:
     ) -> list[RuleOutcome]:
         """Runs the wire contract's rules against a service (deployed as :meth:`deploy` would,
         then removed): a barrier behind a backlog, restore refused while live, replay that skips
-        what the snapshot holds and has no side effects, ``until_seq``, malformed input. Returns
+        what the snapshot holds and has no side effects, ``until_seq``, malformed input,
+        ``stop_live`` handing back what it did not process. Returns
         each rule with ``passed`` and what was seen (for a broken rule, how it broke)."""
         spec = _service_spec(
             name,

@@ -1087,7 +1087,7 @@ async fn the_conformance_kit_passes_the_reference_and_names_a_broken_rule(
         ..spec("conform", 10_000)
     };
     let rules = tb.conformance(reference).await?;
-    ensure!(rules.len() >= 5, "{rules:?}");
+    ensure!(rules.len() >= 6, "{rules:?}");
     for r in &rules {
         ensure!(r.passed, "the reference breaks {:?}: {}", r.rule, r.detail);
     }

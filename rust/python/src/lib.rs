@@ -244,7 +244,10 @@ impl PyTestbed {
     fn conformance(&self, py: Python<'_>, spec_json: &str) -> PyResult<String> {
         let spec: engine::ServiceSpec = parse("service", spec_json)?;
         let tb = self.inner.clone();
-        block_on(py, async move { tb.conformance(spec).await.map(|r| json(&r)) })
+        block_on(
+            py,
+            async move { tb.conformance(spec).await.map(|r| json(&r)) },
+        )
     }
 
     fn service_info(&self, py: Python<'_>, service: String) -> PyResult<String> {

@@ -19,6 +19,8 @@ const MORE: u64 = 10;
 /// How far the `until` rule lets a replay go past the snapshot.
 const UNTIL: u64 = 3;
 const PAYLOAD_BYTES: usize = 64;
+/// Messages in flight when `stop_live` comes.
+const STOP_BACKLOG: u64 = 200;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// One rule and what the kit found.
@@ -236,6 +238,45 @@ impl Testbed {
                 .err()
                 .map(|e| format!("after malformed input: {e}")),
             "served the next message",
+        ));
+
+        // 6. `stop_live` hands back what it fetched and did not process: every message after
+        //    its `last_seq` is on the primary queue again (an invariant, whatever the timing).
+        let (first, last) = (end + 2, end + 1 + STOP_BACKLOG);
+        self.link
+            .publish_to_exchange(&names::input_exchange(svc), (first..=last).map(data))
+            .await?;
+        let stop = Command::StopLive {
+            after_seq: None,
+            hand_over: None,
+        };
+        let stopped = self.link.command(svc, &live, stop, &[], WAIT).await;
+        let primary = names::primary_queue(svc);
+        let broken = match stopped {
+            Err(e) => Some(format!("stop_live failed: {e}")),
+            Ok((r, _)) => {
+                let expected = last.saturating_sub(r.last_seq);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    let depth = u64::from(self.link.queue_depth(&primary).await?);
+                    if depth == expected {
+                        break None;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        break Some(format!(
+                            "stopped at last_seq {} of {last}: {expected} messages should be back \
+                             on {primary}, {depth} are",
+                            r.last_seq
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        out.push(outcome(
+            "stop_live hands back the messages it did not process",
+            broken,
+            "every unprocessed message was back on the primary queue",
         ));
         Ok(out)
     }
