@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from .links import parse_host_links, parse_pair_links
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
 from .sweeps import run_grid
-from .testbed import RUNTIMES
+from .testbed import RUNTIMES, TRANSFERS
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -100,11 +101,15 @@ def _conformance(args: argparse.Namespace) -> int:
     if not (args.image or args.command):
         print("ms2m: conformance needs --image or --command (or both)", file=sys.stderr)
         return 2
+    bad = [item for item in args.env if "=" not in item]
+    if bad:
+        print(f"ms2m: --env takes KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
     env = dict(item.partition("=")[::2] for item in args.env)
     with Testbed(runtime=args.runtime) as tb:
         rules = tb.conformance(
             image=args.image,
-            command=args.command or None,
+            command=shlex.split(args.command) if args.command else None,
             env=env,
             processing_ms=args.processing_ms,
         )
@@ -153,7 +158,7 @@ def _testbed_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--transfer",
-        choices=("broker", "direct"),
+        choices=TRANSFERS,
         default=MIGRATION_DEFAULTS["transfer"],
         help="how the checkpoint travels: through the broker, or from host to host "
         "(default %(default)s)",
@@ -233,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--image", help="docker runtime: the image to check (it must be on the engine)")
     f.add_argument(
         "--command",
-        nargs="+",
-        help="the program and arguments to run (docker: instead of the image's entrypoint)",
+        help="the program and its arguments, as one shell-quoted string (docker: instead of "
+        "the image's entrypoint)",
     )
     f.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="repeat for each"

@@ -15,6 +15,7 @@ from . import _native
 from .defaults import MIGRATION_DEFAULTS
 from .links import Link
 from .report import Report
+from .report_types import Transfer
 from .sweeps import Grid, run_grid
 
 
@@ -37,7 +38,7 @@ class Comparison:
     #: Links of edge-1 and edge-2 to the broker's host (see :class:`~ms2m.Link`).
     links: dict[str, Link] = field(default_factory=dict)
     #: How the checkpoint travels: "broker" or "direct" (host to host).
-    transfer: str = "broker"
+    transfer: Transfer = "broker"
     #: Links between two hosts by name (``edge-1<->edge-2``), for direct transfers.
     host_links: dict[str, Link] = field(default_factory=dict)
 

@@ -379,6 +379,8 @@ class StateVerdict(TypedDict):
     oracle)."""
 
     oracle: StateOracle
+    #: Why the intended oracle (the twin) could not check the state, if it could not.
+    oracle_error: str | None
     consistent: bool | None
     observed: ObservedState | None
     expected_digest: str | None

@@ -71,6 +71,10 @@ class Grid:
     transfer: tuple[str, ...] = ("broker",)
     #: Links between two hosts by name (``edge-1<->edge-2``), for direct transfers.
     host_links: dict[str, Link] = field(default_factory=dict)
+    #: A service of one's own (see :meth:`~ms2m.Testbed.deploy`); None: the reference service.
+    image: str | None = None
+    command: tuple[str, ...] | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -293,6 +297,9 @@ def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
         processing_ms=run["processing_ms"],
         state_bytes=int(run["state_bytes"]),
         prefetch=int(run["prefetch"]),
+        image=grid.image,
+        command=grid.command,
+        env=grid.env,
     )
     try:
         with tb.workload(svc, rate=run["rate"], message_bytes=int(run["message_bytes"])):

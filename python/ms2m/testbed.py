@@ -13,17 +13,17 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, get_args
 
 from . import _native
 from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULTS
-from .links import Link, as_link
+from .links import Link, as_link, pair_name
 from .profiles import Profile, constant
 from .report import Report
 from .report_types import LinkReport, PhaseName, Role, Transfer
 
 RUNTIMES = ("auto", "docker", "local")
-TRANSFERS: tuple[Transfer, ...] = ("broker", "direct")
+TRANSFERS: tuple[Transfer, ...] = get_args(Transfer)
 
 
 def _host_links(
@@ -36,7 +36,7 @@ def _host_links(
             raise _native.ConfigurationError(
                 f"host_links are keyed by two host names, e.g. ('edge-1', 'edge-2'); got {pair!r}"
             )
-        link = as_link(f"{pair[0]}<->{pair[1]}", value)
+        link = as_link(pair_name(*pair), value)
         if link is None:
             raise _native.ConfigurationError(f"host link {pair!r} needs a Link, not None")
         out.append({"between": list(pair), "link": link.to_config()})

@@ -164,6 +164,9 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         link_delay_ms=tuple(float(v) for v in _tuple(sw.get("link_delay_ms", 0.0))),
         link_jitter_ms=float(sw.get("link_jitter_ms", 0.0)),
         transfer=tuple(str(t) for t in _tuple(sw.get("transfer", "broker"))),
+        image=svc.get("image"),
+        command=None if svc.get("command") is None else tuple(svc["command"]),
+        env=dict(svc.get("env", {})),
         host_links={
             pair_name(a, b): link
             for (a, b), link in _host_links(path, data.get("testbed", {})).items()

@@ -66,6 +66,9 @@ pub struct StateVerdict {
     /// Which oracle checked the state.
     #[serde(default)]
     pub oracle: StateOracle,
+    /// Why the intended oracle could not check it (the twin failed), if it could not.
+    #[serde(default)]
+    pub oracle_error: Option<String>,
     /// None when no final state was observed, or no oracle applies (verdict unknown).
     pub consistent: Option<bool>,
     pub observed: Option<ObservedState>,
@@ -162,6 +165,7 @@ pub fn check_with(
     let state = match oracle {
         StateOracle::Reference => check_state(history, &live, observed),
         StateOracle::Twin => StateVerdict {
+            oracle_error: None,
             oracle,
             consistent: match (&observed, &twin) {
                 (Some(o), Some(t)) => Some(o.digest == t.digest && o.last_seq == t.last_seq),
@@ -171,6 +175,7 @@ pub fn check_with(
             expected_digest: twin.map(|t| t.digest),
         },
         StateOracle::None => StateVerdict {
+            oracle_error: None,
             oracle,
             consistent: None,
             observed,
@@ -240,6 +245,7 @@ fn check_state(
 ) -> StateVerdict {
     let Some(obs) = observed else {
         return StateVerdict {
+            oracle_error: None,
             oracle: StateOracle::Reference,
             consistent: None,
             observed: None,
@@ -253,6 +259,7 @@ fn check_state(
     }
     let expected = state.digest();
     StateVerdict {
+        oracle_error: None,
         oracle: StateOracle::Reference,
         consistent: Some(expected == obs.digest),
         observed: Some(obs),

@@ -47,10 +47,13 @@ impl Recorder {
         let malformed: Arc<Mutex<u64>> = Arc::default();
         let lag = Arc::new(Mutex::new(metrics::new_histogram()));
         let (ev, bad, late) = (events.clone(), malformed.clone(), lag.clone());
+        // A twin's replay is the state check's, not the service's: no metric or drain sees it.
+        let twin = names::twin_instance(service);
         let task = tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
                 let arrived = now_ns();
                 match serde_json::from_slice::<OutputEvent>(&d.data) {
+                    Ok(e) if e.instance == twin => {}
                     Ok(e) => {
                         let us = arrived.saturating_sub(e.t_end_ns) / 1_000;
                         late.lock().unwrap().saturating_record(us.max(1));

@@ -189,8 +189,9 @@ pub(crate) struct RunRecord<'a> {
     /// Messages sent after this instant are outside the check.
     pub cut_ns: u64,
     pub observed: Option<ObservedState>,
-    /// What the twin reached (a service of one's own; None: no twin ran).
-    pub twin: Option<checker::TwinState>,
+    /// What the twin reached, or why it could not (a service of one's own; None: no twin
+    /// ran).
+    pub twin: Option<std::result::Result<checker::TwinState, String>>,
     pub malformed_events: u64,
     pub recorder_lag: LatencySummary,
     pub leftovers: Vec<String>,
@@ -205,12 +206,18 @@ impl Report {
             cut_ns,
             ..
         } = run;
-        let oracle = match (run.service.is_reference(), &run.twin) {
+        let (twin, twin_error) = match run.twin {
+            Some(Ok(t)) => (Some(t), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        let oracle = match (run.service.is_reference(), &twin) {
             (true, _) => checker::StateOracle::Reference,
             (false, Some(_)) => checker::StateOracle::Twin,
             (false, None) => checker::StateOracle::None,
         };
-        let verdict = checker::check_with(history, cut_ns, run.observed, oracle, run.twin);
+        let mut verdict = checker::check_with(history, cut_ns, run.observed, oracle, twin);
+        verdict.state.oracle_error = twin_error;
         let baseline = (
             t_start
                 .saturating_sub(t_end - t_start)

@@ -61,16 +61,9 @@ struct Deployed {
 
 impl Deployed {
     fn history(&self) -> History {
-        let twin = names::twin_instance(&self.spec.name);
         History {
             published: self.published(),
-            // A twin's replay is the state check's, not the service's.
-            events: self
-                .recorder
-                .events()
-                .into_iter()
-                .filter(|e| e.instance != twin)
-                .collect(),
+            events: self.recorder.events(),
             message_bytes: self.message_bytes.unwrap_or(0),
             state_bytes: self.spec.state_bytes,
         }
@@ -257,26 +250,38 @@ impl Testbed {
             names::control_queue(&spec.name, &instance),
         ]);
         self.link.declare_service(&spec.name).await?;
-        let recorder = Recorder::start(&self.endpoint.url, &spec.name).await?;
-        self.link
-            .declare_control_queue(&spec.name, &instance)
-            .await?;
-        if let Err(e) = self
-            .runtime
-            .start_instance(
-                &spec,
-                &instance,
-                &spec.host,
-                &self.links.url_for(&spec.host, &self.endpoint.internal_url),
-                true,
-            )
-            .await
-        {
-            recorder.stop().await;
-            // Nothing of a service that never served stays on the broker.
-            let _ = self.delete_broker_resources(&spec.name, &instance).await;
-            return Err(e);
-        }
+        let started = async {
+            let recorder = Recorder::start(&self.endpoint.url, &spec.name).await?;
+            let instance_ready = async {
+                self.link
+                    .declare_control_queue(&spec.name, &instance)
+                    .await?;
+                self.runtime
+                    .start_instance(
+                        &spec,
+                        &instance,
+                        &spec.host,
+                        &self.links.url_for(&spec.host, &self.endpoint.internal_url),
+                        true,
+                    )
+                    .await
+            };
+            match instance_ready.await {
+                Ok(()) => Ok(recorder),
+                Err(e) => {
+                    recorder.stop().await;
+                    Err(e)
+                }
+            }
+        };
+        let recorder = match started.await {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing of a service that never served stays on the broker.
+                let _ = self.delete_broker_resources(&spec.name, &instance).await;
+                return Err(e);
+            }
+        };
         let d = Deployed {
             current: Placement {
                 instance,
@@ -400,13 +405,11 @@ impl Testbed {
             .await;
         // A service of one's own has no reference model: a twin checks its state.
         let twin = match &observed {
-            Some(o) if !d.spec.is_reference() => match self.run_twin(&d, o, &opts).await {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("ms2m: the twin of {service} could not check its state: {e}");
-                    None
-                }
-            },
+            Some(o) if !d.spec.is_reference() => Some(
+                self.run_twin(&d, o, &opts)
+                    .await
+                    .map_err(|e| format!("the twin could not check the state: {e}")),
+            ),
             _ => None,
         };
         let leftovers = self.leftovers(service, &plan, failure.is_none()).await?;
@@ -793,7 +796,11 @@ impl Testbed {
 
 /// Refuses a name that is neither a host nor a link between two hosts (`a<->b`).
 fn check_link_name(cfg: &TestbedConfig, name: &str) -> Result<()> {
-    if cfg.host_links.iter().any(|l| l.name() == name) {
+    if cfg
+        .host_links
+        .iter()
+        .any(|l| net::names_pair(name, &l.between))
+    {
         return Ok(());
     }
     check_host(cfg, name)

@@ -1055,6 +1055,25 @@ async fn a_service_of_ones_own_is_deployed_by_image_or_command(tb: &Testbed) -> 
         Ok(())
     })
     .await?;
+    if image.is_some() {
+        // The image alone: its own entrypoint, the contract from the environment only.
+        let image_only = ServiceSpec {
+            image: image.clone(),
+            ..spec("own-image", 10_000)
+        };
+        with_service(tb, image_only, 10.0, |name| async move {
+            let r = tb.migrate(&name, "edge-2", Strategy::Ms2m, opts()).await?;
+            ensure!(
+                r.verdict.state.oracle == StateOracle::Twin,
+                "{:?}",
+                r.verdict
+            );
+            ensure!(r.verdict.state.consistent == Some(true), "{:?}", r.verdict);
+            Ok(())
+        })
+        .await
+        .context("image only")?;
+    }
     let broken = ServiceSpec {
         image,
         command: Some(vec![

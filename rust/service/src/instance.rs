@@ -211,12 +211,24 @@ async fn send_chunks(
     chunk_bytes: u32,
 ) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A reader that stops reading (frozen, or behind a link that is down) must not hold the
+    // snapshot's copy for good: every piece has to go out within CHUNK_TIMEOUT.
+    let mut write = async |bytes: &[u8]| -> Result<()> {
+        for piece in bytes.chunks(64 * 1024) {
+            tokio::time::timeout(CHUNK_TIMEOUT, conn.write_all(piece))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("the reader took nothing for {} s", CHUNK_TIMEOUT.as_secs())
+                })??;
+        }
+        Ok(())
+    };
     for (header, range) in ChunkHeader::split(snapshot.len() as u64, chunk_bytes) {
         let head = control::encode(&header, &[]);
         let frame = (head.len() + range.len()) as u32;
-        conn.write_all(&frame.to_le_bytes()).await?;
-        conn.write_all(&head).await?;
-        conn.write_all(&snapshot[range]).await?;
+        write(&frame.to_le_bytes()).await?;
+        write(&head).await?;
+        write(&snapshot[range]).await?;
     }
     conn.flush().await?;
     let mut rest = [0u8; 1];

@@ -31,8 +31,6 @@ pub fn replay_queue(service: &str, migration_id: &str) -> String {
     format!("{service}.replay.{migration_id}")
 }
 
-/// Queue a source streams the checkpoint of migration `migration_id` to, chunk by chunk, for
-/// the target to fetch.
 /// The queue a twin instance replays the confirmed log from (the state check of a service
 /// without a reference model).
 pub fn twin_queue(service: &str) -> String {
@@ -44,6 +42,8 @@ pub fn twin_instance(service: &str) -> String {
     format!("{service}-twin")
 }
 
+/// Queue a source streams the checkpoint of migration `migration_id` to, chunk by chunk, for
+/// the target to fetch.
 pub fn checkpoint_queue(service: &str, migration_id: &str) -> String {
     format!("{service}.ckpt.{migration_id}")
 }

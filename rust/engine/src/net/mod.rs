@@ -120,6 +120,11 @@ fn pair_name(a: &str, b: &str) -> String {
     format!("{a}<->{b}")
 }
 
+/// Whether `name` names the link between `a` and `b`, in either order.
+pub fn names_pair(name: &str, [a, b]: &[String; 2]) -> bool {
+    name == pair_name(a, b) || name == pair_name(b, a)
+}
+
 /// The links of a testbed: each host that has one reaches the broker through a running relay;
 /// links between hosts wait for a direct transfer to cross them.
 pub struct Links {
@@ -226,8 +231,19 @@ impl Links {
         Ok(())
     }
 
+    /// The name a link is kept under: `name`, or a pair's named the other way round.
+    fn canonical(&self, name: &str) -> Option<String> {
+        if self.states.contains_key(name) {
+            return Some(name.to_string());
+        }
+        let (a, b) = name.split_once("<->")?;
+        let reversed = pair_name(b, a);
+        self.states.contains_key(&reversed).then_some(reversed)
+    }
+
     fn link(&self, name: &str) -> Result<&Arc<LinkState>> {
-        self.states.get(name).ok_or_else(|| {
+        let found = self.canonical(name).and_then(|n| self.states.get(&n));
+        found.ok_or_else(|| {
             Error::Config(format!(
                 "{name:?} has no link (a host without one reaches the broker directly): give it \
                  one when the testbed starts (any Link, even one with no figure) to change it or \
@@ -321,7 +337,8 @@ impl Links {
     pub fn set_spec(&self, name: &str, spec: LinkSpec) -> Result<()> {
         spec.validate(name)?;
         self.link(name)?.set_spec(spec.clone());
-        self.probe(name, &spec)
+        let name = self.canonical(name).unwrap_or_else(|| name.to_string());
+        self.probe(&name, &spec)
     }
 
     pub fn stop(&self) {

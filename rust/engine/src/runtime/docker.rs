@@ -6,7 +6,7 @@
 //! [`DockerRuntime::shutdown`]; testcontainers' `Drop` is the backstop. Set
 //! `TESTCONTAINERS_COMMAND=keep` to keep the containers for debugging.
 
-use super::{api_shim, BrokerEndpoint, Launch};
+use super::{api_shim, BrokerEndpoint, Launch, Program, INSTANCE_STARTUP, READY_LINE};
 use crate::config::{ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -116,10 +116,6 @@ async fn require_image(docker: &Docker, image: &str) -> Result<()> {
         ))
     })
 }
-
-/// What an instance prints once it consumes its control queue (the contract's readiness).
-const READY_LINE: &str = "ms2m-service ready";
-const INSTANCE_STARTUP: Duration = Duration::from_secs(60);
 
 /// The last lines a container printed (stdout and stderr).
 async fn log_tail(container: &ContainerAsync<GenericImage>) -> String {
@@ -348,13 +344,16 @@ impl DockerRuntime {
         // A target starts on "another host": its start-up must not take CPU from the source.
         // Once it is ready it gets the weight of any instance.
         let shares = (!launch.live).then_some(TARGET_CPU_SHARES);
-        let mut command = launch.command;
-        let mut img = generic(image);
-        if launch.custom {
-            img = img.with_entrypoint(&command.remove(0));
-        }
+        let (img, cmd) = match launch.program {
+            Program::Reference(args) => (generic(image), Some(args)),
+            Program::Command(mut cmd) => {
+                let program = cmd.remove(0);
+                (generic(image).with_entrypoint(&program), Some(cmd))
+            }
+            Program::Image => (generic(image), None),
+        };
         let mut request = img
-            .with_cmd(command)
+            .with_cmd(cmd.unwrap_or_default())
             .with_network(&self.network)
             .with_container_name(format!("ms2m-{}-{instance}", self.testbed_id))
             .with_hostname(host)

@@ -25,8 +25,7 @@ const DEFAULT_RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const HOW_TO_GET_RABBITMQ: &str = "install Debian's rabbitmq-server (`apt-get install \
      rabbitmq-server`; `make setup` does), set MS2M_RABBITMQ_SERVER to its rabbitmq-server \
      script, or give an external broker with amqp_url";
-const READY_LINE: &str = "ms2m-service ready";
-const INSTANCE_STARTUP: Duration = Duration::from_secs(60);
+use super::{INSTANCE_STARTUP, READY_LINE};
 const BROKER_STOP: Duration = Duration::from_secs(15);
 
 fn rabbitmq_server() -> PathBuf {
@@ -265,12 +264,15 @@ impl LocalRuntime {
         let err = log
             .try_clone()
             .map_err(io_err("opening the instance log"))?;
-        let (program, args) = if launch.custom {
-            let mut c = launch.command;
-            let program = PathBuf::from(c.remove(0));
-            (program, c)
-        } else {
-            (self.service_binary.clone(), launch.command)
+        let (program, args) = match launch.program {
+            super::Program::Reference(args) => (self.service_binary.clone(), args),
+            super::Program::Command(mut c) => (PathBuf::from(c.remove(0)), c),
+            super::Program::Image => {
+                return Err(Error::Config(format!(
+                    "{} has an image but no command: the local runtime runs commands",
+                    spec.name
+                )))
+            }
         };
         let mut cmd = Command::new(&program);
         cmd.args(&args)

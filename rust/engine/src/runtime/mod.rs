@@ -72,12 +72,13 @@ impl Runtime {
         amqp_url: &str,
         live: bool,
     ) -> Result<()> {
+        let program = match (&spec.command, spec.is_reference()) {
+            (_, true) => Program::Reference(instance_args(spec, instance, amqp_url, live)),
+            (Some(cmd), false) => Program::Command(cmd.clone()),
+            (None, false) => Program::Image,
+        };
         let launch = Launch {
-            command: spec
-                .command
-                .clone()
-                .unwrap_or_else(|| instance_args(spec, instance, amqp_url, live)),
-            custom: spec.command.is_some(),
+            program,
             env: instance_env(spec, instance, amqp_url, live, host),
             live,
         };
@@ -245,11 +246,24 @@ async fn resolve(cfg: &TestbedConfig) -> Result<RuntimeKind> {
 }
 
 /// The flags of `ms2m-service` for one instance (see rust/service/src/main.rs).
+/// What an instance prints once it consumes its control queue (the contract's readiness).
+pub(crate) const READY_LINE: &str = "ms2m-service ready";
+/// Longest wait for an instance to be ready.
+pub(crate) const INSTANCE_STARTUP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What an instance runs.
+pub enum Program {
+    /// The reference service, with these flags.
+    Reference(Vec<String>),
+    /// The service's own program and arguments (docker: instead of the image's entrypoint).
+    Command(Vec<String>),
+    /// The service's own image, as it is (docker only).
+    Image,
+}
+
+/// How to start an instance.
 pub struct Launch {
-    /// The reference service's flags, or (`custom`) the service's own program and arguments.
-    pub command: Vec<String>,
-    pub custom: bool,
+    pub program: Program,
     /// The contract's `MS2M_*` variables, then the service's own.
     pub env: Vec<(String, String)>,
     pub live: bool,
@@ -281,6 +295,7 @@ fn instance_env(
     env
 }
 
+/// The reference service's flags for one instance.
 fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool) -> Vec<String> {
     let mut args = vec![
         "--amqp-url".to_string(),

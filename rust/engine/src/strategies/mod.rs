@@ -139,9 +139,12 @@ pub struct CutoffReport {
 /// own (host clock).
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 pub struct CheckpointStats {
+    /// (Reports older than direct transfers: broker.)
+    #[serde(default)]
     pub transfer: Transfer,
     /// Each stretch the bytes crossed, in order: source host to broker to target host, or
-    /// (direct) source host to target host.
+    /// (direct) source host to target host (older reports: empty).
+    #[serde(default)]
     pub hops: Vec<HopStats>,
     pub bytes: u64,
     pub chunks: u32,
@@ -517,10 +520,12 @@ impl<'a> Ctx<'a> {
             let reach = relay.as_ref().map_or(at, |r| r.addr());
             checkpoint.addr = Some(reach.to_string());
         }
-        let (fetched, _) = self
-            .command(&target, Command::Fetch(checkpoint), &[])
-            .await?;
-        drop(relay);
+        let fetched = self.command(&target, Command::Fetch(checkpoint), &[]).await;
+        if let Some(r) = relay {
+            // Stopping wakes the relay's listener with a connect: not on a runtime thread.
+            tokio::task::spawn_blocking(move || drop(r));
+        }
+        let (fetched, _) = fetched?;
         if let Some(stats) = self.outcome.checkpoint.as_mut() {
             let ms = span_ms(fetched.t_begin_ns, fetched.t_ns);
             stats.fetch_ms = Some(ms);

@@ -161,13 +161,20 @@ impl Testbed {
             .replay_from(spec, replayer, &snapshot, &replay_queue, None, end)
             .await;
         let live_digest = self.wait_digest(svc, &live, end).await;
-        let side_effects = self
-            .history(svc)
-            .await?
-            .events
-            .iter()
-            .filter(|e| e.instance == *replayer && e.mode == Mode::Live && e.t_end_ns >= t0)
-            .count();
+        // The recorder reads output events as they come: wait (a while) for the replayer's
+        // last one before counting what it published.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let side_effects = loop {
+            let events = self.history(svc).await?.events;
+            let mine: Vec<_> = events
+                .iter()
+                .filter(|e| e.instance == *replayer && e.t_end_ns >= t0)
+                .collect();
+            if mine.iter().any(|e| e.seq >= end) || tokio::time::Instant::now() > deadline {
+                break mine.iter().filter(|e| e.mode == Mode::Live).count();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         out.push(outcome(
             "replay skips what the snapshot holds and has no side effects",
             match (&replayed, &live_digest) {
