@@ -903,6 +903,33 @@ async fn links_carry_every_strategy_and_an_outage_holds_messages(tb: &Testbed) -
             .await
             .with_context(|| format!("direct {}", strategy.name()))?;
         }
+        // A checkpoint that needs longer than the reply timeout on a slow link is waited for
+        // (the wait scales with the state and the link), not taken for a dead instance.
+        with_service(
+            shaped,
+            spec("patient", 2_000_000),
+            10.0,
+            |name| async move {
+                let short = MigrationOptions {
+                    reply_timeout_s: 0.5,
+                    ..opts()
+                };
+                let r = shaped
+                    .migrate(&name, "edge-2", Strategy::StopAndCopy, short)
+                    .await?;
+                clean(&r)?;
+                let cp = r
+                    .migration
+                    .outcome
+                    .checkpoint
+                    .as_ref()
+                    .context("checkpoint")?;
+                ensure!(cp.write_ms > 500.0, "the upload took {} ms", cp.write_ms);
+                Ok(())
+            },
+        )
+        .await
+        .context("transfer longer than the reply timeout")?;
         // A link changes for what is sent next, and is probed again.
         let slower = LinkSpec {
             up_mbit: Some(5.0),

@@ -313,6 +313,26 @@ impl Links {
             })
     }
 
+    /// The slowest bandwidth configured now on the links of `hosts` (either direction) and
+    /// between them, Mbit/s; None when none of them is rate-limited.
+    pub fn slowest_mbit(&self, hosts: &[&str]) -> Option<f64> {
+        let on_path = |name: &String| {
+            hosts.contains(&name.as_str())
+                || name
+                    .split_once("<->")
+                    .is_some_and(|(a, b)| hosts.contains(&a) && hosts.contains(&b))
+        };
+        self.states
+            .iter()
+            .filter(|(name, _)| on_path(name))
+            .flat_map(|(_, l)| {
+                let s = l.spec();
+                [s.up_mbit, s.down_mbit]
+            })
+            .flatten()
+            .reduce(f64::min)
+    }
+
     /// The links as configured now, with what the last probe of each measured.
     pub fn reports(&self) -> BTreeMap<String, LinkReport> {
         self.reports.lock().expect("links lock").clone()

@@ -461,7 +461,7 @@ impl<'a> Ctx<'a> {
         let snapshot = Command::Snapshot {
             stream: Some(stream),
         };
-        let (reply, _) = self.command(&source, snapshot, &[]).await?;
+        let (reply, _) = self.transfer_command(&source, snapshot).await?;
         self.took_checkpoint(&reply)
     }
 
@@ -520,7 +520,9 @@ impl<'a> Ctx<'a> {
             let reach = relay.as_ref().map_or(at, |r| r.addr());
             checkpoint.addr = Some(reach.to_string());
         }
-        let fetched = self.command(&target, Command::Fetch(checkpoint), &[]).await;
+        let fetched = self
+            .transfer_command(&target, Command::Fetch(checkpoint))
+            .await;
         if let Some(r) = relay {
             // Stopping wakes the relay's listener with a connect: not on a runtime thread.
             tokio::task::spawn_blocking(move || drop(r));
@@ -545,6 +547,25 @@ impl<'a> Ctx<'a> {
             self.link.delete_queue(&q).await?;
         }
         Ok(())
+    }
+
+    /// How long a reply that moves the checkpoint may take: the reply timeout, plus four times
+    /// what the slowest link of the two hosts needs for the state (two hops through the
+    /// broker, and as much again for a busy link), so that a large state on a slow link is not
+    /// mistaken for a dead instance. Without a rate-limited link, the reply timeout.
+    pub fn transfer_timeout(&self) -> Duration {
+        let hosts = [self.source_host.as_str(), self.target_host.as_str()];
+        let needs = self.links.slowest_mbit(&hosts).map_or(0.0, |mbit| {
+            self.spec.state_bytes as f64 * 8.0 / (mbit * 1e6)
+        });
+        self.opts.reply_timeout() + Duration::from_secs_f64(4.0 * needs)
+    }
+
+    /// [`Ctx::command`] for a command that moves the checkpoint ([`Ctx::transfer_timeout`]).
+    pub async fn transfer_command(&self, instance: &str, cmd: Command) -> Result<Answer> {
+        let sent = self.link.send(&self.spec.name, instance, cmd, &[]).await?;
+        self.watch(instance, sent.reply(self.transfer_timeout()))
+            .await
     }
 
     /// Sends a command and waits for the reply, watching the instance.

@@ -63,7 +63,7 @@ pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Checkpoint> {
         .publish_barrier(&ctx.spec.name, &barrier, stream)
         .await?;
     let what = format!("{} to reach the barrier and checkpoint", ctx.source);
-    let timeout = ctx.opts.reply_timeout();
+    let timeout = ctx.transfer_timeout();
     let (reply, _) = ctx
         .watch(
             &ctx.source.clone(),
