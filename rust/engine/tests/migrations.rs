@@ -51,7 +51,7 @@ fn main() {
                 target_killed_in_the_middle_of_a_chunked_transfer,
                 several_migrations_in_a_row,
                 near_capacity_19_msg_s,
-                plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so,
+                plain_ms2m_cannot_converge_above_capacity_and_says_so,
                 cutoff_converges_above_capacity,
                 target_killed_during_transfer_restore_or_replay,
                 target_killed_during_stop_and_copy_restore,
@@ -485,8 +485,12 @@ async fn near_capacity_19_msg_s(tb: &Testbed) -> Result<()> {
     Ok(())
 }
 
-async fn plain_ms2m_cannot_converge_at_and_above_capacity_and_says_so(tb: &Testbed) -> Result<()> {
-    for rate in [20.0, 25.0] {
+/// Above the service's capacity (20 msg/s at 50 ms) the replay can never catch up: plain ms2m
+/// gives up after its replay timeout, rolled back, nothing lost. Exactly at capacity whether
+/// it catches up within the timeout is a race (a critically loaded queue), not a property, so
+/// it is not asserted (a clean-clone CI run saw it converge once at 20 msg/s).
+async fn plain_ms2m_cannot_converge_above_capacity_and_says_so(tb: &Testbed) -> Result<()> {
+    for rate in [25.0, 30.0] {
         let name = format!("noconv-{rate}");
         with_service(tb, spec(&name, 10_000), rate, |name| async move {
             let o = MigrationOptions {
