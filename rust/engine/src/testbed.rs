@@ -78,6 +78,14 @@ impl Deployed {
     }
 }
 
+/// Where an instance got after [`Testbed::replay_instance`].
+struct Replayed {
+    last_seq: u64,
+    skipped: u64,
+    replayed: u64,
+    digest: Option<String>,
+}
+
 /// A running testbed. Close it with [`Testbed::close`]; dropping it is only a backstop.
 pub struct Testbed {
     id: String,
@@ -544,39 +552,22 @@ impl Testbed {
                 })
                 .collect();
             self.link.declare_queue(&queue).await?;
-            self.link.declare_control_queue(&service, &twin).await?;
             self.link.publish_to_queue(&queue, bodies).await?;
-            self.runtime
-                .start_instance(
-                    &d.spec,
-                    &twin,
-                    &d.current.host,
-                    &self.endpoint.internal_url,
-                    false,
-                )
-                .await?;
-            let until_seq = observed.last_seq;
-            let replay = Command::Replay {
-                queue: queue.clone(),
-                until_seq: Some(until_seq),
-            };
-            self.link
-                .command(&service, &twin, replay, &[], opts.reply_timeout())
-                .await?;
             // The twin spends the processing time on every message, as the service does.
             let replaying = Duration::from_secs_f64(log.len() as f64 * d.spec.processing_ms / 1e3)
                 * 2
                 + opts.reply_timeout();
-            let finish = Command::FinishReplay {
-                until_seq,
-                go_live: false,
-            };
-            self.link
-                .command(&service, &twin, finish, &[], replaying)
-                .await?;
-            let (r, _) = self
-                .link
-                .command(&service, &twin, Command::Digest, &[], opts.reply_timeout())
+            let timeouts = (opts.reply_timeout(), replaying);
+            let r = self
+                .replay_instance(
+                    &d.spec,
+                    &twin,
+                    &d.current.host,
+                    None,
+                    &queue,
+                    observed.last_seq,
+                    timeouts,
+                )
                 .await?;
             Ok(TwinState {
                 last_seq: r.last_seq,
@@ -584,16 +575,70 @@ impl Testbed {
             })
         }
         .await;
-        let bye = Duration::from_secs(10);
-        let _ = self
-            .link
-            .command(&service, &twin, Command::Shutdown, &[], bye)
-            .await;
         let _ = self.runtime.remove_instance(&twin).await;
         for q in [&queue, &control] {
             let _ = self.link.delete_queue(q).await;
         }
         result
+    }
+
+    /// Starts `instance` of `spec` on `host` (not live), restores `snapshot` if given, replays
+    /// `queue` up to `until_seq`, and says where it got (position, counts, digest); then asks
+    /// it to shut down (removing it is the caller's). `timeouts`: for each command, and for the
+    /// replay to finish. The twin's state check and the conformance kit's replay rules.
+    #[allow(clippy::too_many_arguments)]
+    async fn replay_instance(
+        &self,
+        spec: &ServiceSpec,
+        instance: &str,
+        host: &str,
+        snapshot: Option<&[u8]>,
+        queue: &str,
+        until_seq: u64,
+        (each, finishing): (Duration, Duration),
+    ) -> Result<Replayed> {
+        let svc = spec.name.as_str();
+        self.link.declare_control_queue(svc, instance).await?;
+        let replayed = async {
+            self.runtime
+                .start_instance(spec, instance, host, &self.endpoint.internal_url, false)
+                .await?;
+            if let Some(snapshot) = snapshot {
+                self.link
+                    .command(svc, instance, Command::Restore, snapshot, each)
+                    .await?;
+            }
+            let replay = Command::Replay {
+                queue: queue.to_string(),
+                until_seq: Some(until_seq),
+            };
+            self.link.command(svc, instance, replay, &[], each).await?;
+            let finish = Command::FinishReplay {
+                until_seq,
+                go_live: false,
+            };
+            let (r, _) = self
+                .link
+                .command(svc, instance, finish, &[], finishing)
+                .await?;
+            let (d, _) = self
+                .link
+                .command(svc, instance, Command::Digest, &[], each)
+                .await?;
+            Ok(Replayed {
+                last_seq: d.last_seq,
+                skipped: r.skipped,
+                replayed: r.replayed,
+                digest: d.digest,
+            })
+        }
+        .await;
+        let bye = Duration::from_secs(10);
+        let _ = self
+            .link
+            .command(svc, instance, Command::Shutdown, &[], bye)
+            .await;
+        replayed
     }
 
     /// Broker resources of the migration still present: its replay and checkpoint queues, and the control

@@ -158,7 +158,15 @@ impl Testbed {
         let replayer = &extra[0];
         let t0 = now_ns();
         let replayed = self
-            .replay_from(spec, replayer, &snapshot, &replay_queue, None, end)
+            .replay_instance(
+                spec,
+                replayer,
+                &spec.host,
+                Some(&snapshot),
+                &replay_queue,
+                end,
+                (WAIT, WAIT),
+            )
             .await;
         let live_digest = self.wait_digest(svc, &live, end).await;
         // The recorder reads output events as they come: wait (a while) for the replayer's
@@ -204,13 +212,14 @@ impl Testbed {
             .publish_to_queue(&replay_queue, (1..=end).map(data).collect::<Vec<_>>())
             .await?;
         let limited = self
-            .replay_from(
+            .replay_instance(
                 spec,
                 &extra[1],
-                &snapshot,
+                &spec.host,
+                Some(&snapshot),
                 &replay_queue,
-                Some(at + UNTIL),
                 at + UNTIL,
+                (WAIT, WAIT),
             )
             .await;
         out.push(outcome(
@@ -288,57 +297,6 @@ impl Testbed {
         Ok(out)
     }
 
-    /// Starts `instance` (not live), restores `snapshot`, replays `queue` (until `until`) and
-    /// finishes at `finish`; its final position and digest.
-    async fn replay_from(
-        &self,
-        spec: &ServiceSpec,
-        instance: &str,
-        snapshot: &[u8],
-        queue: &str,
-        until: Option<u64>,
-        finish: u64,
-    ) -> Result<Replayed> {
-        let svc = spec.name.as_str();
-        self.link.declare_control_queue(svc, instance).await?;
-        self.runtime
-            .start_instance(
-                spec,
-                instance,
-                &spec.host,
-                &self.endpoint.internal_url,
-                false,
-            )
-            .await?;
-        self.link
-            .command(svc, instance, Command::Restore, snapshot, WAIT)
-            .await?;
-        let replay = Command::Replay {
-            queue: queue.to_string(),
-            until_seq: until,
-        };
-        self.link.command(svc, instance, replay, &[], WAIT).await?;
-        let finish = Command::FinishReplay {
-            until_seq: finish,
-            go_live: false,
-        };
-        let (r, _) = self.link.command(svc, instance, finish, &[], WAIT).await?;
-        let (d, _) = self
-            .link
-            .command(svc, instance, Command::Digest, &[], WAIT)
-            .await?;
-        let _ = self
-            .link
-            .command(svc, instance, Command::Shutdown, &[], WAIT)
-            .await;
-        Ok(Replayed {
-            last_seq: d.last_seq,
-            skipped: r.skipped,
-            replayed: r.replayed,
-            digest: d.digest,
-        })
-    }
-
     /// The digest of `instance` once it has processed up to `seq` (polled).
     async fn wait_digest(&self, svc: &str, instance: &str, seq: u64) -> Result<String> {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -359,11 +317,4 @@ impl Testbed {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-struct Replayed {
-    last_seq: u64,
-    skipped: u64,
-    replayed: u64,
-    digest: Option<String>,
 }
