@@ -76,6 +76,7 @@ async fn recorder(url: &str, link: &Link, n: u64) -> anyhow::Result<(f64, u64)> 
             chain: "0".repeat(64),
             first_seq: None,
             messages: None,
+            output: None,
         };
         // Dropped unawaited, a confirm is collected by wait_for_confirms below.
         let confirm = ch

@@ -295,6 +295,7 @@ pub(crate) mod tests {
             chain: String::new(),
             first_seq: None,
             messages: None,
+            output: None,
         }
     }
 

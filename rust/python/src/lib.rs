@@ -6,6 +6,8 @@
 //! classes declared here. Each blocking call has an `_async` twin that returns an awaitable on
 //! one shared tokio runtime.
 
+mod service;
+
 use ms2m_engine as engine;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -464,6 +466,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(report_schema, m)?)?;
     m.add_function(wrap_pyfunction!(default_testbed_config, m)?)?;
     m.add_function(wrap_pyfunction!(default_migration_options, m)?)?;
+    m.add_function(wrap_pyfunction!(service::serve_service, m)?)?;
     m.add("Ms2mError", py.get_type::<Ms2mError>())?;
     m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;
     m.add("RuntimeUnavailable", py.get_type::<RuntimeUnavailable>())?;

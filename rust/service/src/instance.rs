@@ -7,7 +7,7 @@
 
 use crate::machine::{Action, Core, Event as CoreEvent, Outgoing, ReplaySpan};
 use crate::pipeline::{Ack, Pipeline, Publish};
-use crate::Config;
+use crate::{Config, Service};
 use anyhow::{Context, Result};
 use futures_lite::StreamExt;
 use lapin::{
@@ -19,9 +19,7 @@ use lapin::{
 };
 use ms2m_wire::{
     control::{self, Checkpoint, ChunkHeader, Envelope, Reply, StreamTo},
-    names, now_ns,
-    state::ServiceState,
-    Input, Mode, OutputEvent,
+    names, now_ns, Input, Mode, OutputEvent,
 };
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -309,7 +307,7 @@ async fn next_of(sub: &mut Option<Subscription>) -> Option<lapin::Result<Deliver
     }
 }
 
-struct Instance {
+struct Instance<S> {
     cfg: Config,
     conn: Connection,
     /// Checkpoints stream over a connection of their own: in one TCP stream with the live
@@ -320,7 +318,7 @@ struct Instance {
     out: Channel,
     /// Confirms of output events, then acks, in order (see [`crate::pipeline`]).
     pipeline: Pipeline,
-    core: Core,
+    core: Core<S>,
     live: Option<Subscription>,
     /// A channel opened ahead of going live (while replaying), so that the cutover waits for
     /// one broker round trip (the consume) instead of three.
@@ -345,7 +343,7 @@ enum Flow {
 }
 
 /// Runs the instance until a `shutdown` command, SIGTERM, or a broker failure.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
         .await
         .with_context(|| format!("connecting to the broker at {}", cfg.amqp_url))?;
@@ -373,7 +371,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     out.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
     let mut inst = Instance {
-        core: Core::new(cfg.instance.clone(), ServiceState::new(cfg.state_bytes)),
+        core: Core::new(cfg.instance.clone(), service),
         cfg,
         conn,
         bulk,
@@ -465,7 +463,7 @@ fn parse_input(body: &[u8]) -> std::result::Result<Input, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
-impl Instance {
+impl<S: Service> Instance<S> {
     /// Executes the core's actions in order; `delivery` is the message they are about, if any,
     /// with the id and the prefetch of the channel it came on.
     async fn execute(
@@ -482,9 +480,10 @@ impl Instance {
                     seq,
                     mode,
                     t_pub_ns,
+                    t_start_ns,
                     chain,
+                    output,
                 } => {
-                    let t_start_ns = now_ns();
                     spend(self.cfg.processing).await;
                     if mode == Mode::Live {
                         let event = OutputEvent {
@@ -497,6 +496,7 @@ impl Instance {
                             chain: ms2m_wire::hex(&chain),
                             first_seq: None,
                             messages: None,
+                            output,
                         };
                         publish = Some(self.publish_output(&event)?);
                     }
@@ -585,6 +585,11 @@ impl Instance {
                     }
                 }
                 Action::Warn(message) => eprintln!("ms2m-service: {message}"),
+                Action::Fail(message) => {
+                    // What was applied before it is acked; this message goes back.
+                    self.pipeline.flush().await?;
+                    anyhow::bail!(message);
+                }
                 Action::Exit => {
                     self.pipeline.flush().await?;
                     return Ok(Flow::Exit);
@@ -679,6 +684,7 @@ impl Instance {
             chain: ms2m_wire::hex(&span.chain),
             first_seq: Some(span.first_seq),
             messages: Some(span.messages),
+            output: None,
         }
     }
 

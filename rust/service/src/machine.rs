@@ -20,9 +20,9 @@
 //! reason is answered then, and `shutdown` answers whatever still waits, with an error, before
 //! its own reply.
 
+use crate::{ledger::Ledger, Message, Service};
 use ms2m_wire::{
     control::{Checkpoint, Command, Envelope, HandOver, Reply, ReplyKind, StreamTo},
-    state::ServiceState,
     Input, Mode,
 };
 
@@ -61,15 +61,20 @@ pub struct Outgoing {
 /// What the I/O loop must do, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// `seq` has been applied to the state in `mode`; spend the processing time. Live: then
-    /// publish its output event (`chain` is the state's chain right after it), whose confirm
-    /// the ack waits for. Replayed messages are reported together, by [`Action::ReplaySpan`].
+    /// `seq` has been applied to the state in `mode` (its handling began at `t_start_ns`);
+    /// spend the processing time. Live: then publish its output event (`chain` is the ledger's
+    /// chain right after it, `output` the service's), whose confirm the ack waits for.
+    /// Replayed messages are reported together, by [`Action::ReplaySpan`].
     Process {
         seq: u64,
         mode: Mode,
         t_pub_ns: u64,
+        t_start_ns: u64,
         chain: [u8; 32],
+        output: Option<String>,
     },
+    /// The service failed to handle a message: stop as a crash would, nothing acked.
+    Fail(String),
     /// Publish the one output event of a run of replayed messages. Replay has no effect on
     /// anyone, so this event is only a report: one per run rather than per message keeps a
     /// replay's broker work to a delivery and an ack per message (half of live's), which is
@@ -164,14 +169,15 @@ pub struct Position {
     pub skipped: u64,
 }
 
-/// One instance's exactly-once bookkeeping and its state.
+/// One instance's exactly-once bookkeeping and its service.
 ///
 /// Invariants: never `live` with a `replay` open; `stop_after` only while `live`.
 #[derive(Debug)]
 #[cfg_attr(test, derive(Clone, PartialEq, Eq))]
-pub struct Core {
+pub struct Core<S> {
     instance: String,
-    state: ServiceState,
+    ledger: Ledger,
+    service: S,
     live: bool,
     /// A `stop_live` waiting for `last_seq >= after_seq`.
     stop_after: Option<(u64, Pending)>,
@@ -190,11 +196,12 @@ pub struct Core {
     exited: bool,
 }
 
-impl Core {
-    pub fn new(instance: impl Into<String>, state: ServiceState) -> Self {
+impl<S: Service> Core<S> {
+    pub fn new(instance: impl Into<String>, service: S) -> Self {
         Core {
             instance: instance.into(),
-            state,
+            ledger: Ledger::default(),
+            service,
             live: false,
             stop_after: None,
             hand_over: None,
@@ -233,14 +240,14 @@ impl Core {
     }
 
     #[cfg(test)]
-    pub fn state(&self) -> &ServiceState {
-        &self.state
+    pub fn state(&self) -> &S {
+        &self.service
     }
 
     pub fn position(&self) -> Position {
         Position {
-            last_seq: self.state.last_seq,
-            count: self.state.count,
+            last_seq: self.ledger.last_seq,
+            count: self.ledger.count,
             replayed: self.replayed,
             skipped: self.skipped,
         }
@@ -345,7 +352,7 @@ impl Core {
                     corr: h.corr,
                     reply_to: h.reply_to,
                     command: Command::FinishReplay {
-                        until_seq: self.state.last_seq,
+                        until_seq: self.ledger.last_seq,
                         go_live: true,
                     },
                 },
@@ -383,7 +390,7 @@ impl Core {
                 after_seq,
                 hand_over,
             } => match after_seq {
-                Some(s) if self.live && self.state.last_seq < s => {
+                Some(s) if self.live && self.ledger.last_seq < s => {
                     if let Some((waiting, _)) = &self.stop_after {
                         let e = format!("a stop_live is already waiting for seq {waiting}");
                         self.refuse(out, pending, e);
@@ -399,15 +406,8 @@ impl Core {
                 }
             },
             Command::Snapshot { stream } => {
-                let snap = self.state.to_snapshot();
-                let mut r = self.reply(&pending.corr, kind);
-                r.t_begin_ns = now_ns;
-                out.push(Action::Reply(Outgoing {
-                    to: pending.reply_to,
-                    reply: r,
-                    attachment: snap,
-                    stream,
-                }));
+                let o = self.checkpoint(now_ns, pending.corr, pending.reply_to, kind, stream);
+                out.push(Action::Reply(o));
             }
             Command::Fetch(checkpoint) => {
                 if self.fetching.is_some() {
@@ -429,19 +429,22 @@ impl Core {
                 // An invalid snapshot is reported as such even while live or replaying; a
                 // fetched checkpoint is kept for a restore that may come later.
                 let decoded = if !attachment.is_empty() {
-                    Some(ServiceState::from_snapshot(attachment))
+                    Some(Ledger::open(attachment.to_vec()))
                 } else if busy.is_none() {
-                    self.fetched.take().map(ServiceState::from_snapshot_vec)
+                    self.fetched.take().map(Ledger::open)
                 } else {
                     None
                 };
                 let error = match (decoded, busy) {
-                    (Some(Err(e)), _) => Some(e.to_string()),
+                    (Some(Err(e)), _) => Some(e),
                     (_, Some(busy)) => Some(busy.to_string()),
-                    (Some(Ok(s)), None) => {
-                        self.state = s;
-                        None
-                    }
+                    (Some(Ok((ledger, snapshot))), None) => match self.service.restore(snapshot) {
+                        Ok(()) => {
+                            self.ledger = ledger;
+                            None
+                        }
+                        Err(e) => Some(format!("the service refused the snapshot: {e}")),
+                    },
                     (None, None) => Some(
                         "nothing to restore: no snapshot attached and no checkpoint fetched"
                             .to_string(),
@@ -489,7 +492,7 @@ impl Core {
                 }
             },
             Command::FinishReplay { until_seq, go_live } => {
-                let last_seq = self.state.last_seq;
+                let last_seq = self.ledger.last_seq;
                 match self.replay.as_mut() {
                     Some(r) if r.opening.is_some() => {
                         let e = "cannot finish a replay still being opened";
@@ -515,7 +518,10 @@ impl Core {
             }
             Command::Digest => {
                 let mut r = self.reply(&pending.corr, kind);
-                r.digest = Some(self.state.digest());
+                match self.service.digest() {
+                    Ok(d) => r.digest = Some(d),
+                    Err(e) => r.error = Some(format!("the service's digest failed: {e}")),
+                }
                 self.send(out, pending.reply_to, r, Vec::new());
             }
             Command::Shutdown => self.shutdown(pending, out),
@@ -605,14 +611,63 @@ impl Core {
         }
     }
 
-    /// Applies a data message and says so.
-    fn process(&mut self, seq: u64, t_pub_ns: u64, payload: &str, mode: Mode) -> Action {
-        self.state.apply(seq, payload.as_bytes());
-        Action::Process {
-            seq,
-            mode,
-            t_pub_ns,
-            chain: self.state.chain,
+    /// The service's snapshot sealed with the ledger, as the reply `corr` carries it; or the
+    /// reply says why there is none.
+    fn checkpoint(
+        &self,
+        now_ns: u64,
+        corr: String,
+        to: String,
+        kind: ReplyKind,
+        stream: Option<StreamTo>,
+    ) -> Outgoing {
+        let mut reply = self.reply(&corr, kind);
+        reply.t_begin_ns = now_ns;
+        match self.service.snapshot() {
+            Ok(snap) => Outgoing {
+                to,
+                reply,
+                attachment: self.ledger.seal(snap),
+                stream,
+            },
+            Err(e) => {
+                reply.error = Some(format!("the service's snapshot failed: {e}"));
+                Outgoing {
+                    to,
+                    reply,
+                    attachment: Vec::new(),
+                    stream: None,
+                }
+            }
+        }
+    }
+
+    /// Applies a data message and says so; the ledger moves only once the service did.
+    fn process(
+        &mut self,
+        now_ns: u64,
+        seq: u64,
+        t_pub_ns: u64,
+        payload: &str,
+        mode: Mode,
+    ) -> Action {
+        let msg = Message { seq, payload, mode };
+        match self.service.handle(&msg) {
+            Ok(output) => {
+                self.ledger.apply(seq, payload.as_bytes());
+                Action::Process {
+                    seq,
+                    mode,
+                    t_pub_ns,
+                    t_start_ns: now_ns,
+                    chain: self.ledger.chain,
+                    output: output.filter(|_| mode == Mode::Live),
+                }
+            }
+            Err(e) => {
+                self.exited = true;
+                Action::Fail(format!("the service failed on seq {seq}: {e}"))
+            }
         }
     }
 
@@ -625,23 +680,20 @@ impl Core {
                 t_pub_ns,
                 payload,
             }) => {
-                let a = self.process(seq, t_pub_ns, &payload, Mode::Live);
+                let a = self.process(now_ns, seq, t_pub_ns, &payload, Mode::Live);
+                let failed = matches!(a, Action::Fail(_));
                 out.push(a);
+                if failed {
+                    return;
+                }
             }
             Ok(Input::Barrier {
                 id,
                 reply_to,
                 stream,
             }) => {
-                let snap = self.state.to_snapshot();
-                let mut r = self.reply(&id, ReplyKind::Checkpoint);
-                r.t_begin_ns = now_ns;
-                out.push(Action::Checkpoint(Outgoing {
-                    to: reply_to,
-                    reply: r,
-                    attachment: snap,
-                    stream,
-                }));
+                let o = self.checkpoint(now_ns, id, reply_to, ReplyKind::Checkpoint, stream);
+                out.push(Action::Checkpoint(o));
             }
             Err(e) => out.push(Action::Warn(format!("dropping malformed input: {e}"))),
         }
@@ -649,7 +701,7 @@ impl Core {
         if self
             .stop_after
             .as_ref()
-            .is_some_and(|(after, _)| self.state.last_seq >= *after)
+            .is_some_and(|(after, _)| self.ledger.last_seq >= *after)
         {
             let (_, p) = self.stop_after.take().expect("checked above");
             self.finish_stop(p, out);
@@ -670,13 +722,17 @@ impl Core {
         {
             beyond = r.limit.is_some_and(|l| seq > l)
                 || r.finish.as_ref().is_some_and(|f| seq > f.until_seq);
-            if seq <= self.state.last_seq {
+            if seq <= self.ledger.last_seq {
                 self.skipped += 1;
             } else if !beyond {
-                let a = self.process(seq, t_pub_ns, &payload, Mode::Replay);
+                let a = self.process(now_ns, seq, t_pub_ns, &payload, Mode::Replay);
+                if matches!(a, Action::Fail(_)) {
+                    out.push(a);
+                    return;
+                }
                 out.push(a);
                 self.replayed += 1;
-                let chain = self.state.chain;
+                let chain = self.ledger.chain;
                 let span = self.span.get_or_insert(ReplaySpan {
                     first_seq: seq,
                     seq,
@@ -700,7 +756,7 @@ impl Core {
             self.end_span(out);
         }
         // A message beyond the bound means the rest is not coming: the target stops either way.
-        let last_seq = self.state.last_seq;
+        let last_seq = self.ledger.last_seq;
         let done = self
             .replay
             .as_ref()

@@ -75,6 +75,9 @@ pub struct OutputEvent {
     /// stream never carried).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<u64>,
+    /// Live events only: what the service's `handle` returned for the message, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 impl OutputEvent {

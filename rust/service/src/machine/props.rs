@@ -6,7 +6,26 @@
 //! checked for "nothing lost, nothing applied live twice".
 
 use super::*;
-use ms2m_wire::state::workload_payload;
+use ms2m_wire::state::{workload_payload, ServiceState};
+
+/// The core of the reference service.
+type Core = super::Core<ServiceState>;
+
+/// A checkpoint of `state` as the library writes one (the state's snapshot, sealed).
+trait Sealed {
+    fn checkpoint(&self) -> Vec<u8>;
+}
+
+impl Sealed for ServiceState {
+    fn checkpoint(&self) -> Vec<u8> {
+        let ledger = Ledger {
+            last_seq: self.last_seq,
+            count: self.count,
+            chain: self.chain,
+        };
+        ledger.seal(self.to_snapshot())
+    }
+}
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -237,10 +256,10 @@ impl Single {
             }
             Command::StartLive => c.replay.is_some(),
             Command::StopLive { after_seq, .. } => {
-                c.stop_after.is_some() && c.live && after_seq.is_some_and(|s| c.state.last_seq < s)
+                c.stop_after.is_some() && c.live && after_seq.is_some_and(|s| c.ledger.last_seq < s)
             }
             Command::Restore => {
-                ServiceState::from_snapshot(attachment).is_err() || c.live || c.replay.is_some()
+                Ledger::open(attachment.to_vec()).is_err() || c.live || c.replay.is_some()
             }
             Command::Replay { .. } => c.replay.is_some() || c.live,
             Command::Fetch(_) => c.fetching.is_some(),
@@ -278,7 +297,7 @@ impl Single {
             Cmd::Snapshot => Command::Snapshot { stream: None },
             Cmd::Restore(k) => {
                 attachment = match k {
-                    Some(k) => state_of(1..=k).to_snapshot(),
+                    Some(k) => state_of(1..=k).checkpoint(),
                     None => b"garbage".to_vec(),
                 };
                 restore_to = k;
@@ -431,7 +450,7 @@ impl Single {
                     prop_assert_eq!(o.reply.last_seq, self.expected.last_seq);
                     prop_assert_eq!(o.reply.count, self.expected.count);
                     if o.reply.kind == ReplyKind::Snapshot {
-                        prop_assert_eq!(o.attachment, self.expected.to_snapshot());
+                        prop_assert_eq!(o.attachment, self.expected.checkpoint());
                     }
                 }
                 Action::ReplaySpan(span) => {
@@ -459,7 +478,7 @@ impl Single {
                 Action::Checkpoint(o) => {
                     let barrier = matches!(delivery, Some((Via::Live, Ok(Input::Barrier { .. }))));
                     prop_assert!(barrier, "a checkpoint only for a live barrier");
-                    prop_assert_eq!(o.attachment, self.expected.to_snapshot());
+                    prop_assert_eq!(o.attachment, self.expected.checkpoint());
                 }
                 Action::StartLive => {
                     prop_assert!(!self.live);
@@ -482,6 +501,7 @@ impl Single {
                     prop_assert!(self.replay_open);
                     self.replay_open = false;
                 }
+                Action::Fail(e) => prop_assert!(false, "the reference service failed: {}", e),
                 Action::Warn(_) => {
                     let malformed = matches!(delivery, Some((Via::Live, Err(_))));
                     prop_assert!(malformed, "a warning only for malformed live input");
@@ -840,6 +860,7 @@ impl World {
                     acked = true;
                 }
                 Action::ReplaySpan(_) => {}
+                Action::Fail(e) => unreachable!("the reference service never fails: {e}"),
                 Action::Fetch(_) => unreachable!("the manager model fetches nothing"),
                 Action::Send { .. } => unreachable!("the manager model hands over nothing"),
                 Action::Reply(o) | Action::Checkpoint(o) => {

@@ -1,7 +1,26 @@
 //! One test per transition of the core, without a broker.
 
 use super::*;
-use ms2m_wire::state::workload_payload;
+use ms2m_wire::state::{workload_payload, ServiceState};
+
+/// The core of the reference service.
+type Core = super::Core<ServiceState>;
+
+/// A checkpoint of `state` as the library writes one (the state's snapshot, sealed).
+trait Sealed {
+    fn checkpoint(&self) -> Vec<u8>;
+}
+
+impl Sealed for ServiceState {
+    fn checkpoint(&self) -> Vec<u8> {
+        let ledger = Ledger {
+            last_seq: self.last_seq,
+            count: self.count,
+            chain: self.chain,
+        };
+        ledger.seal(self.to_snapshot())
+    }
+}
 
 const BYTES: usize = 64;
 
@@ -96,6 +115,7 @@ fn shape(actions: &[Action]) -> Vec<&'static str> {
             Action::OpenReplay { .. } => "open_replay",
             Action::CloseReplay { .. } => "close_replay",
             Action::Warn(_) => "warn",
+            Action::Fail(_) => "fail",
             Action::Exit => "exit",
         })
         .collect()
@@ -155,7 +175,7 @@ fn answers(actions: &[Action]) -> Vec<(&str, Option<&str>)> {
 /// A target restored at `at` that replays `q`.
 fn restored_and_replaying(at: u64, until_seq: Option<u64>) -> Core {
     let mut c = fresh();
-    let snap = state_of(1..=at).to_snapshot();
+    let snap = state_of(1..=at).checkpoint();
     let a = c.handle(5, Event::Control(env(Command::Restore), &snap));
     assert_eq!(the_reply(&a).error, None);
     replaying(&mut c, until_seq);
@@ -207,7 +227,9 @@ fn live_data_is_applied_then_acked() {
             seq: 1,
             mode: Mode::Live,
             t_pub_ns: 1001,
+            t_start_ns: 0,
             chain: expected.chain,
+            output: None,
         }
     );
     assert_eq!(c.state(), &expected);
@@ -226,7 +248,7 @@ fn live_barrier_takes_a_checkpoint_of_the_state_so_far() {
     assert_eq!(o.reply.corr, "b1");
     assert_eq!(o.reply.kind, ReplyKind::Checkpoint);
     assert_eq!((o.reply.last_seq, o.reply.t_begin_ns), (1, 42));
-    assert_eq!(o.attachment, state_of([1]).to_snapshot());
+    assert_eq!(o.attachment, state_of([1]).checkpoint());
     assert_eq!(c.position().last_seq, 1, "a barrier is not a message");
 }
 
@@ -489,13 +511,13 @@ fn snapshot_attaches_the_state() {
     };
     assert_eq!(o.reply.kind, ReplyKind::Snapshot);
     assert_eq!(o.reply.t_begin_ns, 7);
-    assert_eq!(o.attachment, state_of([1]).to_snapshot());
+    assert_eq!(o.attachment, state_of([1]).checkpoint());
 }
 
 #[test]
 fn restore_replaces_the_state_and_reports_the_restored_position() {
     let mut c = fresh();
-    let snap = state_of(1..=4).to_snapshot();
+    let snap = state_of(1..=4).checkpoint();
     let a = c.handle(9, Event::Control(env(Command::Restore), &snap));
     let r = the_reply(&a);
     assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::Restore, None));
@@ -516,7 +538,7 @@ fn checkpoint_of(snapshot: &[u8]) -> Checkpoint {
 #[test]
 fn fetch_then_restore_applies_the_fetched_checkpoint_once() {
     let mut c = fresh();
-    let snap = state_of(1..=4).to_snapshot();
+    let snap = state_of(1..=4).checkpoint();
     let cp = checkpoint_of(&snap);
     let a = c.handle(5, Event::Control(env(Command::Fetch(cp.clone())), &[]));
     assert_eq!(a, [Action::Fetch(cp.clone())]);
@@ -560,7 +582,7 @@ fn a_failed_fetch_is_an_error_reply_and_keeps_nothing() {
 #[test]
 fn a_fetched_checkpoint_outlives_a_refused_restore() {
     let mut c = live();
-    let snap = state_of(1..=2).to_snapshot();
+    let snap = state_of(1..=2).checkpoint();
     cmd(&mut c, Command::Fetch(checkpoint_of(&snap)));
     c.handle(8, Event::Fetched(Ok(snap)));
     let r = the_reply(&cmd(&mut c, Command::Restore)).clone();
@@ -612,7 +634,7 @@ fn a_barrier_with_a_stream_says_where_to_stream() {
         panic!("{a:?}")
     };
     assert_eq!(o.stream.as_ref(), Some(&stream));
-    assert_eq!(o.attachment, ServiceState::new(BYTES).to_snapshot());
+    assert_eq!(o.attachment, ServiceState::new(BYTES).checkpoint());
     let a = cmd(
         &mut c,
         Command::Snapshot {
@@ -628,7 +650,7 @@ fn a_barrier_with_a_stream_says_where_to_stream() {
 #[test]
 fn restore_while_live_is_refused() {
     let mut c = live();
-    let snap = state_of(1..=4).to_snapshot();
+    let snap = state_of(1..=4).checkpoint();
     let a = c.handle(0, Event::Control(env(Command::Restore), &snap));
     let r = the_reply(&a);
     assert_eq!(
@@ -648,10 +670,93 @@ fn restore_of_an_invalid_snapshot_is_an_error_reply() {
         // looked at first.
         assert_eq!(
             r.error.as_deref(),
-            Some("invalid snapshot: missing MS2MSNAP header")
+            Some("invalid checkpoint: 14 bytes, shorter than its 56-byte trailer")
         );
         assert_eq!(c.state(), &ServiceState::new(BYTES));
     }
+}
+
+#[test]
+fn a_snapshot_the_service_refuses_leaves_the_position_as_it_was() {
+    let mut c = fresh();
+    let sealed = Ledger {
+        last_seq: 9,
+        count: 9,
+        chain: [7; 32],
+    }
+    .seal(b"not a snapshot".to_vec());
+    let a = c.handle(0, Event::Control(env(Command::Restore), &sealed));
+    let r = the_reply(&a);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("the service refused the snapshot: invalid snapshot: missing MS2MSNAP header")
+    );
+    assert_eq!((r.last_seq, c.position().last_seq), (0, 0));
+}
+
+/// A service whose `handle` fails on one payload, and whose snapshot always fails.
+#[derive(Debug, Default)]
+struct Fragile(u64);
+
+impl Service for Fragile {
+    fn handle(&mut self, msg: &Message<'_>) -> crate::Result<Option<String>> {
+        if msg.payload == "poison" {
+            return Err("poisoned".into());
+        }
+        self.0 += 1;
+        Ok(Some(format!("n={}", self.0)))
+    }
+    fn snapshot(&self) -> crate::Result<Vec<u8>> {
+        Err("disk full".into())
+    }
+    fn restore(&mut self, _: Vec<u8>) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_handle_stops_the_instance_without_acking_or_moving_the_ledger() {
+    let mut c = super::Core::new("f", Fragile::default());
+    c.boot(true);
+    let input = |seq, payload: &str| {
+        Ok(Input::Data {
+            seq,
+            t_pub_ns: 0,
+            payload: payload.into(),
+        })
+    };
+    let a = c.handle(5, Event::Live(input(1, "fine")));
+    assert!(matches!(
+        &a[..],
+        [Action::Process { output: Some(o), t_start_ns: 5, .. }, Action::Ack] if o == "n=1"
+    ));
+    let a = c.handle(6, Event::Live(input(2, "poison")));
+    assert!(
+        matches!(&a[..], [Action::Fail(e)] if e == "the service failed on seq 2: poisoned"),
+        "{a:?}"
+    );
+    assert_eq!(c.position().last_seq, 1);
+    assert!(c.handle(7, Event::Live(input(3, "fine"))).is_empty());
+}
+
+#[test]
+fn a_failed_snapshot_is_an_error_reply_with_nothing_to_stream() {
+    let mut c = super::Core::new("f", Fragile::default());
+    c.boot(true);
+    let barrier = Ok(Input::Barrier {
+        id: "b".into(),
+        reply_to: "mgr".into(),
+        stream: None,
+    });
+    let a = c.handle(0, Event::Live(barrier));
+    let [Action::Checkpoint(o), Action::Ack] = &a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        o.reply.error.as_deref(),
+        Some("the service's snapshot failed: disk full")
+    );
+    assert!(o.attachment.is_empty() && o.stream.is_none());
 }
 
 #[test]
@@ -662,7 +767,7 @@ fn restore_while_replaying_is_refused() {
     cmd(&mut c, Command::PauseReplay);
     for mut c in [c, restored_and_replaying(3, None), opening()] {
         let before = c.clone();
-        let snap = state_of(1..=1).to_snapshot();
+        let snap = state_of(1..=1).checkpoint();
         let a = c.handle(0, Event::Control(env(Command::Restore), &snap));
         assert_eq!(shape(&a), ["reply"]);
         let r = the_reply(&a);
