@@ -23,7 +23,8 @@ test: setup lint test-rust test-python ## the whole suite: lint, Rust unit and D
 test-rust:
 	cargo test --release --locked --workspace --exclude ms2m-py
 
-test-python:
+test-python: ## pytest (builds the Rust example service it runs first)
+	cargo build --release --locked -q -p large-map
 	$(PY) -m pytest -q -p no:cacheprovider --ms2m-require python/tests testbeds/experiments
 
 lint: ## rustfmt, clippy (warnings are errors), ruff, stub check
