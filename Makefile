@@ -11,8 +11,10 @@ help: ## list the targets
 setup: ## install what is missing: Docker engine, testbed images, the Python package
 	bash testbeds/setup.sh
 
-images: ## (re)build the testbed images only
+images: ## (re)build the testbed images only (the Python one from a fresh wheel of the package)
 	cargo build --release --locked -q -p ms2m-service
+	rm -f target/wheels/ms2m-*.whl
+	maturin build --release -q -o target/wheels >/dev/null
 	bash testbeds/images/build.sh target/release/ms2m-service
 
 demo: setup ## the main job: migrate with both strategies RUNS times each, print the comparison

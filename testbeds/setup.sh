@@ -2,8 +2,8 @@
 # Makes this machine ready to run ms2m testbeds, installing what is missing (idempotent):
 #   1. a running Docker engine (Debian's docker.io; dockerd started in the background), and
 #      Debian's rabbitmq-server for the local runtime,
-#   2. the testbed images, built from Debian's packages (testbeds/images/build.sh),
-#   3. the Python package with its native module (maturin, `pip install .`).
+#   2. the Python package with its native module (maturin, `pip install .`),
+#   3. the testbed images, built from Debian's packages (testbeds/images/build.sh).
 # Needs root for apt-get and dockerd (as on the project's machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +45,13 @@ fi
 log "service binary (cargo build --release -p ms2m-service)"
 cargo build --release --locked -q -p ms2m-service
 
-log "testbed images"
-bash testbeds/images/build.sh target/release/ms2m-service
-
 log "Python package (pip install .)"
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "maturin>=1.7,<2"
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[test]"
+# The same build as a wheel file, for the image of Python services (cached: seconds).
+rm -f target/wheels/ms2m-*.whl
+maturin build --release -q -o target/wheels >/dev/null
+
+log "testbed images"
+bash testbeds/images/build.sh target/release/ms2m-service
 python3 -c 'import ms2m; print("ms2m", ms2m.__version__, "ready; strategies:", ", ".join(ms2m.STRATEGIES))' >&2

@@ -1,9 +1,12 @@
 """Services of one's own: the Python SDK (``ms2m.service``), the examples under
 ``examples/services/``, the conformance kit run on them, and their migrations checked by the
-twin. They run on the local runtime: the examples are a Python module and a Rust binary."""
+twin: on the local runtime as a Python module and a Rust binary, and on docker as an image
+built on ``ms2m/python:dev``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -116,8 +119,6 @@ def test_params_come_from_the_testbeds_variables() -> None:
 
 
 def test_a_bad_configuration_is_a_clear_error() -> None:
-    import subprocess
-
     out = subprocess.run(
         [*WORDCOUNT], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False
     )
@@ -194,3 +195,53 @@ def test_the_twin_sees_a_snapshot_that_forgets(local: ms2m.Testbed, tmp_path: Pa
         assert (state["oracle"], state["consistent"]) == ("twin", False), state
     finally:
         local.remove(svc)
+
+
+# -- on docker: an image of one's own on the SDK's image ---------------------------------------
+
+WORDCOUNT_IMAGE = "ms2m-test/wordcount:dev"
+
+
+@pytest.fixture(scope="module")
+def wordcount_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What a user does: ``FROM ms2m/python:dev``, the service's file, its class as ``CMD``."""
+    ctx = tmp_path_factory.mktemp("wordcount-image")
+    (ctx / "wordcount.py").write_text((ROOT / "examples/services/wordcount.py").read_text())
+    (ctx / "Dockerfile").write_text(
+        'FROM ms2m/python:dev\nCOPY wordcount.py /srv/\nCMD ["wordcount:WordCount"]\n'
+    )
+    built = subprocess.run(
+        ["docker", "build", "-q", "-t", WORDCOUNT_IMAGE, str(ctx)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        check=False,
+    )
+    if built.returncode != 0:
+        pytest.fail(
+            f"building {WORDCOUNT_IMAGE} (needs ms2m/python:dev, make images): {built.stderr}"
+        )
+    return WORDCOUNT_IMAGE
+
+
+@pytest.mark.docker
+def test_a_python_service_image_keeps_every_rule_and_migrates(
+    testbed: ms2m.Testbed, wordcount_image: str
+) -> None:
+    if testbed.runtime != "docker":
+        pytest.skip("an image needs the docker runtime")
+    rules = testbed.conformance(image=wordcount_image)
+    assert all(r["passed"] for r in rules), rules
+    svc = testbed.deploy("own-image", host="edge-1", image=wordcount_image, processing_ms=5)
+    try:
+        host = "edge-1"
+        with testbed.workload(svc, rate=40):
+            for strategy in ms2m.STRATEGIES:
+                time.sleep(0.5)
+                host = "edge-2" if host == "edge-1" else "edge-1"
+                r = testbed.migrate(svc, to=host, strategy=strategy)
+                state = r.verdict["state"]
+                assert (r.status, r.lost, r.duplicated) == ("completed", 0, 0), strategy
+                assert (state["oracle"], state["consistent"]) == ("twin", True), (strategy, state)
+    finally:
+        testbed.remove(svc)

@@ -28,6 +28,10 @@ which is the command a testbed deploys::
     tb.deploy("words", host="edge-1",
               command=["python3", "-m", "ms2m.service", "my_module:WordCount"])
 
+On the docker runtime, build an image on ``ms2m/python:dev`` (its entrypoint is
+``python3 -m ms2m.service``): ``FROM ms2m/python:dev``, ``COPY my_module.py /srv/``,
+``CMD ["my_module:WordCount"]``, then ``tb.deploy("words", host="edge-1", image=...)``.
+
 Everything else the wire contract asks of an instance (queues, acks after confirmed output
 events, barrier checkpoints streamed in chunks, replay without side effects that skips what a
 restored snapshot holds, every control command) is done by the same Rust library as the
