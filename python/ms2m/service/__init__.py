@@ -159,8 +159,9 @@ def run(service: Any, args: Sequence[str] = ()) -> None:
     """Runs ``service`` as one instance until it is shut down (a ``shutdown`` command or
     SIGTERM). ``args`` are the instance's flags (``--amqp-url``, ``--service``,
     ``--instance``, ``--live``, ``--processing-ms``, ``--prefetch``); each falls back to its
-    ``MS2M_*`` variable, which is how a testbed starts it. ``--processing-ms`` is spent after
-    every ``handle``, so that a testbed's ``processing_ms`` means the same for every service."""
+    ``MS2M_*`` variable, which is how a testbed starts it. Every message takes at least
+    ``--processing-ms``: what ``handle`` took is topped up to it, so that a testbed's
+    ``processing_ms`` means the same for every service."""
     from .._native import serve_service
 
     serve_service(_Adapter(service), list(args))

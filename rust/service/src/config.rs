@@ -9,8 +9,9 @@ pub struct Config {
     pub amqp_url: String,
     pub service: String,
     pub instance: String,
-    /// Spent on every message after [`crate::Service::handle`] (a precise timer, see the wire
-    /// README), so that a testbed's `processing_ms` means the same for any service.
+    /// The least time every message takes: what [`crate::Service::handle`] took is topped up
+    /// to it with a precise timer (see the wire README), so that a testbed's `processing_ms`
+    /// means the same for any service.
     pub processing: Duration,
     /// The reference service's state size; another service may read it as a size hint.
     pub state_bytes: usize,

@@ -484,7 +484,9 @@ impl<S: Service> Instance<S> {
                     chain,
                     output,
                 } => {
-                    spend(self.cfg.processing).await;
+                    // The service's own handling counts toward the processing time.
+                    let took = Duration::from_nanos(now_ns().saturating_sub(t_start_ns));
+                    spend(self.cfg.processing.saturating_sub(took)).await;
                     if mode == Mode::Live {
                         let event = OutputEvent {
                             instance: self.cfg.instance.clone(),
