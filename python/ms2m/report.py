@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -79,9 +80,11 @@ class Report:
         return cls.from_json(Path(path).read_text())
 
     def save(self, path: str | Path) -> Path:
-        """Writes the report as JSON; a directory gets ``<run_id>.json`` inside it."""
+        """Writes the report as JSON and returns where. A directory (one that exists, a path
+        ending in ``/``, or one without a suffix) gets ``<run_id>.json`` inside it,
+        created if need be, so that saving many reports to one folder never overwrites."""
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() or str(path).endswith(("/", os.sep)) or not p.suffix:
             p = p / f"{self.run_id}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_json())

@@ -300,7 +300,7 @@ def test_a_service_of_ones_own_by_image_and_command(testbed: ms2m.Testbed):
         assert report.to_dict()["service"]["env"] == {"MY_FLAG": "1"}
     finally:
         testbed.remove(svc)
-    with pytest.raises(ms2m.RuntimeUnavailable) as e:
+    with pytest.raises(ms2m.InstanceError) as e:
         testbed.deploy(
             "never-ready",
             host="edge-1",

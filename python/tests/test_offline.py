@@ -84,6 +84,9 @@ def test_exception_hierarchy():
         ms2m.InvariantViolated,
     ):
         assert issubclass(cls, ms2m.Ms2mError)
+        # Tracebacks name the engine's errors where users import them from.
+        if cls is not ms2m.InvariantViolated:
+            assert cls.__module__ == "ms2m", cls
 
 
 def test_report_refuses_other_documents():
@@ -483,6 +486,20 @@ def _report_doc(strategy: rt.StrategyName = "ms2m_cutoff", fired: bool = True) -
         },
         "leftovers": [],
     }
+
+
+def test_saving_reports_to_a_folder_never_overwrites(tmp_path):
+    doc = _report_doc()
+    first = ms2m.Report.from_json(json.dumps(doc))
+    doc["run_id"] = "another-run"
+    second = ms2m.Report.from_json(json.dumps(doc))
+    for folder in (f"{tmp_path}/new/", tmp_path / "plain"):
+        paths = {first.save(folder), second.save(folder)}
+        assert len(paths) == 2 and all(p.parent == Path(folder) for p in paths)
+        assert sorted(r.run_id for r in ms2m.load_reports(folder)) == sorted(
+            [first.run_id, second.run_id]
+        )
+    assert first.save(tmp_path / "one.json") == tmp_path / "one.json"
 
 
 def test_report_accessors_are_typed_copies_of_the_document():

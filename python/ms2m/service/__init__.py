@@ -157,9 +157,11 @@ class _Adapter:
 
 def run(service: Any, args: Sequence[str] = ()) -> None:
     """Runs ``service`` as one instance until it is shut down (a ``shutdown`` command or
-    SIGTERM). ``args`` are the instance's flags (``--amqp-url``, ``--service``,
-    ``--instance``, ``--live``, ``--processing-ms``, ``--prefetch``); each falls back to its
-    ``MS2M_*`` variable, which is how a testbed starts it. Every message takes at least
+    SIGTERM); ``handle`` gets each message's payload (a testbed's workload sends
+    ``message_bytes`` characters of ``a-z2-7``, the same for the same seq). ``args`` are the
+    instance's flags (``--amqp-url``, ``--service``, ``--instance``, ``--live``,
+    ``--processing-ms``, ``--prefetch``); each falls back to its ``MS2M_*`` variable, which is
+    how a testbed starts it. Every message, live or replayed, takes at least
     ``--processing-ms``: what ``handle`` took is topped up to it, so that a testbed's
     ``processing_ms`` means the same for every service."""
     from .._native import serve_service

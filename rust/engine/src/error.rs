@@ -29,6 +29,10 @@ pub enum Error {
         #[source]
         source: DockerCause,
     },
+    /// An instance of a service exited before it was ready, or was not ready in time: the
+    /// service's own failure (its log is quoted), not the runtime's.
+    #[error("{0}")]
+    NotReady(String),
     /// An instance answered a command with an error.
     #[error("{instance} refused {command}: {reason}")]
     Instance {

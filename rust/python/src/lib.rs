@@ -17,55 +17,55 @@ use std::sync::Arc;
 use std::time::Duration;
 
 create_exception!(
-    _native,
+    ms2m,
     Ms2mError,
     PyException,
     "Base class of every ms2m error."
 );
 create_exception!(
-    _native,
+    ms2m,
     ConfigurationError,
     Ms2mError,
     "A configuration or argument was refused before anything started."
 );
 create_exception!(
-    _native,
+    ms2m,
     RuntimeUnavailable,
     Ms2mError,
     "The runtime (Docker daemon, images, broker) cannot be used on this machine."
 );
 create_exception!(
-    _native,
+    ms2m,
     MigrationFailed,
     Ms2mError,
     "A migration could not complete; it was rolled back and the source kept serving."
 );
 create_exception!(
-    _native,
+    ms2m,
     BrokerError,
     Ms2mError,
     "The broker refused or dropped an operation."
 );
 create_exception!(
-    _native,
+    ms2m,
     OperationTimeout,
     Ms2mError,
     "An instance or the broker did not answer in time."
 );
 create_exception!(
-    _native,
+    ms2m,
     DockerError,
     Ms2mError,
     "A container operation failed (start, kill, remove, exec)."
 );
 create_exception!(
-    _native,
+    ms2m,
     InstanceError,
     Ms2mError,
-    "A service instance answered a command with an error."
+    "A service instance failed: it answered a command with an error, or exited (or hung) before it was ready."
 );
 create_exception!(
-    _native,
+    ms2m,
     HostError,
     Ms2mError,
     "An operation on this machine failed (a file, a process, a thread)."
@@ -86,7 +86,7 @@ impl IntoPyErr for engine::Error {
             E::MigrationFailed { .. } => MigrationFailed::new_err(msg),
             E::Broker { .. } | E::BrokerRefused(_) => BrokerError::new_err(msg),
             E::Docker { .. } => DockerError::new_err(msg),
-            E::Instance { .. } => InstanceError::new_err(msg),
+            E::Instance { .. } | E::NotReady(_) => InstanceError::new_err(msg),
             E::Timeout(_) => OperationTimeout::new_err(msg),
             E::Io { .. } => HostError::new_err(msg),
             // `Error` is non-exhaustive: a kind added later is still an ms2m error.

@@ -396,7 +396,7 @@ impl DockerRuntime {
             };
             let log = log_tail(&container).await;
             let _ = container.rm().await;
-            return Err(Error::RuntimeUnavailable(format!(
+            return Err(Error::NotReady(format!(
                 "instance {instance} of {} on {host} ({image}) {why}: the testbed waits for \
                  {READY_LINE:?} on its stdout (rust/wire/README.md); the last lines of its \
                  log:\n{log}",

@@ -304,7 +304,7 @@ impl LocalRuntime {
                 Err(_) => format!("was not ready within {} s", INSTANCE_STARTUP.as_secs()),
                 _ => "exited before it was ready".to_string(),
             };
-            return Err(Error::RuntimeUnavailable(format!(
+            return Err(Error::NotReady(format!(
                 "instance {instance} of {} on {host} ({}) {why}: the testbed waits for \
                  {READY_LINE:?} on its stdout (rust/wire/README.md); {}",
                 spec.name,

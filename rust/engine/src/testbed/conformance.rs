@@ -112,17 +112,32 @@ impl Testbed {
         ));
         self.link.delete_queue(&ckpt).await?;
 
-        // The snapshot every replay below starts from.
-        let (taken, snapshot) = self
+        // The snapshot every replay below starts from. A service whose snapshot fails breaks
+        // the replay rules, not the kit: the rest still run.
+        let (at, snapshot) = match self
             .link
             .command(svc, &live, Command::Snapshot { stream: None }, &[], WAIT)
-            .await?;
-        let at = taken.last_seq;
+            .await
+        {
+            Ok((taken, snapshot)) => (taken.last_seq, Ok(snapshot)),
+            Err(e @ Error::Instance { .. }) => {
+                let (now, _) = self
+                    .link
+                    .command(svc, &live, Command::Status, &[], WAIT)
+                    .await?;
+                (
+                    now.last_seq,
+                    Err(format!("no snapshot to replay from: {e}")),
+                )
+            }
+            Err(e) => return Err(e),
+        };
+        let attachment = snapshot.as_deref().unwrap_or(b"no snapshot");
 
         // 2. A restore is refused while live, and changes nothing.
         let refused = self
             .link
-            .command(svc, &live, Command::Restore, &snapshot, WAIT)
+            .command(svc, &live, Command::Restore, attachment, WAIT)
             .await;
         let (after, _) = self
             .link
@@ -157,17 +172,21 @@ impl Testbed {
         //    reaches, and has no side effects.
         let replayer = &extra[0];
         let t0 = now_ns();
-        let replayed = self
-            .replay_instance(
-                spec,
-                replayer,
-                &spec.host,
-                Some(&snapshot),
-                &replay_queue,
-                end,
-                (WAIT, WAIT),
-            )
-            .await;
+        let replayed = match &snapshot {
+            Ok(snapshot) => self
+                .replay_instance(
+                    spec,
+                    replayer,
+                    &spec.host,
+                    Some(snapshot),
+                    &replay_queue,
+                    end,
+                    (WAIT, WAIT),
+                )
+                .await
+                .map_err(|e| format!("the replay failed: {e}")),
+            Err(e) => Err(e.clone()),
+        };
         let live_digest = self.wait_digest(svc, &live, end).await;
         // The recorder reads output events as they come: wait (a while) for the replayer's
         // last one before counting what it published.
@@ -186,7 +205,7 @@ impl Testbed {
         out.push(outcome(
             "replay skips what the snapshot holds and has no side effects",
             match (&replayed, &live_digest) {
-                (Err(e), _) => Some(format!("the replay failed: {e}")),
+                (Err(e), _) => Some(e.clone()),
                 (_, Err(e)) => Some(format!("the live instance did not reach {end}: {e}")),
                 (Ok(r), _) if r.skipped != at || r.replayed != MORE => Some(format!(
                     "skipped {} and applied {} of {end} messages from a snapshot at {at} \
@@ -211,21 +230,25 @@ impl Testbed {
         self.link
             .publish_to_queue(&replay_queue, (1..=end).map(data).collect::<Vec<_>>())
             .await?;
-        let limited = self
-            .replay_instance(
-                spec,
-                &extra[1],
-                &spec.host,
-                Some(&snapshot),
-                &replay_queue,
-                at + UNTIL,
-                (WAIT, WAIT),
-            )
-            .await;
+        let limited = match &snapshot {
+            Ok(snapshot) => self
+                .replay_instance(
+                    spec,
+                    &extra[1],
+                    &spec.host,
+                    Some(snapshot),
+                    &replay_queue,
+                    at + UNTIL,
+                    (WAIT, WAIT),
+                )
+                .await
+                .map_err(|e| format!("the replay failed: {e}")),
+            Err(e) => Err(e.clone()),
+        };
         out.push(outcome(
             "a replay stops at until_seq",
             match limited {
-                Err(e) => Some(format!("the replay failed: {e}")),
+                Err(e) => Some(e),
                 Ok(r) if r.last_seq != at + UNTIL => Some(format!(
                     "last_seq {} after a replay until {}",
                     r.last_seq,
@@ -249,7 +272,7 @@ impl Testbed {
             .await?;
         out.push(outcome(
             "malformed input is dropped and the instance serves on",
-            self.wait_digest(svc, &live, end + 1)
+            self.wait_for(svc, &live, end + 1, Command::Status)
                 .await
                 .err()
                 .map(|e| format!("after malformed input: {e}")),
@@ -299,11 +322,17 @@ impl Testbed {
 
     /// The digest of `instance` once it has processed up to `seq` (polled).
     async fn wait_digest(&self, svc: &str, instance: &str, seq: u64) -> Result<String> {
+        self.wait_for(svc, instance, seq, Command::Digest).await
+    }
+
+    /// Polls `instance` with `ask` (`status` or `digest`) until it has processed up to `seq`;
+    /// returns the last reply's digest, if any.
+    async fn wait_for(&self, svc: &str, instance: &str, seq: u64, ask: Command) -> Result<String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let (d, _) = self
                 .link
-                .command(svc, instance, Command::Digest, &[], WAIT)
+                .command(svc, instance, ask.clone(), &[], WAIT)
                 .await?;
             if d.last_seq >= seq {
                 return Ok(d.digest.unwrap_or_default());
