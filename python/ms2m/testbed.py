@@ -390,9 +390,10 @@ class Testbed:
                 ``ms2m-service ready``; one that is not within 60 s, or exits, is an error
                 quoting the last lines of its log.
 
-        A service of one's own has no reference model: after each migration a twin (a fresh
-        instance of it that never migrated, on the same host) replays the confirmed log in
-        order and its digest must equal the migrated one's (``verdict.state.oracle ==
+        A service of one's own has no reference model: after each migration a twin (an
+        instance of it that never migrates nor restores, kept until the service is removed)
+        replays the messages confirmed since the last check, in order, and its digest must
+        equal the migrated one's (``verdict.state.oracle ==
         "twin"``).
         """
         spec = _service_spec(name, host, processing_ms, state_bytes, prefetch, image, command, env)

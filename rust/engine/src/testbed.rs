@@ -57,6 +57,27 @@ struct Deployed {
     /// When the last migration's report was taken (its backlog drained), host clock ns: the
     /// next baseline window reaches back no further, or it would measure that migration.
     settled_ns: u64,
+    /// The twin kept between migrations (a service of one's own), if one runs.
+    twin: Option<Twin>,
+}
+
+/// A twin that has applied the first `fed` entries of the confirmed log (seqs hashing to
+/// `fed_hash`): the next check feeds it only what came since, so a check costs what is new,
+/// not the service's whole age.
+struct Twin {
+    fed: usize,
+    fed_hash: [u8; 32],
+}
+
+/// SHA-256 of a log's seqs, in order: what a twin was fed, to tell whether the next log
+/// still begins with it.
+fn log_hash(log: &[(u64, u64)]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (seq, _) in log {
+        h.update(seq.to_le_bytes());
+    }
+    h.finalize().into()
 }
 
 impl Deployed {
@@ -304,6 +325,7 @@ impl Testbed {
             instances_started: 1,
             message_bytes: None,
             settled_ns: 0,
+            twin: None,
         };
         let info = self.info(&d);
         self.services
@@ -414,7 +436,7 @@ impl Testbed {
         // A service of one's own has no reference model: a twin checks its state.
         let twin = match &observed {
             Some(o) if !d.spec.is_reference() => Some(
-                self.run_twin(&d, o, &opts)
+                self.run_twin(&mut d, o, &opts)
                     .await
                     .map_err(|e| format!("the twin could not check the state: {e}")),
             ),
@@ -519,12 +541,15 @@ impl Testbed {
         })
     }
 
-    /// Runs a twin of the service: a fresh instance that never migrated, on the service's
-    /// host, replays the log `observed` should hold (confirmed messages in order, from a queue
-    /// of its own), and says what it reached. Removed afterwards, whatever happened.
+    /// Checks the state with a twin of the service: an instance that never migrates (nor
+    /// restores), started on the service's host at its first check and kept until the service
+    /// is removed, replays the log `observed` should hold (confirmed messages in order, from a
+    /// queue of its own) and says what it reached. Each check feeds it only the log's entries
+    /// since the last one; a log that no longer begins with what it was fed, or a twin that
+    /// failed, gets a fresh twin fed from the start.
     async fn run_twin(
         &self,
-        d: &Deployed,
+        d: &mut Deployed,
         observed: &ObservedState,
         opts: &MigrationOptions,
     ) -> Result<TwinState> {
@@ -537,10 +562,31 @@ impl Testbed {
             .extend([queue.clone(), control.clone()]);
         let history = d.history();
         let log = checker::confirmed_log(&history, observed.last_seq);
+        let kept = d
+            .twin
+            .take()
+            .filter(|t| t.fed <= log.len() && log_hash(&log[..t.fed]) == t.fed_hash);
+        let fresh = kept.is_none();
+        let new = &log[kept.map_or(0, |t| t.fed)..];
         let result = async {
-            // Built before the first await: a borrowing iterator held across it would make
+            if fresh {
+                // A twin kept from before, if any, would have to forget: replaced.
+                let _ = self.runtime.remove_instance(&twin).await;
+                self.link.delete_queue(&control).await?;
+                self.link.declare_control_queue(&service, &twin).await?;
+                self.runtime
+                    .start_instance(
+                        &d.spec,
+                        &twin,
+                        &d.current.host,
+                        &self.endpoint.internal_url,
+                        false,
+                    )
+                    .await?;
+            }
+            // Built before the next await: a borrowing iterator held across it would make
             // the migration's future not `Send` for every lifetime.
-            let bodies: Vec<Vec<u8>> = log
+            let bodies: Vec<Vec<u8>> = new
                 .iter()
                 .map(|&(seq, t_pub_ns)| {
                     serde_json::to_vec(&ms2m_wire::Input::Data {
@@ -554,20 +600,12 @@ impl Testbed {
             self.link.declare_queue(&queue).await?;
             self.link.publish_to_queue(&queue, bodies).await?;
             // The twin spends the processing time on every message, as the service does.
-            let replaying = Duration::from_secs_f64(log.len() as f64 * d.spec.processing_ms / 1e3)
+            let replaying = Duration::from_secs_f64(new.len() as f64 * d.spec.processing_ms / 1e3)
                 * 2
                 + opts.reply_timeout();
             let timeouts = (opts.reply_timeout(), replaying);
             let r = self
-                .replay_instance(
-                    &d.spec,
-                    &twin,
-                    &d.current.host,
-                    None,
-                    &queue,
-                    observed.last_seq,
-                    timeouts,
-                )
+                .replay_on(&service, &twin, &queue, observed.last_seq, timeouts)
                 .await?;
             Ok(TwinState {
                 last_seq: r.last_seq,
@@ -575,11 +613,27 @@ impl Testbed {
             })
         }
         .await;
-        let _ = self.runtime.remove_instance(&twin).await;
-        for q in [&queue, &control] {
-            let _ = self.link.delete_queue(q).await;
+        let _ = self.link.delete_queue(&queue).await;
+        match &result {
+            Ok(_) => {
+                d.twin = Some(Twin {
+                    fed: log.len(),
+                    fed_hash: log_hash(&log),
+                })
+            }
+            Err(_) => self.remove_twin(&service).await,
         }
         result
+    }
+
+    /// Removes a service's twin (instance and control queue), if one runs.
+    async fn remove_twin(&self, service: &str) {
+        let twin = names::twin_instance(service);
+        let _ = self.runtime.remove_instance(&twin).await;
+        let _ = self
+            .link
+            .delete_queue(&names::control_queue(service, &twin))
+            .await;
     }
 
     /// Starts `instance` of `spec` on `host` (not live), restores `snapshot` if given, replays
@@ -608,29 +662,8 @@ impl Testbed {
                     .command(svc, instance, Command::Restore, snapshot, each)
                     .await?;
             }
-            let replay = Command::Replay {
-                queue: queue.to_string(),
-                until_seq: Some(until_seq),
-            };
-            self.link.command(svc, instance, replay, &[], each).await?;
-            let finish = Command::FinishReplay {
-                until_seq,
-                go_live: false,
-            };
-            let (r, _) = self
-                .link
-                .command(svc, instance, finish, &[], finishing)
-                .await?;
-            let (d, _) = self
-                .link
-                .command(svc, instance, Command::Digest, &[], each)
-                .await?;
-            Ok(Replayed {
-                last_seq: d.last_seq,
-                skipped: r.skipped,
-                replayed: r.replayed,
-                digest: d.digest,
-            })
+            self.replay_on(svc, instance, queue, until_seq, (each, finishing))
+                .await
         }
         .await;
         let bye = Duration::from_secs(10);
@@ -639,6 +672,41 @@ impl Testbed {
             .command(svc, instance, Command::Shutdown, &[], bye)
             .await;
         replayed
+    }
+
+    /// Has a started instance that is not live replay `queue` up to `until_seq`, and says
+    /// where it got (position, counts, digest).
+    async fn replay_on(
+        &self,
+        svc: &str,
+        instance: &str,
+        queue: &str,
+        until_seq: u64,
+        (each, finishing): (Duration, Duration),
+    ) -> Result<Replayed> {
+        let replay = Command::Replay {
+            queue: queue.to_string(),
+            until_seq: Some(until_seq),
+        };
+        self.link.command(svc, instance, replay, &[], each).await?;
+        let finish = Command::FinishReplay {
+            until_seq,
+            go_live: false,
+        };
+        let (r, _) = self
+            .link
+            .command(svc, instance, finish, &[], finishing)
+            .await?;
+        let (d, _) = self
+            .link
+            .command(svc, instance, Command::Digest, &[], each)
+            .await?;
+        Ok(Replayed {
+            last_seq: d.last_seq,
+            skipped: r.skipped,
+            replayed: r.replayed,
+            digest: d.digest,
+        })
     }
 
     /// Broker resources of the migration still present: its replay and checkpoint queues, and the control
@@ -742,6 +810,9 @@ impl Testbed {
             )
             .await;
         self.runtime.remove_instance(&instance).await?;
+        if d.twin.is_some() {
+            self.remove_twin(service).await;
+        }
         d.recorder.stop().await;
         self.delete_broker_resources(service, &instance).await?;
         drop(d);
