@@ -428,9 +428,9 @@ class Testbed:
         )
         return list(json.loads(self._native.conformance(json.dumps(spec))))
 
-    def service(self, name: str) -> Service:
+    def service(self, service: Service | str) -> Service:
         """A fresh handle on a deployed service (where it runs now)."""
-        return Service._from_json(self._native.service_info(name))
+        return Service._from_json(self._native.service_info(_name(service)))
 
     def remove(self, service: Service | str) -> None:
         """Removes a service: workload, instance, recorder and its queues and exchanges."""
