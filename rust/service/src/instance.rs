@@ -116,6 +116,7 @@ async fn deliver(
     out: &Channel,
     stream_channel: Option<Result<Channel>>,
     o: Outgoing,
+    spare: Spare,
 ) -> lapin::Result<()> {
     let Outgoing {
         to,
@@ -126,9 +127,11 @@ async fn deliver(
     let attachment = match stream {
         Some(stream) => {
             let streamed = match (&stream.listen, stream_channel) {
-                (Some(listen), _) => serve_checkpoint(attachment, &stream, listen).await,
+                (Some(listen), _) => {
+                    serve_checkpoint(attachment, &stream, listen, spare.clone()).await
+                }
                 (None, Some(Ok(channel))) => {
-                    let r = stream_checkpoint(&channel, attachment, &stream).await;
+                    let r = stream_checkpoint(&channel, attachment, &stream, &spare).await;
                     let _ = channel.close(200, "checkpoint streamed".into()).await;
                     r
                 }
@@ -149,14 +152,42 @@ async fn deliver(
         None => attachment,
     };
     reply.t_ns = now_ns();
-    publish_reply(out, &to, &reply, &attachment).await
+    publish_reply(out, &to, &reply, &attachment).await?;
+    spare.give_back(attachment);
+    Ok(())
+}
+
+/// Where a snapshot's buffer goes once its bytes are out: back to the event loop, which keeps
+/// it for the next snapshot (see [`ms2m_service::Service::snapshot_into`]).
+#[derive(Clone)]
+struct Spare(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+impl Spare {
+    /// Buffers under a MiB are not worth keeping.
+    fn give_back(&self, buf: Vec<u8>) {
+        if buf.capacity() >= 1 << 20 {
+            let _ = self.0.send(buf);
+        }
+    }
+
+    /// Gives back the snapshot if nothing else holds it any more.
+    fn give_back_shared(&self, snapshot: Arc<Vec<u8>>) {
+        if let Ok(buf) = Arc::try_unwrap(snapshot) {
+            self.give_back(buf);
+        }
+    }
 }
 
 /// Serves `snapshot` for a direct transfer: listens on `listen`, hashes the snapshot, and
 /// answers with where it is served; a task then sends the chunks to whoever connects, until all
 /// of them went out on one connection, or nobody came for [`SERVE_IDLE`]. The task holds
 /// the one copy of the snapshot; the broker carries none of it.
-async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Result<Checkpoint> {
+async fn serve_checkpoint(
+    snapshot: Vec<u8>,
+    to: &StreamTo,
+    listen: &str,
+    spare: Spare,
+) -> Result<Checkpoint> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
@@ -164,8 +195,7 @@ async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Res
     let addr_served = addr.clone();
     let snapshot = Arc::new(snapshot);
     let snap = snapshot.clone();
-    let sha256 =
-        tokio::task::spawn_blocking(move || ms2m_wire::hex(&Sha256::digest(&snap[..]))).await?;
+    let sha256 = in_background(move || ms2m_wire::hex(&Sha256::digest(&snap[..]))).await?;
     let total = snapshot.len() as u64;
     let chunk_bytes = to.chunk_bytes;
     let chunks = ChunkHeader::split(total, chunk_bytes).count() as u32;
@@ -177,7 +207,7 @@ async fn serve_checkpoint(snapshot: Vec<u8>, to: &StreamTo, listen: &str) -> Res
                 return;
             };
             match send_chunks(&mut conn, &snapshot, chunk_bytes).await {
-                Ok(()) => return,
+                Ok(()) => return spare.give_back_shared(snapshot),
                 Err(e) => eprintln!("ms2m-service: serving the checkpoint to {peer}: {e:#}"),
             }
         }
@@ -241,6 +271,7 @@ async fn stream_checkpoint(
     channel: &Channel,
     snapshot: Vec<u8>,
     to: &StreamTo,
+    spare: &Spare,
 ) -> Result<Checkpoint> {
     let snapshot = Arc::new(snapshot);
     let total = snapshot.len() as u64;
@@ -265,7 +296,7 @@ async fn stream_checkpoint(
         drop(body);
         in_flight.push_back(confirm);
         let snap = snapshot.clone();
-        hasher = tokio::task::spawn_blocking(move || {
+        hasher = in_background(move || {
             hasher.update(&snap[range]);
             hasher
         })
@@ -278,6 +309,7 @@ async fn stream_checkpoint(
     while let Some(c) = in_flight.pop_front() {
         confirmed(c, &to.queue).await?;
     }
+    spare.give_back_shared(snapshot);
     Ok(Checkpoint {
         queue: to.queue.clone(),
         bytes: total,
@@ -324,6 +356,9 @@ struct Instance<S> {
     /// one broker round trip (the consume) instead of three.
     standby: Option<Channel>,
     replay: Option<Subscription>,
+    spare: Spare,
+    /// A buffer for snapshots is being prepared.
+    preparing_spare: bool,
 }
 
 enum Event {
@@ -333,6 +368,8 @@ enum Event {
     Idle,
     PipelineFailed(anyhow::Error),
     Terminate,
+    /// A buffer for the next snapshot: prepared in the background, or given back.
+    Spare(Vec<u8>),
 }
 
 /// Whether the event loop goes on.
@@ -370,6 +407,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
     let out = conn.create_channel().await?;
     out.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
+    let (spare, mut spares) = tokio::sync::mpsc::unbounded_channel();
     let mut inst = Instance {
         core: Core::new(cfg.instance.clone(), service),
         cfg,
@@ -380,6 +418,8 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         live: None,
         standby: None,
         replay: None,
+        spare: Spare(spare),
+        preparing_spare: false,
     };
     let boot = inst.core.boot(inst.cfg.live);
     inst.execute(boot, None).await?;
@@ -395,6 +435,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
             _ = sigterm.recv() => Event::Terminate,
             e = inst.pipeline.failed() => Event::PipelineFailed(e),
             d = control.consumer.next() => Event::Control(d),
+            Some(buf) = spares.recv() => Event::Spare(buf),
             d = next_of(&mut inst.live), if polls_live => Event::Live(d),
             d = next_of(&mut inst.replay), if polls_replay => Event::Replay(d),
             // Last, so only when nothing above is ready: the end of a run of replayed messages.
@@ -402,6 +443,11 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         };
         let flow = match event {
             Event::Terminate => Flow::Exit,
+            Event::Spare(buf) => {
+                inst.preparing_spare = false;
+                inst.core.offer_buffer(buf);
+                Flow::Continue
+            }
             Event::PipelineFailed(e) => return Err(e),
             Event::Idle => {
                 let actions = inst.core.handle(now_ns(), CoreEvent::Idle);
@@ -606,7 +652,7 @@ impl<S: Service> Instance<S> {
     /// missing shows as the manager's timeout.
     async fn send(&self, o: Outgoing) -> Result<()> {
         let channel = self.stream_channel(&o).await;
-        deliver(&self.out, channel, o).await?;
+        deliver(&self.out, channel, o, self.spare.clone()).await?;
         Ok(())
     }
 
@@ -614,9 +660,9 @@ impl<S: Service> Instance<S> {
     /// writing its megabytes happens while the instance goes on serving.
     async fn send_in_background(&self, o: Outgoing) {
         let channel = self.stream_channel(&o).await;
-        let out = self.out.clone();
+        let (out, spare) = (self.out.clone(), self.spare.clone());
         tokio::spawn(async move {
-            if let Err(e) = deliver(&out, channel, o).await {
+            if let Err(e) = deliver(&out, channel, o, spare).await {
                 eprintln!("ms2m-service: sending the checkpoint failed: {e}");
             }
         });
@@ -669,8 +715,28 @@ impl<S: Service> Instance<S> {
                 None => consumer_channel(&self.conn, self.cfg.prefetch).await?,
             };
             self.live = Some(Subscription::on(channel, &queue, &self.cfg.instance).await?);
+            self.prepare_spare();
         }
         Ok(())
+    }
+
+    /// Once serving live (a source to be, some day), prepares a buffer for snapshots in the
+    /// background if the service wants one: not earlier, so that a target, which holds the
+    /// checkpoint it fetched besides its state, never holds a third copy.
+    fn prepare_spare(&mut self) {
+        let Some(bytes) = self.core.snapshot_size_hint() else {
+            return;
+        };
+        if self.preparing_spare {
+            return;
+        }
+        self.preparing_spare = true;
+        let spare = self.spare.clone();
+        tokio::spawn(async move {
+            if let Ok(buf) = in_background(move || mapped_buffer(bytes)).await {
+                spare.give_back(buf);
+            }
+        });
     }
 
     /// The output event of a run of replayed messages, stamped now.
@@ -843,6 +909,33 @@ async fn spend(d: Duration) {
     while Instant::now() < deadline {
         std::hint::spin_loop();
     }
+}
+
+/// An empty buffer of `bytes` capacity whose pages are all mapped (written once).
+fn mapped_buffer(bytes: usize) -> Vec<u8> {
+    let mut buf = ms2m_wire::state::buffer(bytes);
+    buf.resize(bytes, 0);
+    buf.clear();
+    buf
+}
+
+/// Runs CPU work of a checkpoint (hashing its megabytes) off the event loop, on a thread of
+/// the blocking pool at the lowest CPU priority: where cores are few, the live path (this
+/// instance's event loop, and whatever else shares its cgroup) goes first and the checkpoint
+/// takes what is left. A 256 MiB state otherwise cost ms2m hundreds of ms of downtime on a
+/// 2-core machine, its hashing competing with the messages the source still serves.
+fn in_background<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: setpriority on this thread's own id only lowers its priority (a per-thread
+        // attribute on Linux); a failure leaves it as it was.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+        work()
+    })
 }
 
 /// Asks for the smallest timer slack on the calling thread (the event loop's), so that its

@@ -193,6 +193,9 @@ pub struct Core<S> {
     fetching: Option<(Pending, Checkpoint, u64)>,
     /// The checkpoint fetched last, for the next `restore` without attachment.
     fetched: Option<Vec<u8>>,
+    /// An empty buffer whose pages are mapped, for the next snapshot (see
+    /// [`Service::snapshot_into`]).
+    spare: Option<Vec<u8>>,
     exited: bool,
 }
 
@@ -211,6 +214,7 @@ impl<S: Service> Core<S> {
             span: None,
             fetching: None,
             fetched: None,
+            spare: None,
             exited: false,
         }
     }
@@ -273,6 +277,23 @@ impl<S: Service> Core<S> {
             Event::Fetched(result) => self.on_fetched(result, &mut out),
         }
         out
+    }
+
+    /// Takes `buf` (emptied) for the next snapshot, unless a bigger one is kept already.
+    pub fn offer_buffer(&mut self, mut buf: Vec<u8>) {
+        buf.clear();
+        if self
+            .spare
+            .as_ref()
+            .is_none_or(|s| s.capacity() < buf.capacity())
+        {
+            self.spare = Some(buf);
+        }
+    }
+
+    /// How big a buffer the service would like kept for its snapshots, if any.
+    pub fn snapshot_size_hint(&self) -> Option<usize> {
+        self.service.snapshot_size_hint()
     }
 
     /// Whether replayed messages wait to be reported (the I/O loop then sends
@@ -614,7 +635,7 @@ impl<S: Service> Core<S> {
     /// The service's snapshot sealed with the ledger, as the reply `corr` carries it; or the
     /// reply says why there is none.
     fn checkpoint(
-        &self,
+        &mut self,
         now_ns: u64,
         corr: String,
         to: String,
@@ -623,7 +644,8 @@ impl<S: Service> Core<S> {
     ) -> Outgoing {
         let mut reply = self.reply(&corr, kind);
         reply.t_begin_ns = now_ns;
-        match self.service.snapshot() {
+        let buf = self.spare.take().unwrap_or_default();
+        match self.service.snapshot_into(buf) {
             Ok(snap) => Outgoing {
                 to,
                 reply,

@@ -14,6 +14,15 @@ impl Service for ServiceState {
         Ok(self.to_snapshot())
     }
 
+    fn snapshot_into(&self, buf: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(self.to_snapshot_into(buf))
+    }
+
+    /// Only states worth a buffer kept mapped: below a MiB fresh memory costs little.
+    fn snapshot_size_hint(&self) -> Option<usize> {
+        (self.snapshot_len() >= 1 << 20).then(|| self.snapshot_len() + crate::TRAILER_LEN)
+    }
+
     fn restore(&mut self, data: Vec<u8>) -> Result<()> {
         *self = ServiceState::from_snapshot_vec(data)?;
         Ok(())

@@ -91,7 +91,19 @@ impl ServiceState {
 
     /// Serializes the state (the application-level checkpoint).
     pub fn to_snapshot(&self) -> Vec<u8> {
-        let mut out = buffer(HEADER_LEN + self.data.len());
+        self.to_snapshot_into(buffer(self.snapshot_len()))
+    }
+
+    /// The size of [`ServiceState::to_snapshot`]'s bytes.
+    pub fn snapshot_len(&self) -> usize {
+        HEADER_LEN + self.data.len()
+    }
+
+    /// [`ServiceState::to_snapshot`] into `out` (cleared first): a buffer whose pages are
+    /// already mapped takes the copy several times faster than fresh memory.
+    pub fn to_snapshot_into(&self, mut out: Vec<u8>) -> Vec<u8> {
+        out.clear();
+        out.reserve(self.snapshot_len());
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
         out.extend_from_slice(&self.last_seq.to_le_bytes());

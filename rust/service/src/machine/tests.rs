@@ -1539,3 +1539,24 @@ fn pause_replay_while_the_replay_is_being_opened_opens_it_paused() {
     assert_eq!(a, vec![]);
     assert!(c.polls_replay(), "finish_replay resumes it");
 }
+
+#[test]
+fn a_snapshot_is_written_into_the_buffer_offered() {
+    let attachment = |a: Vec<Action>| match a.into_iter().next() {
+        Some(Action::Reply(o)) => o.attachment,
+        other => panic!("{other:?}"),
+    };
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    let buf = Vec::with_capacity(4096);
+    let at = buf.as_ptr();
+    c.offer_buffer(buf);
+    // A smaller one offered later does not replace it.
+    c.offer_buffer(Vec::with_capacity(16));
+    let snap = attachment(cmd(&mut c, Command::Snapshot { stream: None }));
+    assert_eq!((snap.as_ptr(), &snap), (at, &state_of([1]).checkpoint()));
+    // Taken: the next snapshot gets memory of its own unless a buffer comes back.
+    let again = attachment(cmd(&mut c, Command::Snapshot { stream: None }));
+    assert_eq!(again, snap);
+    assert_ne!(again.as_ptr(), at);
+}
