@@ -357,8 +357,9 @@ struct Instance<S> {
     standby: Option<Channel>,
     replay: Option<Subscription>,
     spare: Spare,
-    /// A buffer for snapshots is being prepared.
-    preparing_spare: bool,
+    /// A buffer for snapshots was prepared (once per instance: after that, checkpoints give
+    /// theirs back).
+    spare_prepared: bool,
 }
 
 enum Event {
@@ -419,7 +420,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         standby: None,
         replay: None,
         spare: Spare(spare),
-        preparing_spare: false,
+        spare_prepared: false,
     };
     let boot = inst.core.boot(inst.cfg.live);
     inst.execute(boot, None).await?;
@@ -444,7 +445,6 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         let flow = match event {
             Event::Terminate => Flow::Exit,
             Event::Spare(buf) => {
-                inst.preparing_spare = false;
                 inst.core.offer_buffer(buf);
                 Flow::Continue
             }
@@ -727,10 +727,10 @@ impl<S: Service> Instance<S> {
         let Some(bytes) = self.core.snapshot_size_hint() else {
             return;
         };
-        if self.preparing_spare {
+        if self.spare_prepared {
             return;
         }
-        self.preparing_spare = true;
+        self.spare_prepared = true;
         let spare = self.spare.clone();
         tokio::spawn(async move {
             if let Ok(buf) = in_background(move || mapped_buffer(bytes)).await {
