@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, get_args
 
-from . import _native
+from . import _native, _reaper
 from .defaults import BROKER_STARTUP_TIMEOUT_S, DEFAULT_HOSTS, MIGRATION_DEFAULTS
 from .links import Link, as_link, pair_name
 from .profiles import Profile, constant
@@ -261,11 +261,13 @@ class Testbed:
     def start(self) -> Testbed:
         """Starts the broker (blocking). Prefer ``with Testbed() as tb``."""
         if self._tb is None:
+            _reaper.ensure_started()
             self._tb = _native.Testbed.start(self._config)
         return self
 
     async def start_async(self) -> Testbed:
         if self._tb is None:
+            _reaper.ensure_started()
             self._tb = await _native.Testbed.start_async(self._config)
         return self
 
