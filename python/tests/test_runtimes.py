@@ -41,7 +41,8 @@ def local_testbed() -> Iterator[ms2m.Testbed]:
 
 def test_local_runtime_migrates_real_processes(local_testbed: ms2m.Testbed):
     assert local_testbed.runtime == "local"
-    assert local_testbed.amqp_url.startswith("amqp://guest:guest@127.0.0.1:")
+    assert local_testbed.amqp_url.startswith("amqp://ms2m:")
+    assert "@127.0.0.1:" in local_testbed.amqp_url
     svc = local_testbed.deploy("py-local", host="edge-1", processing_ms=50, state_bytes=100_000)
     try:
         with local_testbed.workload(svc, rate=10):

@@ -50,17 +50,7 @@ pub fn is_loopback_url(url: &str) -> bool {
     })
 }
 
-/// The URL without its password, for reports.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
+pub use ms2m_wire::redact_url as redact;
 
 #[cfg(test)]
 mod tests {

@@ -61,6 +61,7 @@ fn main() {
                 links_carry_every_strategy_and_an_outage_holds_messages,
                 a_service_of_ones_own_is_deployed_by_image_or_command,
                 the_conformance_kit_passes_the_reference_and_names_a_broken_rule,
+                the_broker_has_its_own_user_and_refuses_guest,
             ],
         ),
         (
@@ -78,6 +79,7 @@ fn main() {
                 links_carry_every_strategy_and_an_outage_holds_messages,
                 a_service_of_ones_own_is_deployed_by_image_or_command,
                 the_conformance_kit_passes_the_reference_and_names_a_broken_rule,
+                the_broker_has_its_own_user_and_refuses_guest,
             ],
         ),
     ];
@@ -742,6 +744,29 @@ async fn checker_catches_a_migration_without_barrier(tb: &Testbed) -> Result<()>
     .await
 }
 
+/// The testbed's broker has a user of its own with a random password: `guest` does not exist
+/// on it, and a report does not show the password.
+async fn the_broker_has_its_own_user_and_refuses_guest(tb: &Testbed) -> Result<()> {
+    let url = tb.amqp_url().to_string();
+    ensure!(url.starts_with("amqp://ms2m:"), "{url}");
+    let at = url.rfind('@').expect("a user in the URL");
+    let password = url["amqp://ms2m:".len()..at].to_string();
+    ensure!(password.len() >= 20, "a short password: {password:?}");
+    let guest = format!("amqp://guest:guest{}", &url[at..]);
+    let refused = lapin::Connection::connect(&guest, lapin::ConnectionProperties::default()).await;
+    ensure!(refused.is_err(), "the broker let guest in");
+    with_service(tb, spec("creds", 10_000), 10.0, |name| async move {
+        let r = tb.migrate(&name, "edge-2", Strategy::Ms2m, opts()).await?;
+        clean(&r)?;
+        ensure!(
+            !r.to_json().contains(&password),
+            "the report shows the broker's password"
+        );
+        Ok(())
+    })
+    .await
+}
+
 /// A second testbed uses the first one's broker as an external broker: it migrates there and,
 /// once its service is removed, has left none of its queues on it.
 async fn external_broker_is_used_and_left_clean(tb: &Testbed) -> Result<()> {
@@ -759,7 +784,7 @@ async fn external_broker_is_used_and_left_clean(tb: &Testbed) -> Result<()> {
             ensure!(
                 r.environment
                     .broker_image
-                    .starts_with("external amqp://guest:***@"),
+                    .starts_with("external amqp://ms2m:***@"),
                 "{}",
                 r.environment.broker_image
             );

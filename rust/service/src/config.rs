@@ -24,6 +24,13 @@ pub struct Config {
     pub breaks: Option<String>,
 }
 
+impl Config {
+    /// The broker's URL as logs may show it: without the password.
+    pub fn broker_shown(&self) -> String {
+        ms2m_wire::redact_url(&self.amqp_url)
+    }
+}
+
 const USAGE: &str = "flags (or the MS2M_* variables): --amqp-url URL --service NAME --instance ID \
                      [--processing-ms F] [--state-bytes N] [--prefetch N] [--live]";
 

@@ -384,10 +384,10 @@ enum Flow {
 pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
         .await
-        .with_context(|| format!("connecting to the broker at {}", cfg.amqp_url))?;
+        .with_context(|| format!("connecting to the broker at {}", cfg.broker_shown()))?;
     let bulk = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
         .await
-        .with_context(|| format!("connecting to the broker at {}", cfg.amqp_url))?;
+        .with_context(|| format!("connecting to the broker at {}", cfg.broker_shown()))?;
     let setup = conn.create_channel().await?;
     let control_queue = names::control_queue(&cfg.service, &cfg.instance);
     setup

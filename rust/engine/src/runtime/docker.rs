@@ -222,13 +222,14 @@ impl DockerRuntime {
             };
             return Ok((rt, endpoint));
         }
+        let user = super::BrokerUser::generate();
         let container = generic(&cfg.broker_image)
             .with_exposed_port(AMQP_PORT.tcp())
             .with_wait_for(WaitFor::Nothing)
             .with_network(network)
             .with_container_name(&broker_name)
             .with_labels(rt.labels("broker", &[]))
-            .with_env_var(super::BROKER_ERL_ARGS.0, super::BROKER_ERL_ARGS.1)
+            .with_env_var(super::BROKER_ERL_ARGS.0, user.erl_args())
             .with_host_config_modifier(move |hc| {
                 hc.cgroup_parent = cgroup_parent.clone();
                 // Publish on loopback only: the broker is for this machine's tests.
@@ -257,12 +258,12 @@ impl DockerRuntime {
         };
         *rt.broker.lock().await = Some(container);
         let url = match direct {
-            Some(ip) => format!("amqp://guest:guest@{ip}:{AMQP_PORT}/%2f"),
-            None => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            Some(ip) => user.url(&format!("{ip}:{AMQP_PORT}")),
+            None => user.url(&format!("127.0.0.1:{port}")),
         };
         let endpoint = BrokerEndpoint {
             url,
-            internal_url: format!("amqp://guest:guest@{broker_name}:{AMQP_PORT}/%2f"),
+            internal_url: user.url(&format!("{broker_name}:{AMQP_PORT}")),
         };
         Ok((rt, endpoint))
     }

@@ -144,9 +144,10 @@ impl LocalRuntime {
             Some(url) => url.clone(),
             None => {
                 let deadline = Duration::from_secs_f64(cfg.broker_startup_timeout_s);
-                let (broker, port) = rt.start_broker(deadline).await?;
+                let user = super::BrokerUser::generate();
+                let (broker, port) = rt.start_broker(deadline, &user).await?;
                 *rt.broker.lock().await = Some(broker);
-                format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+                user.url(&format!("127.0.0.1:{port}"))
             }
         };
         let endpoint = BrokerEndpoint {
@@ -163,7 +164,11 @@ impl LocalRuntime {
             .stdin(Stdio::null());
     }
 
-    async fn start_broker(&self, deadline: Duration) -> Result<(LocalBroker, u16)> {
+    async fn start_broker(
+        &self,
+        deadline: Duration,
+        user: &super::BrokerUser,
+    ) -> Result<(LocalBroker, u16)> {
         let (port, dist_port) = (free_port()?, free_port()?);
         let d = &self.dir;
         let write = |name: &str, text: &str| {
@@ -193,7 +198,7 @@ impl LocalRuntime {
             ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
             ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
             ("RABBITMQ_PID_FILE", path("broker.pid")),
-            (super::BROKER_ERL_ARGS.0, super::BROKER_ERL_ARGS.1.into()),
+            (super::BROKER_ERL_ARGS.0, user.erl_args()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

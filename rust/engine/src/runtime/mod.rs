@@ -24,6 +24,38 @@ pub(crate) const BROKER_ERL_ARGS: (&str, &str) = (
     "+sbwt none +sbwtdcpu none +sbwtdio none",
 );
 
+/// The user a testbed's own broker is created with, and its password: random per testbed, so
+/// that no well-known account (RabbitMQ's `guest`) exists on it.
+#[derive(Clone)]
+pub(crate) struct BrokerUser {
+    pub name: &'static str,
+    pub password: String,
+}
+
+impl BrokerUser {
+    pub fn generate() -> Self {
+        use rand::distr::{Alphanumeric, SampleString};
+        BrokerUser {
+            name: "ms2m",
+            password: Alphanumeric.sample_string(&mut rand::rng(), 24),
+        }
+    }
+
+    /// The broker's Erlang VM flags ([`BROKER_ERL_ARGS`]) with this user as the one created
+    /// at the broker's first start, instead of `guest`.
+    pub fn erl_args(&self) -> String {
+        format!(
+            "{} -rabbit default_user <<\"{}\">> default_pass <<\"{}\">>",
+            BROKER_ERL_ARGS.1, self.name, self.password
+        )
+    }
+
+    /// An AMQP URL for `host:port` as this user.
+    pub fn url(&self, authority: &str) -> String {
+        format!("amqp://{}:{}@{authority}/%2f", self.name, self.password)
+    }
+}
+
 /// Where instances and clients reach the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerEndpoint {
