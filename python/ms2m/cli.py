@@ -3,6 +3,7 @@
 ms2m compare [--runs N] [--rate R] ...   migrate with each strategy, print the comparison
 ms2m summarize DIR                        summarize a folder of reports
 ms2m conformance --image I | --command ... check an implementation of the wire contract
+ms2m soak --migrations N [--seed S] ...   a resumable chain of migrations with faults
 ms2m cleanup [--all]                      remove containers and processes left by crashed runs
 """
 
@@ -119,6 +120,25 @@ def _conformance(args: argparse.Namespace) -> int:
     broken = [r for r in rules if not r["passed"]]
     print(f"\n{len(rules) - len(broken)} of {len(rules)} rules kept")
     return 1 if broken else 0
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from .soak import format_summary, soak
+
+    out = args.out or f"results/soak-{args.seed}"
+    summary = soak(
+        out,
+        migrations=args.migrations,
+        seed=args.seed,
+        fault_rate=args.fault_rate,
+        strategies=args.strategies,
+        rates=args.rates,
+        runtime=args.runtime,
+    )
+    print(format_summary(summary))
+    print(f"\nrows: {out}/soak.jsonl; summary: {out}/summary.json")
+    bad = summary["lost"] + summary["duplicated"] + summary["state_mismatches"]
+    return 1 if bad or summary["invalid"] or summary["leftover_queues"] else 0
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -247,6 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--processing-ms", type=float, default=0.0)
     f.add_argument("--runtime", choices=RUNTIMES, default="auto")
     f.set_defaults(func=_conformance)
+
+    s = sub.add_parser(
+        "soak",
+        help="a resumable chain of migrations across hosts, strategies and rates, with faults",
+    )
+    s.add_argument("--migrations", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--fault-rate", type=float, default=0.1, help="share of migrations whose target is killed"
+    )
+    s.add_argument("--strategies", nargs="+", default=None)
+    s.add_argument("--rates", nargs="+", type=float, default=[5.0, 10.0, 20.0])
+    s.add_argument("--runtime", choices=RUNTIMES, default="auto")
+    s.add_argument("--out", default=None, help="folder (default results/soak-SEED); resumes there")
+    s.set_defaults(func=_soak)
 
     k = sub.add_parser("cleanup", help="remove containers and processes left by crashed runs")
     k.add_argument("--all", action="store_true", help="also those of running testbeds")
