@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 _started: subprocess.Popen[bytes] | None = None
 _lock = threading.Lock()
@@ -32,14 +33,22 @@ def ensure_started() -> None:
     with _lock:
         if _started is not None and _started.poll() is None:
             return
-        _started = subprocess.Popen(
-            [sys.executable, "-m", "ms2m._reaper", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        try:
+            _started = subprocess.Popen(
+                [sys.executable, "-m", "ms2m._reaper", str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            # Best effort: without a reaper the testbed still works, and `python -m ms2m
+            # cleanup` removes what a killed driver leaves.
+            warnings.warn(
+                f"ms2m: no reaper ({e}); if this process is killed, run `python -m ms2m cleanup`",
+                stacklevel=3,
+            )
 
 
 def _watch(owner: int) -> int:
