@@ -100,3 +100,35 @@ def test_a_sigkilled_driver_leaves_nothing_30_s_later(runtime: str, tmp_path: Pa
             break
         time.sleep(0.5)
     assert not left, f"30 s after SIGKILL, testbed {testbed} left {left}"
+
+
+KEEPER = """
+import ms2m
+tb = ms2m.Testbed(runtime="docker").start()
+svc = tb.deploy("kept", host="edge-1", processing_ms=5, state_bytes=10_000)
+try:
+    tb.migrate(svc, to="edge-2", fault=ms2m.Fault(kill="target", at_phase="restore"))
+except ms2m.MigrationFailed:
+    pass
+tb.keep()
+print(tb.id, flush=True)
+"""
+
+
+@pytest.mark.docker
+def test_a_kept_testbed_never_closed_exits_cleanly(tmp_path: Path) -> None:
+    """No panic ends a user's process: a testbed left unclosed (here kept, after a failed
+    migration) is dropped at the interpreter's exit without aborting it."""
+    script = tmp_path / "keeper.py"
+    script.write_text(KEEPER)
+    env = {**os.environ, "TESTCONTAINERS_COMMAND": "keep"}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    testbed = out.stdout.strip()
+    try:
+        assert out.returncode == 0 and "panic" not in out.stderr, out.stderr[-2000:]
+        assert _containers_of(testbed), "keep() should have kept the containers"
+    finally:
+        subprocess.run(["docker", "rm", "-f", *_containers_of(testbed)], capture_output=True)
+        subprocess.run(["docker", "network", "rm", *_networks_of(testbed)], capture_output=True)

@@ -190,6 +190,37 @@ pub struct DockerRuntime {
     instances: Mutex<HashMap<String, ContainerAsync<GenericImage>>>,
 }
 
+impl Drop for DockerRuntime {
+    /// testcontainers removes (or, with `TESTCONTAINERS_COMMAND=keep`, keeps) a container in its
+    /// `Drop` through the current tokio runtime, and panics where there is none: a testbed never
+    /// closed is dropped at a Python interpreter's exit, outside any runtime, and a panic there
+    /// aborts the user's process. Dropped outside one, the containers go on a runtime of their
+    /// own.
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let broker = self.broker.get_mut().take();
+        let instances = std::mem::take(self.instances.get_mut());
+        if broker.is_none() && instances.is_empty() {
+            return;
+        }
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => {
+                let _inside = rt.enter();
+                drop(instances);
+                drop(broker);
+            }
+            // Nothing to remove them with: leak them rather than abort (the reaper and
+            // `python -m ms2m cleanup` remove them).
+            Err(_) => std::mem::forget((broker, instances)),
+        }
+    }
+}
+
 impl DockerRuntime {
     /// Starts the broker container (unless `cfg.amqp_url` names an external broker).
     pub async fn start(cfg: &TestbedConfig, testbed_id: &str) -> Result<(Self, BrokerEndpoint)> {
