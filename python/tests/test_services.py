@@ -81,6 +81,17 @@ def test_load_takes_a_module_or_a_file(tmp_path: Path) -> None:
         load(f"{f}:Nope")
 
 
+def test_a_file_imports_its_neighbours_and_shadows_nothing(tmp_path: Path) -> None:
+    (tmp_path / "helpers.py").write_text("BASE = 41\n")
+    (tmp_path / "json.py").write_text(
+        "import helpers\n\nclass Mine:\n    base = helpers.BASE + 1\n"
+    )
+    assert load(f"{tmp_path}/json.py:Mine").base == 42
+    import json
+
+    assert json.dumps([1]) == "[1]"
+
+
 def test_outputs_become_strings() -> None:
     assert _output(None) is None
     assert _output("x") == "x"

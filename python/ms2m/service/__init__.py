@@ -178,11 +178,15 @@ def load(spec: str) -> type:
         path = Path(where)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path} (from {spec!r})")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # Its own folder first, so that it imports its neighbours as when run as a script; a
+        # name of its own, so that a file called `random.py` shadows nothing.
+        sys.path.insert(0, str(path.resolve().parent))
+        module_name = f"_ms2m_service_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
             raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(module_spec)
-        sys.modules[path.stem] = module
+        sys.modules[module_name] = module
         module_spec.loader.exec_module(module)
     else:
         if "" not in sys.path and os.getcwd() not in sys.path:
