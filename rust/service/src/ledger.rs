@@ -7,8 +7,6 @@
 //! `chain[32] | u64 last_seq | u64 count | "MS2MLDG1"`, little-endian. A trailer rather than a
 //! header: appending to a snapshot of hundreds of MiB, and cutting it off again, copies nothing.
 
-use sha2::{Digest, Sha256};
-
 const MAGIC: &[u8; 8] = b"MS2MLDG1";
 /// Bytes the ledger adds to a service's snapshot.
 pub const TRAILER_LEN: usize = 32 + 8 + 8 + MAGIC.len();
@@ -24,11 +22,7 @@ pub struct Ledger {
 impl Ledger {
     /// Records that `seq` was applied.
     pub fn apply(&mut self, seq: u64, payload: &[u8]) {
-        let mut h = Sha256::new();
-        h.update(self.chain);
-        h.update(seq.to_le_bytes());
-        h.update(payload);
-        self.chain = h.finalize().into();
+        self.chain = ms2m_wire::state::next_chain(&self.chain, seq, payload);
         self.last_seq = seq;
         self.count += 1;
     }

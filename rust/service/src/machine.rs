@@ -796,6 +796,9 @@ impl<S: Service> Core<S> {
 }
 
 #[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]

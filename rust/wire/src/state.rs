@@ -61,11 +61,7 @@ impl ServiceState {
 
     /// Applies one message.
     pub fn apply(&mut self, seq: u64, payload: &[u8]) {
-        let mut h = Sha256::new();
-        h.update(self.chain);
-        h.update(seq.to_le_bytes());
-        h.update(payload);
-        self.chain = h.finalize().into();
+        self.chain = next_chain(&self.chain, seq, payload);
         self.last_seq = seq;
         self.count += 1;
         let len = self.data.len();
@@ -127,6 +123,16 @@ impl ServiceState {
         bytes.drain(..HEADER_LEN);
         Ok(header.with_data(bytes))
     }
+}
+
+/// The hash chain after `seq`: `SHA-256(chain || seq as u64 little-endian || payload)`. The
+/// reference state's chain, and the one the service library keeps for every service.
+pub fn next_chain(chain: &[u8; 32], seq: u64, payload: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(chain);
+    h.update(seq.to_le_bytes());
+    h.update(payload);
+    h.finalize().into()
 }
 
 /// An empty buffer with room for `n` bytes (see [`hint_huge_pages`]).

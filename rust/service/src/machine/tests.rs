@@ -1,26 +1,8 @@
 //! One test per transition of the core, without a broker.
 
+use super::test_support::{Core, Sealed};
 use super::*;
 use ms2m_wire::state::{workload_payload, ServiceState};
-
-/// The core of the reference service.
-type Core = super::Core<ServiceState>;
-
-/// A checkpoint of `state` as the library writes one (the state's snapshot, sealed).
-trait Sealed {
-    fn checkpoint(&self) -> Vec<u8>;
-}
-
-impl Sealed for ServiceState {
-    fn checkpoint(&self) -> Vec<u8> {
-        let ledger = Ledger {
-            last_seq: self.last_seq,
-            count: self.count,
-            chain: self.chain,
-        };
-        ledger.seal(self.to_snapshot())
-    }
-}
 
 const BYTES: usize = 64;
 
