@@ -140,6 +140,23 @@ def test_a_bad_configuration_is_a_clear_error() -> None:
 # -- on a broker ------------------------------------------------------------------------------
 
 
+def _migrate_with_every_strategy(tb: ms2m.Testbed, svc: ms2m.Service) -> None:
+    """Under 40 msg/s, one migration per strategy between edge-1 and edge-2, each completed
+    with 0 lost, 0 duplicated and the twin agreeing; removes the service."""
+    try:
+        host = "edge-1"
+        with tb.workload(svc, rate=40):
+            for strategy in ms2m.STRATEGIES:
+                time.sleep(0.5)
+                host = "edge-2" if host == "edge-1" else "edge-1"
+                r = tb.migrate(svc, to=host, strategy=strategy)
+                state = r.verdict["state"]
+                assert (r.status, r.lost, r.duplicated) == ("completed", 0, 0), strategy
+                assert (state["oracle"], state["consistent"]) == ("twin", True), (strategy, state)
+    finally:
+        tb.remove(svc)
+
+
 @pytest.fixture(scope="module")
 def local() -> Iterator[ms2m.Testbed]:
     if not Path(LARGE_MAP[0]).exists():
@@ -177,18 +194,7 @@ def test_the_kit_names_the_rule_a_clocked_service_breaks(
 @pytest.mark.parametrize("command", [WORDCOUNT, LARGE_MAP], ids=["wordcount", "large-map"])
 def test_the_examples_migrate_with_every_strategy(local: ms2m.Testbed, command: list[str]) -> None:
     svc = local.deploy("own", host="edge-1", command=command, processing_ms=5, state_bytes=1 << 20)
-    try:
-        host = "edge-1"
-        with local.workload(svc, rate=40):
-            for strategy in ms2m.STRATEGIES:
-                time.sleep(0.5)
-                host = "edge-2" if host == "edge-1" else "edge-1"
-                r = local.migrate(svc, to=host, strategy=strategy)
-                state = r.verdict["state"]
-                assert (r.status, r.lost, r.duplicated) == ("completed", 0, 0), strategy
-                assert (state["oracle"], state["consistent"]) == ("twin", True), (strategy, state)
-    finally:
-        local.remove(svc)
+    _migrate_with_every_strategy(local, svc)
 
 
 @pytest.mark.local
@@ -244,15 +250,4 @@ def test_a_python_service_image_keeps_every_rule_and_migrates(
     rules = testbed.conformance(image=wordcount_image)
     assert all(r["passed"] for r in rules), rules
     svc = testbed.deploy("own-image", host="edge-1", image=wordcount_image, processing_ms=5)
-    try:
-        host = "edge-1"
-        with testbed.workload(svc, rate=40):
-            for strategy in ms2m.STRATEGIES:
-                time.sleep(0.5)
-                host = "edge-2" if host == "edge-1" else "edge-1"
-                r = testbed.migrate(svc, to=host, strategy=strategy)
-                state = r.verdict["state"]
-                assert (r.status, r.lost, r.duplicated) == ("completed", 0, 0), strategy
-                assert (state["oracle"], state["consistent"]) == ("twin", True), (strategy, state)
-    finally:
-        testbed.remove(svc)
+    _migrate_with_every_strategy(testbed, svc)
