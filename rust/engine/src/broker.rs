@@ -203,11 +203,23 @@ impl Link {
         let ch = match probe.as_ref() {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
-                let ch = self
-                    .conn
-                    .create_channel()
-                    .rpc("opening a probe channel")
-                    .await?;
+                // The close of the previous probe channel (a queue not found) can still be in
+                // flight and fail the first open with its stale NOT_FOUND: one retry.
+                let ch = match self.conn.create_channel().await {
+                    Ok(ch) => ch,
+                    Err(_) if self.conn.status().connected() => {
+                        self.conn
+                            .create_channel()
+                            .rpc("opening a probe channel")
+                            .await?
+                    }
+                    Err(e) => {
+                        return Err(Error::Broker {
+                            context: "opening a probe channel".into(),
+                            source: e,
+                        })
+                    }
+                };
                 *probe = Some(ch.clone());
                 ch
             }
