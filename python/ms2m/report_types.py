@@ -51,6 +51,8 @@ class ServiceSpec(TypedDict):
     processing_ms: float
     state_bytes: int
     prefetch: int
+    #: How far past the next seq an input may be and still be applied (1: only the next).
+    max_seq_gap: int
     image: str | None
     command: list[str] | None
     env: dict[str, str]
@@ -338,12 +340,22 @@ class Metrics(TypedDict):
     recorder_lag: LatencySummary
 
 
+class DeadLetters(TypedDict):
+    """What the service's dead-letter queue holds: input its instances refused."""
+
+    total: int
+    #: By reason: ``malformed``, ``oversized``, ``repeat``, ``jump``, ``unarmed_barrier``.
+    by_reason: dict[str, int]
+
+
 class Counts(TypedDict):
     published: int
     confirmed: int
     processed_live: int
     processed_replay: int
     malformed_events: int
+    #: Input refused since the service was deployed (never applied).
+    dead_letters: DeadLetters
     #: Messages sent after this instant are outside the check.
     cut_ns: int
 

@@ -182,18 +182,20 @@ def _service_spec(
     image: str | None,
     command: Sequence[str] | None,
     env: Mapping[str, str] | None,
+    max_seq_gap: int = 1,
 ) -> dict[str, Any]:
     if isinstance(command, str):
         raise _native.ConfigurationError(
             f"command is a list of program and arguments, not the string {command!r}"
         )
-    _check_ints(state_bytes=state_bytes, prefetch=prefetch)
+    _check_ints(state_bytes=state_bytes, prefetch=prefetch, max_seq_gap=max_seq_gap)
     return {
         "name": name,
         "host": host,
         "processing_ms": processing_ms,
         "state_bytes": state_bytes,
         "prefetch": prefetch,
+        "max_seq_gap": max_seq_gap,
         "image": image,
         "command": None if command is None else list(command),
         "env": dict(env or {}),
@@ -371,6 +373,7 @@ class Testbed:
         image: str | None = None,
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
+        max_seq_gap: int = 1,
     ) -> Service:
         """Deploys a service and starts its first instance on ``host``: the reference service,
         or with ``image`` / ``command`` any implementation of the wire contract
@@ -382,15 +385,22 @@ class Testbed:
             processing_ms: time spent on each message.
             state_bytes: size of the state payload each message mutates (the checkpoint size).
             prefetch: messages an instance may fetch ahead of processing.
+            max_seq_gap: how far past the next seq an input may be and still be applied.
+                1 (the default): only the next, as the testbed's own workload sends them;
+                more for a producer of one's own that may lose messages. Anything else sent
+                to the input exchange (malformed, oversized, a seq repeated or far ahead, a
+                barrier the manager did not announce) goes to the dead-letter queue
+                ``<name>.dead``, never into the state; reports count it
+                (``report.counts["dead_letters"]``).
             image: docker runtime: the image its instances run (it must be on the engine).
             command: the program and arguments an instance runs (docker: instead of the
                 image's entrypoint; local: instead of ``ms2m-service``).
             env: more environment variables. Every instance gets the contract's too:
                 ``MS2M_AMQP_URL``, ``MS2M_SERVICE``, ``MS2M_INSTANCE``, ``MS2M_HOST``,
                 ``MS2M_LIVE`` (``1``: serve at once), ``MS2M_PROCESSING_MS``,
-                ``MS2M_STATE_BYTES``, ``MS2M_PREFETCH``. An instance is ready once it prints
-                ``ms2m-service ready``; one that is not within 60 s, or exits, is an error
-                quoting the last lines of its log.
+                ``MS2M_STATE_BYTES``, ``MS2M_PREFETCH``, ``MS2M_MAX_SEQ_GAP``. An instance is
+                ready once it prints ``ms2m-service ready``; one that is not within 60 s, or
+                exits, is an error quoting the last lines of its log.
 
         A service of one's own has no reference model: after each migration a twin (an
         instance of it that never migrates nor restores, kept until the service is removed)
@@ -398,7 +408,9 @@ class Testbed:
         equal the migrated one's (``verdict.state.oracle ==
         "twin"``).
         """
-        spec = _service_spec(name, host, processing_ms, state_bytes, prefetch, image, command, env)
+        spec = _service_spec(
+            name, host, processing_ms, state_bytes, prefetch, image, command, env, max_seq_gap
+        )
         return Service._from_json(self._native.deploy(json.dumps(spec)))
 
     def conformance(

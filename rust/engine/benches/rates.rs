@@ -45,6 +45,7 @@ fn spec(name: String, processing_ms: f64, state_bytes: u64) -> ServiceSpec {
         processing_ms,
         state_bytes,
         prefetch: PREFETCH,
+        max_seq_gap: 1,
         image: None,
         command: None,
         env: Default::default(),

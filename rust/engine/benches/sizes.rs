@@ -145,6 +145,7 @@ fn main() -> Result<()> {
                     processing_ms: 1.0,
                     state_bytes: mib * MIB,
                     prefetch: 1,
+                    max_seq_gap: 1,
                     image: None,
                     command: None,
                     env: Default::default(),

@@ -2,6 +2,7 @@
 //! (commands out, replies matched by correlation id).
 
 use crate::error::{BrokerContext, Error, Result};
+use crate::report::DeadLetters;
 use futures_lite::StreamExt;
 use lapin::{
     options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
@@ -162,7 +163,64 @@ impl Link {
         ] {
             self.declare_bound_queue(&q, &ex).await?;
         }
+        // Durable, as instances declare it: refused input is kept for whoever looks.
+        let dead = names::dead_letter_queue(service);
+        ch.queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .rpc(format!("declaring queue {dead}"))
+        .await?;
         Ok(())
+    }
+
+    /// Counts what `service`'s dead-letter queue holds, by the reason each message carries
+    /// (`x-ms2m-reason`), leaving every one in place: they are fetched on a channel of their
+    /// own, never acked, and handed back in order when it closes.
+    pub async fn dead_letters(&self, service: &str) -> Result<DeadLetters> {
+        let queue = names::dead_letter_queue(service);
+        let Some(total) = self.inspect(&queue).await? else {
+            return Ok(DeadLetters::default());
+        };
+        let mut out = DeadLetters {
+            total: u64::from(total),
+            ..DeadLetters::default()
+        };
+        if total == 0 {
+            return Ok(out);
+        }
+        let ch = self
+            .conn
+            .create_channel()
+            .rpc("opening a channel to read dead letters")
+            .await?;
+        for _ in 0..DeadLetters::READ_MAX.min(total as usize) {
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .rpc(format!("reading {queue}"))
+                .await?;
+            let Some(m) = got else { break };
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-ms2m-reason").cloned())
+                .and_then(|v| match v {
+                    lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "unknown".into());
+            *out.by_reason.entry(reason).or_default() += 1;
+        }
+        ch.close(200, "dead letters counted".into())
+            .rpc("handing the dead letters back")
+            .await?;
+        Ok(out)
     }
 
     async fn declare_bound_queue(&self, queue: &str, exchange: &str) -> Result<()> {

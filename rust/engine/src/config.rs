@@ -245,6 +245,11 @@ pub struct ServiceSpec {
     pub state_bytes: u64,
     /// Messages an instance may fetch ahead of processing.
     pub prefetch: u16,
+    /// How far past the next seq an input may be and still be applied: 1 (only the next) for
+    /// a producer that loses nothing, as the testbed's workload; more for one that may. Any
+    /// other seq goes to the dead-letter queue.
+    #[serde(default = "one")]
+    pub max_seq_gap: u64,
     /// docker runtime: the image its instances run (default: the testbed's service image).
     #[serde(default)]
     pub image: Option<String>,
@@ -255,6 +260,10 @@ pub struct ServiceSpec {
     /// More environment variables for every instance (`MS2M_*` ones are the contract's).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl ServiceSpec {
@@ -269,6 +278,9 @@ impl ServiceSpec {
         }
         if self.prefetch == 0 {
             return refuse("prefetch must be at least 1");
+        }
+        if self.max_seq_gap == 0 {
+            return refuse("max_seq_gap must be at least 1 (1: only the next seq is applied)");
         }
         if self.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
             return refuse("image must name an image (leave it out for the reference service)");
@@ -323,6 +335,7 @@ mod tests {
             processing_ms: 50.0,
             state_bytes: 1000,
             prefetch: 1,
+            max_seq_gap: 1,
             image: None,
             command: None,
             env: Default::default(),

@@ -124,8 +124,26 @@ pub struct Counts {
     pub processed_replay: u64,
     /// Output events the recorder could not read as events (a service breaking the contract).
     pub malformed_events: u64,
+    /// Input the instances refused since the service was deployed (see
+    /// [`ms2m_wire::Rejection`]): what its dead-letter queue holds.
+    #[serde(default)]
+    pub dead_letters: DeadLetters,
     /// Messages sent after this instant are outside the check (still in flight at its end).
     pub cut_ns: u64,
+}
+
+/// What a service's dead-letter queue holds: refused input, never applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DeadLetters {
+    pub total: u64,
+    /// By reason (`malformed`, `oversized`, `repeat`, `jump`, `unarmed_barrier`), over the
+    /// first [`DeadLetters::READ_MAX`] of them.
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+impl DeadLetters {
+    /// Most dead letters read for their reasons (each one is fetched and handed back).
+    pub const READ_MAX: usize = 10_000;
 }
 
 /// The report of one migration.
@@ -193,6 +211,7 @@ pub(crate) struct RunRecord<'a> {
     /// ran).
     pub twin: Option<std::result::Result<checker::TwinState, String>>,
     pub malformed_events: u64,
+    pub dead_letters: DeadLetters,
     pub recorder_lag: LatencySummary,
     pub leftovers: Vec<String>,
 }
@@ -290,6 +309,7 @@ impl Report {
                     .map(|e| e.messages())
                     .sum(),
                 malformed_events: run.malformed_events,
+                dead_letters: run.dead_letters,
                 cut_ns,
             },
             verdict,

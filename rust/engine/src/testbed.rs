@@ -276,6 +276,7 @@ impl Testbed {
         self.queues_used.lock().await.extend([
             names::primary_queue(&spec.name),
             names::events_queue(&spec.name),
+            names::dead_letter_queue(&spec.name),
             names::control_queue(&spec.name, &instance),
         ]);
         self.link.declare_service(&spec.name).await?;
@@ -443,6 +444,7 @@ impl Testbed {
             _ => None,
         };
         let leftovers = self.leftovers(service, &plan, failure.is_none()).await?;
+        let dead_letters = self.link.dead_letters(service).await?;
         let history = d.history();
         let error = failure.as_ref().map(Failure::to_error);
         let report = Report::assemble(RunRecord {
@@ -471,6 +473,7 @@ impl Testbed {
             observed,
             twin,
             malformed_events: d.recorder.malformed(),
+            dead_letters,
             recorder_lag: d.recorder.lag(),
             leftovers,
         });
@@ -826,6 +829,7 @@ impl Testbed {
             names::control_queue(service, instance),
             names::primary_queue(service),
             names::events_queue(service),
+            names::dead_letter_queue(service),
         ] {
             self.link.delete_queue(&q).await?;
         }

@@ -16,6 +16,11 @@ pub struct Config {
     /// The reference service's state size; another service may read it as a size hint.
     pub state_bytes: usize,
     pub prefetch: u16,
+    /// Inputs longer than this go to the dead-letter queue unread.
+    pub max_input_bytes: usize,
+    /// How far past the next seq an input may be and still be applied (1: only the next; more
+    /// for a producer that may lose messages on the way).
+    pub max_seq_gap: u64,
     /// Consume the primary queue at once (the first instance) rather than wait for commands.
     pub live: bool,
     /// A deliberately broken rule of the contract, for the conformance kit's own tests
@@ -32,7 +37,8 @@ impl Config {
 }
 
 const USAGE: &str = "flags (or the MS2M_* variables): --amqp-url URL --service NAME --instance ID \
-                     [--processing-ms F] [--state-bytes N] [--prefetch N] [--live]";
+                     [--processing-ms F] [--state-bytes N] [--prefetch N] [--max-input-bytes N] \
+                     [--max-seq-gap N] [--live]";
 
 impl Config {
     /// Reads flags (`--amqp-url URL`, `--service NAME`, `--instance ID`, `--processing-ms F`,
@@ -94,6 +100,17 @@ impl Config {
                 .map(|v| v.parse())
                 .transpose()
                 .context("--prefetch must be 1..65535")?
+                .unwrap_or(1)
+                .max(1),
+            max_input_bytes: get("max-input-bytes")
+                .map(|v| v.parse())
+                .transpose()
+                .context("--max-input-bytes must be a byte count")?
+                .unwrap_or(ms2m_wire::MAX_INPUT_BYTES),
+            max_seq_gap: get("max-seq-gap")
+                .map(|v| v.parse())
+                .transpose()
+                .context("--max-seq-gap must be a count >= 1")?
                 .unwrap_or(1)
                 .max(1),
             live: get("live").is_some_and(|v| v == "1" || v == "true"),

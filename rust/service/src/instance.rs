@@ -19,7 +19,7 @@ use lapin::{
 };
 use ms2m_wire::{
     control::{self, Checkpoint, ChunkHeader, Envelope, Reply, StreamTo},
-    names, now_ns, Input, Mode, OutputEvent,
+    names, now_ns, parse_input, Mode, OutputEvent, Refused,
 };
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -397,6 +397,17 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
             FieldTable::default(),
         )
         .await?;
+    // Durable, as the testbed declares it: refused input is kept for whoever looks.
+    setup
+        .queue_declare(
+            names::dead_letter_queue(&cfg.service).as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
     setup
         .exchange_declare(
             names::output_exchange(&cfg.service).into(),
@@ -410,7 +421,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
     let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
     let (spare, mut spares) = tokio::sync::mpsc::unbounded_channel();
     let mut inst = Instance {
-        core: Core::new(cfg.instance.clone(), service),
+        core: Core::new(cfg.instance.clone(), service).with_max_seq_gap(cfg.max_seq_gap),
         cfg,
         conn,
         bulk,
@@ -464,7 +475,18 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
                         inst.execute(actions, None).await?
                     }
                     Err(e) => {
-                        eprintln!("ms2m-service: ignoring control message: {e}");
+                        eprintln!("ms2m-service: refusing a control message: {e}");
+                        // Answered when it says where: its sender learns why at once.
+                        if let Some((corr, reply_to)) = control::reply_address(&d.data) {
+                            let reply = Reply {
+                                corr,
+                                instance: inst.cfg.instance.clone(),
+                                error: Some(e.to_string()),
+                                t_ns: now_ns(),
+                                ..Reply::default()
+                            };
+                            publish_reply(&inst.out, &reply_to, &reply, &[]).await?;
+                        }
                         Flow::Continue
                     }
                 }
@@ -472,7 +494,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
             Event::Live(d) => {
                 let d = d.context("primary queue consumer closed")??;
                 let channel = inst.live.as_ref().map_or(0, |s| s.channel.id());
-                let input = CoreEvent::Live(parse_input(&d.data));
+                let input = CoreEvent::Live(parse_input(&d.data, inst.cfg.max_input_bytes));
                 let actions = inst.core.handle(now_ns(), input);
                 let prefetch = inst.cfg.prefetch;
                 inst.execute(actions, Some((&d, channel, prefetch))).await?
@@ -480,7 +502,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
             Event::Replay(d) => {
                 let d = d.context("replay queue consumer closed")??;
                 let channel = inst.replay.as_ref().map_or(0, |s| s.channel.id());
-                let input = CoreEvent::Replay(parse_input(&d.data));
+                let input = CoreEvent::Replay(parse_input(&d.data, inst.cfg.max_input_bytes));
                 let actions = inst.core.handle(now_ns(), input);
                 let prefetch = replay_prefetch(&inst.cfg);
                 inst.execute(actions, Some((&d, channel, prefetch))).await?
@@ -502,11 +524,6 @@ fn replay_prefetch(cfg: &Config) -> u16 {
     let in_hand = REPLAY_IN_HAND.as_secs_f64() / cfg.processing.as_secs_f64().max(1e-6);
     cfg.prefetch
         .max((in_hand.ceil() as u16).min(REPLAY_PREFETCH_MAX))
-}
-
-/// An input message, or why it is not one.
-fn parse_input(body: &[u8]) -> std::result::Result<Input, String> {
-    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 impl<S: Service> Instance<S> {
@@ -632,7 +649,14 @@ impl<S: Service> Instance<S> {
                         }
                     }
                 }
-                Action::Warn(message) => eprintln!("ms2m-service: {message}"),
+                Action::DeadLetter(refused) => {
+                    let (d, ..) = delivery.context("the core dead-lettered without a delivery")?;
+                    eprintln!(
+                        "ms2m-service: refused an input ({}): {}",
+                        refused.reason, refused.detail
+                    );
+                    publish = Some(self.publish_dead_letter(&d.data, &refused));
+                }
                 Action::Fail(message) => {
                     // What was applied before it is acked; this message goes back.
                     self.pipeline.flush().await?;
@@ -759,6 +783,42 @@ impl<S: Service> Instance<S> {
     /// Enqueues an output event's frames; the write and the confirm are the pipeline's to
     /// await. Not awaiting the write here spares the event loop a hand-over to lapin's I/O
     /// thread and back per message.
+    /// Puts a refused input in the dead-letter queue as it came, with why in its headers
+    /// (`x-ms2m-reason`, `x-ms2m-detail`, `x-ms2m-instance`, `x-ms2m-t-ns`).
+    fn publish_dead_letter(&self, body: &[u8], refused: &Refused) -> Publish {
+        use lapin::types::{AMQPValue, LongString};
+        let mut headers = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        headers.insert("x-ms2m-reason".into(), text(refused.reason.name()));
+        // Bounded: the detail quotes parts of the input.
+        let detail: String = refused.detail.chars().take(512).collect();
+        headers.insert("x-ms2m-detail".into(), text(&detail));
+        headers.insert("x-ms2m-instance".into(), text(&self.cfg.instance));
+        headers.insert(
+            "x-ms2m-t-ns".into(),
+            AMQPValue::LongLongInt(now_ns() as i64),
+        );
+        let (out, body) = (self.out.clone(), body.to_vec());
+        let queue = names::dead_letter_queue(&self.cfg.service);
+        let mut publish: Publish = Box::pin(async move {
+            out.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await
+        });
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match publish.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(written) => Box::pin(std::future::ready(written)),
+            std::task::Poll::Pending => publish,
+        }
+    }
+
     fn publish_output(&self, event: &OutputEvent) -> Result<Publish> {
         let (out, body) = (self.out.clone(), serde_json::to_vec(event)?);
         let exchange = names::output_exchange(&self.cfg.service);
@@ -960,6 +1020,8 @@ mod tests {
             processing: Duration::from_secs_f64(processing_ms / 1e3),
             state_bytes: 0,
             prefetch,
+            max_input_bytes: ms2m_wire::MAX_INPUT_BYTES,
+            max_seq_gap: 1,
             live: false,
             breaks: None,
         }

@@ -23,7 +23,7 @@
 use crate::{ledger::Ledger, Message, Service};
 use ms2m_wire::{
     control::{Checkpoint, Command, Envelope, HandOver, Reply, ReplyKind, StreamTo},
-    Input, Mode,
+    Input, Mode, Refused, Rejection,
 };
 
 /// Something that happened to the instance, in the order the I/O loop saw it.
@@ -34,10 +34,10 @@ pub enum Event<'a> {
     /// The outcome of [`Action::Fetch`]: the checkpoint's bytes, checked against its size and
     /// SHA-256, or why they could not be read.
     Fetched(Result<Vec<u8>, String>),
-    /// A delivery from the primary queue: the parsed input, or why it did not parse.
-    Live(Result<Input, String>),
-    /// A delivery from the replay queue: the parsed input, or why it did not parse.
-    Replay(Result<Input, String>),
+    /// A delivery from the primary queue: the parsed input, or why it is not one.
+    Live(Result<Input, Refused>),
+    /// A delivery from the replay queue: the parsed input, or why it is not one.
+    Replay(Result<Input, Refused>),
     /// Nothing else is waiting to be handled: a replay span still open is reported now.
     Idle,
     /// The outcome of [`Action::OpenReplay`]: the reply to `replay` waits for it, since a
@@ -105,8 +105,9 @@ pub enum Action {
     /// replay queue per migration). Waited for otherwise, so that a replay opened later on the
     /// same queue cannot receive messages handed back after newer ones.
     CloseReplay { wait: bool },
-    /// Log a problem that does not stop the instance.
-    Warn(String),
+    /// Put the live delivery being handled in the dead-letter queue, with why; its ack (the
+    /// [`Action::Ack`] that follows) waits until the broker has it there.
+    DeadLetter(Refused),
     /// Stop handling events and exit the process.
     Exit,
 }
@@ -196,6 +197,10 @@ pub struct Core<S> {
     /// An empty buffer whose pages are mapped, for the next snapshot (see
     /// [`Service::snapshot_into`]).
     spare: Option<Vec<u8>>,
+    /// The id of the one barrier the manager announced and that has not come yet.
+    armed: Option<String>,
+    /// How far past the next seq an input may be and still be applied (1: only the next).
+    max_seq_gap: u64,
     exited: bool,
 }
 
@@ -215,8 +220,17 @@ impl<S: Service> Core<S> {
             fetching: None,
             fetched: None,
             spare: None,
+            armed: None,
+            max_seq_gap: 1,
             exited: false,
         }
+    }
+
+    /// Accepts inputs up to `gap` past the next seq (for a producer that may lose messages on
+    /// the way): 1, the default, takes only the next one. At least 1.
+    pub fn with_max_seq_gap(mut self, gap: u64) -> Self {
+        self.max_seq_gap = gap.max(1);
+        self
     }
 
     /// What to do at start: a live instance (`--live`) consumes the primary queue at once.
@@ -395,6 +409,10 @@ impl<S: Service> Core<S> {
         };
         match command {
             Command::Status => self.answer(out, pending),
+            Command::ArmBarrier { id } => {
+                self.armed = Some(id);
+                self.answer(out, pending);
+            }
             Command::StartLive => {
                 // Live messages are not checked against `last_seq`: with both queues consumed
                 // at once, a seq could be applied from each.
@@ -693,8 +711,37 @@ impl<S: Service> Core<S> {
         }
     }
 
-    fn on_live(&mut self, now_ns: u64, input: Result<Input, String>, out: &mut Vec<Action>) {
-        match input {
+    /// Refuses an input that would break exactly-once or that the manager did not send: a seq
+    /// the state holds, one past the next (by more than `max_seq_gap`), an unarmed barrier.
+    fn admit(&self, input: Input) -> Result<Input, Refused> {
+        let last = self.ledger.last_seq;
+        match &input {
+            Input::Data { seq, .. } if *seq <= last => Err(Refused::new(
+                Rejection::Repeat,
+                format!("seq {seq}: the state holds every seq up to {last}"),
+            )),
+            Input::Data { seq, .. } if *seq > last.saturating_add(self.max_seq_gap) => {
+                Err(Refused::new(
+                    Rejection::Jump,
+                    format!(
+                        "seq {seq}: the next is {} (max_seq_gap {})",
+                        last + 1,
+                        self.max_seq_gap
+                    ),
+                ))
+            }
+            Input::Barrier { id, .. } if self.armed.as_deref() != Some(id.as_str()) => {
+                Err(Refused::new(
+                    Rejection::UnarmedBarrier,
+                    format!("barrier {id:?}: the manager armed no such barrier"),
+                ))
+            }
+            _ => Ok(input),
+        }
+    }
+
+    fn on_live(&mut self, now_ns: u64, input: Result<Input, Refused>, out: &mut Vec<Action>) {
+        match input.and_then(|i| self.admit(i)) {
             // Live messages are applied as they come: the primary queue hands each one to a
             // single consumer, and the cutover starts the target past what the source applied.
             Ok(Input::Data {
@@ -714,10 +761,11 @@ impl<S: Service> Core<S> {
                 reply_to,
                 stream,
             }) => {
+                self.armed = None;
                 let o = self.checkpoint(now_ns, id, reply_to, ReplyKind::Checkpoint, stream);
                 out.push(Action::Checkpoint(o));
             }
-            Err(e) => out.push(Action::Warn(format!("dropping malformed input: {e}"))),
+            Err(refused) => out.push(Action::DeadLetter(refused)),
         }
         out.push(Action::Ack);
         if self
@@ -730,23 +778,28 @@ impl<S: Service> Core<S> {
         }
     }
 
-    fn on_replay(&mut self, now_ns: u64, input: Result<Input, String>, out: &mut Vec<Action>) {
+    fn on_replay(&mut self, now_ns: u64, input: Result<Input, Refused>, out: &mut Vec<Action>) {
         let Some(r) = self.replay.as_ref() else {
             return;
         };
         let mut beyond = false;
-        // Barriers and malformed messages are dropped: replay has no effects.
+        // Barriers and refused messages are dropped: replay has no effects, and the live
+        // instance dead-lettered the same message at the same position (a jump is a jump
+        // for both; it says nothing about where the stream is).
+        let last = self.ledger.last_seq;
         if let Ok(Input::Data {
             seq,
             t_pub_ns,
             payload,
         }) = input
         {
-            beyond = r.limit.is_some_and(|l| seq > l)
-                || r.finish.as_ref().is_some_and(|f| seq > f.until_seq);
-            if seq <= self.ledger.last_seq {
+            let jump = seq > last.saturating_add(self.max_seq_gap);
+            beyond = !jump
+                && (r.limit.is_some_and(|l| seq > l)
+                    || r.finish.as_ref().is_some_and(|f| seq > f.until_seq));
+            if seq <= last {
                 self.skipped += 1;
-            } else if !beyond {
+            } else if !beyond && !jump {
                 let a = self.process(now_ns, seq, t_pub_ns, &payload, Mode::Replay);
                 if matches!(a, Action::Fail(_)) {
                     out.push(a);

@@ -57,6 +57,10 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hand_over: Option<HandOver>,
     },
+    /// Accept the next barrier that carries `id` (one barrier, once): a barrier the manager did
+    /// not arm is refused as input from someone else (it would stream the state wherever its
+    /// `reply_to` says). A new `arm_barrier` replaces one not used yet.
+    ArmBarrier { id: String },
     /// Take a snapshot of the state and stream it to `stream` (the reply then describes it in
     /// `checkpoint`, once every chunk is confirmed by the broker); without `stream`, reply with
     /// the snapshot as attachment.
@@ -105,6 +109,7 @@ impl Command {
             Command::Status => ReplyKind::Status,
             Command::StartLive => ReplyKind::StartLive,
             Command::StopLive { .. } => ReplyKind::StopLive,
+            Command::ArmBarrier { .. } => ReplyKind::ArmBarrier,
             Command::Snapshot { .. } => ReplyKind::Snapshot,
             Command::Fetch(_) => ReplyKind::Fetch,
             Command::Restore => ReplyKind::Restore,
@@ -129,6 +134,7 @@ pub enum ReplyKind {
     Status,
     StartLive,
     StopLive,
+    ArmBarrier,
     Snapshot,
     Fetch,
     Restore,
@@ -143,10 +149,11 @@ pub enum ReplyKind {
 
 impl ReplyKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ReplyKind; 12] = [
+    pub const ALL: [ReplyKind; 13] = [
         ReplyKind::Status,
         ReplyKind::StartLive,
         ReplyKind::StopLive,
+        ReplyKind::ArmBarrier,
         ReplyKind::Snapshot,
         ReplyKind::Fetch,
         ReplyKind::Restore,
@@ -164,6 +171,7 @@ impl ReplyKind {
             ReplyKind::Status => "status",
             ReplyKind::StartLive => "start_live",
             ReplyKind::StopLive => "stop_live",
+            ReplyKind::ArmBarrier => "arm_barrier",
             ReplyKind::Snapshot => "snapshot",
             ReplyKind::Fetch => "fetch",
             ReplyKind::Restore => "restore",
@@ -306,6 +314,21 @@ pub fn encode<T: Serialize>(header: &T, attachment: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Where to answer a control message that [`decode`] refused, when its JSON still names a
+/// `corr` and a `reply_to` (an unknown command, a field of the wrong type): the sender gets
+/// an error reply instead of a timeout.
+pub fn reply_address(body: &[u8]) -> Option<(String, String)> {
+    #[derive(Deserialize)]
+    struct Address {
+        corr: String,
+        reply_to: String,
+    }
+    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    let json = body.get(4..)?.get(..n)?;
+    let a: Address = serde_json::from_slice(json).ok()?;
+    Some((a.corr, a.reply_to))
+}
+
 /// Decodes what [`encode`] wrote.
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<(T, &[u8]), EnvelopeError> {
     if body.len() < 4 {
@@ -350,6 +373,7 @@ mod tests {
     fn every_command() -> Vec<(Command, &'static str)> {
         vec![
             (Command::Status, "status"),
+            (Command::ArmBarrier { id: "b".into() }, "arm_barrier"),
             (Command::StartLive, "start_live"),
             (
                 Command::StopLive {
@@ -397,6 +421,7 @@ mod tests {
             "status",
             "start_live",
             "stop_live",
+            "arm_barrier",
             "snapshot",
             "fetch",
             "restore",

@@ -35,7 +35,8 @@ pub enum Input {
     },
     /// A marker published through the input exchange by the migration manager. It lands in every
     /// queue bound to the exchange behind all messages routed before it; an instance serving live
-    /// that reaches it takes a checkpoint, streams it to `stream` (see [`control::StreamTo`];
+    /// that reaches it, and that the manager told to expect it ([`control::Command::ArmBarrier`]
+    /// with this `id`, an unguessable token), takes a checkpoint, streams it to `stream` (see [`control::StreamTo`];
     /// without one, as the reply's attachment) and replies to `reply_to`.
     Barrier {
         id: String,
@@ -43,6 +44,85 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stream: Option<control::StreamTo>,
     },
+}
+
+/// Why an instance refused a delivery from its input: it goes to the service's dead-letter
+/// queue ([`names::dead_letter_queue`]), never into the state. The input exchange takes
+/// messages from any AMQP client, so everything here can happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    /// Not an input message: not JSON, an unknown `kind`, a missing or mistyped field.
+    Malformed,
+    /// Longer than the instance's `max_input_bytes`.
+    Oversized,
+    /// A seq the state already holds: applying it again would count it twice.
+    Repeat,
+    /// A seq past the next one (by more than the instance's `max_seq_gap`): the messages in
+    /// between would be skipped, and all of them refused as repeats once they came.
+    Jump,
+    /// A barrier the manager did not announce (`arm_barrier`) on the instance's control queue.
+    UnarmedBarrier,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 5] = [
+        Rejection::Malformed,
+        Rejection::Oversized,
+        Rejection::Repeat,
+        Rejection::Jump,
+        Rejection::UnarmedBarrier,
+    ];
+
+    /// The wire name, as serialized (and as the dead letter's `x-ms2m-reason` header).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Oversized => "oversized",
+            Rejection::Repeat => "repeat",
+            Rejection::Jump => "jump",
+            Rejection::UnarmedBarrier => "unarmed_barrier",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A refused delivery: the reason, and what exactly was wrong (for the dead letter's
+/// `x-ms2m-detail` header and the instance's log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Rejection,
+    pub detail: String,
+}
+
+impl Refused {
+    pub fn new(reason: Rejection, detail: impl Into<String>) -> Self {
+        Refused {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The input messages an instance accepts by default: a workload's largest payload (16 MiB)
+/// with room for the JSON around it.
+pub const MAX_INPUT_BYTES: usize = (16 << 20) + (64 << 10);
+
+/// Reads an input message, refusing one longer than `max_bytes` before parsing it. Never
+/// panics, whatever the bytes (fuzzed in `tests/fuzz_decoders.rs`).
+pub fn parse_input(body: &[u8], max_bytes: usize) -> Result<Input, Refused> {
+    if body.len() > max_bytes {
+        return Err(Refused::new(
+            Rejection::Oversized,
+            format!("{} bytes, more than the {max_bytes} accepted", body.len()),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| Refused::new(Rejection::Malformed, e.to_string()))
 }
 
 /// Whether an instance processed a message as live work or while replaying the backlog.

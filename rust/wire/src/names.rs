@@ -11,6 +11,12 @@ pub fn primary_queue(service: &str) -> String {
     format!("{service}.primary")
 }
 
+/// Queue where instances put the input they refuse (see [`crate::Refused`]), each message as
+/// it came with its reason in headers; the testbed counts it in every report.
+pub fn dead_letter_queue(service: &str) -> String {
+    format!("{service}.dead")
+}
+
 /// Fanout exchange instances publish their output events to.
 pub fn output_exchange(service: &str) -> String {
     format!("{service}.out")

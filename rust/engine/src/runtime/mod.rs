@@ -318,6 +318,7 @@ fn instance_env(
         ("MS2M_PROCESSING_MS", spec.processing_ms.to_string()),
         ("MS2M_STATE_BYTES", spec.state_bytes.to_string()),
         ("MS2M_PREFETCH", spec.prefetch.to_string()),
+        ("MS2M_MAX_SEQ_GAP", spec.max_seq_gap.to_string()),
         ("MS2M_LIVE", if live { "1" } else { "0" }.to_string()),
     ]
     .into_iter()
@@ -342,6 +343,8 @@ fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool)
         spec.state_bytes.to_string(),
         "--prefetch".into(),
         spec.prefetch.to_string(),
+        "--max-seq-gap".into(),
+        spec.max_seq_gap.to_string(),
     ];
     if live {
         args.push("--live".into());

@@ -2,7 +2,8 @@
 //!
 //! 1. prepare: bind a replay queue to the input exchange (from now on it keeps a copy of every
 //!    new message) and start the target, while the source serves.
-//! 2. checkpoint: publish a barrier through the input exchange. It queues behind every message
+//! 2. checkpoint: arm the source for a barrier with an unguessable id (a control command), then
+//!    publish that barrier through the input exchange. It queues behind every message
 //!    already waiting for the source, so the checkpoint the source takes when it reaches the
 //!    barrier holds exactly the messages before it. The source keeps serving.
 //!    The source streams the snapshot to the migration's checkpoint queue in chunks and replies
@@ -57,7 +58,22 @@ pub(super) async fn prepare(ctx: &mut Ctx<'_>, start_target: bool) -> Result<Str
 pub(super) async fn checkpoint(ctx: &mut Ctx<'_>) -> Result<Checkpoint> {
     ctx.enter(PhaseName::Checkpoint).await?;
     let stream = ctx.checkpoint_stream().await?;
-    let barrier = format!("barrier-{}", ctx.migration_id);
+    // Anyone may publish to the input exchange: the source takes only the barrier whose
+    // unguessable id the manager announced on its control queue.
+    let barrier = {
+        use rand::distr::{Alphanumeric, SampleString};
+        let token = Alphanumeric.sample_string(&mut rand::rng(), 22);
+        format!("barrier-{}-{token}", ctx.migration_id)
+    };
+    let source = ctx.source.clone();
+    ctx.command(
+        &source,
+        Command::ArmBarrier {
+            id: barrier.clone(),
+        },
+        &[],
+    )
+    .await?;
     let checkpoint = ctx.link.expect(&barrier);
     ctx.link
         .publish_barrier(&ctx.spec.name, &barrier, stream)

@@ -84,6 +84,17 @@ impl Testbed {
         self.link
             .publish_to_exchange(&names::input_exchange(svc), (1..=BACKLOG).map(data))
             .await?;
+        self.link
+            .command(
+                svc,
+                &live,
+                Command::ArmBarrier {
+                    id: "conformance-barrier".into(),
+                },
+                &[],
+                WAIT,
+            )
+            .await?;
         let rx = self.link.expect("conformance-barrier");
         let stream = StreamTo {
             queue: ckpt.clone(),
@@ -259,24 +270,53 @@ impl Testbed {
             format!("stopped at {}", at + UNTIL),
         ));
 
-        // 5. Malformed input is dropped and the instance serves on.
+        // 5. Refused input goes to the dead-letter queue and the instance serves on.
+        let refused = [
+            b"{not json".to_vec(),
+            br#"{"kind":"data"}"#.to_vec(),
+            data(end),
+            serde_json::to_vec(&Input::Barrier {
+                id: "unannounced".into(),
+                reply_to: names::primary_queue(svc),
+                stream: None,
+            })
+            .expect("a barrier serializes"),
+        ];
+        let dead = names::dead_letter_queue(svc);
+        let dead_before = self.link.queue_depth(&dead).await.unwrap_or(0);
         self.link
             .publish_to_exchange(
                 &names::input_exchange(svc),
-                [
-                    b"{not json".to_vec(),
-                    br#"{"kind":"data"}"#.to_vec(),
-                    data(end + 1),
-                ],
+                refused.iter().cloned().chain([data(end + 1)]),
             )
             .await?;
+        let served = self.wait_for(svc, &live, end + 1, Command::Status).await;
+        let broken = match served {
+            Err(e) => Some(format!("after refused input: {e}")),
+            Ok(_) => {
+                let want = dead_before + refused.len() as u32;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    let depth = self.link.queue_depth(&dead).await.unwrap_or(0);
+                    if depth == want {
+                        break None;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        break Some(format!(
+                            "{} refused inputs (malformed, no seq, a repeat, an unarmed \
+                             barrier): {dead} holds {} of them",
+                            refused.len(),
+                            depth - dead_before.min(depth)
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
         out.push(outcome(
-            "malformed input is dropped and the instance serves on",
-            self.wait_for(svc, &live, end + 1, Command::Status)
-                .await
-                .err()
-                .map(|e| format!("after malformed input: {e}")),
-            "served the next message",
+            "refused input goes to the dead-letter queue and the instance serves on",
+            broken,
+            "4 dead letters, then served the next message",
         ));
 
         // 6. `stop_live` hands back what it fetched and did not process: every message after

@@ -47,6 +47,8 @@ enum Item {
 enum Cmd {
     Status,
     StartLive,
+    /// Announces the barrier the live queue carries (id "b").
+    ArmBarrier,
     /// `after_seq`, and whether it hands over to a target.
     StopLive(Option<u64>, bool),
     Snapshot,
@@ -69,7 +71,8 @@ enum Cmd {
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// The next message of the primary queue: a barrier, a malformed body, or the next seq.
+    /// The next message of the primary queue: a barrier, a malformed body, a repeated seq, a
+    /// jump, or (mostly) the next seq.
     Live(u8),
     /// Anything at all from the replay queue: any seq, in any order, duplicates included.
     Replay(Item),
@@ -92,6 +95,7 @@ fn command() -> impl Strategy<Value = Cmd> {
     prop_oneof![
         2 => Just(Cmd::Status),
         2 => Just(Cmd::StartLive),
+        2 => Just(Cmd::ArmBarrier),
         3 => (proptest::option::of(0u64..24), any::<bool>())
             .prop_map(|(after, hand)| Cmd::StopLive(after, hand)),
         1 => Just(Cmd::Snapshot),
@@ -143,6 +147,10 @@ struct Single {
     /// Messages replayed and not reported yet by a replay span.
     unreported: u64,
     exited: bool,
+    /// Whether barrier "b" was armed and not used yet.
+    armed: bool,
+    /// What the live delivery being handled must be refused for, if anything.
+    refusal: Option<Rejection>,
     /// Commands sent and not answered yet, with the kind their reply must have.
     outstanding: HashMap<String, ReplyKind>,
     /// Commands answered: none may be answered twice.
@@ -161,6 +169,8 @@ impl Single {
             replay_high: 0,
             unreported: 0,
             exited: false,
+            armed: false,
+            refusal: None,
             outstanding: HashMap::new(),
             answered: HashSet::new(),
             corr: 0,
@@ -170,17 +180,32 @@ impl Single {
     fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
         match op {
             Op::Live(k) => {
-                let input = match k % 10 {
+                let input = match k % 12 {
                     0 => Ok(Input::Barrier {
                         id: "b".into(),
                         reply_to: "mgr".into(),
                         stream: None,
                     }),
-                    1 => Err("malformed".to_string()),
+                    1 => Err(Refused::new(Rejection::Malformed, "malformed")),
+                    2 => Ok(data(
+                        self.live_next.saturating_sub(1 + u64::from(k / 12 % 3)),
+                    )),
+                    3 => Ok(data(self.live_next + 1 + u64::from(k / 12))),
                     _ => Ok(data(self.live_next)),
                 };
-                let is_data = matches!(input, Ok(Input::Data { .. }));
+                // What the core must refuse, seen from the model: anything but the next seq,
+                // a barrier not armed.
+                let last = self.expected.last_seq;
+                self.refusal = match &input {
+                    Err(r) => Some(r.reason),
+                    Ok(Input::Data { seq, .. }) if *seq <= last => Some(Rejection::Repeat),
+                    Ok(Input::Data { seq, .. }) if *seq > last + 1 => Some(Rejection::Jump),
+                    Ok(Input::Barrier { .. }) if !self.armed => Some(Rejection::UnarmedBarrier),
+                    _ => None,
+                };
+                let is_data = matches!(input, Ok(Input::Data { .. })) && self.refusal.is_none();
                 if !self.core.polls_live() {
+                    self.refusal = None;
                     let a = self.core.handle(0, Event::Live(input));
                     prop_assert!(a.is_empty(), "live delivery not polled: {a:?}");
                     return Ok(());
@@ -200,7 +225,7 @@ impl Single {
                         reply_to: "mgr".into(),
                         stream: None,
                     }),
-                    Item::Malformed => Err("malformed".to_string()),
+                    Item::Malformed => Err(Refused::new(Rejection::Malformed, "malformed")),
                 };
                 if !self.core.polls_replay() {
                     let a = self.core.handle(0, Event::Replay(input));
@@ -233,9 +258,11 @@ impl Single {
         let c = &self.core;
         let finishing = c.replay.as_ref().is_some_and(|r| r.finish.is_some());
         match command {
-            Command::Status | Command::Snapshot { .. } | Command::Digest | Command::Shutdown => {
-                false
-            }
+            Command::Status
+            | Command::ArmBarrier { .. }
+            | Command::Snapshot { .. }
+            | Command::Digest
+            | Command::Shutdown => false,
             Command::StartLive => c.replay.is_some(),
             Command::StopLive { after_seq, .. } => {
                 c.stop_after.is_some() && c.live && after_seq.is_some_and(|s| c.ledger.last_seq < s)
@@ -265,9 +292,11 @@ impl Single {
         let mut attachment = Vec::new();
         let mut opens = Some(true);
         let mut restore_to = None;
+        let cmd_was_arm = matches!(cmd, Cmd::ArmBarrier);
         let command = match cmd {
             Cmd::Status => Command::Status,
             Cmd::StartLive => Command::StartLive,
+            Cmd::ArmBarrier => Command::ArmBarrier { id: "b".into() },
             Cmd::StopLive(after_seq, hand) => Command::StopLive {
                 after_seq,
                 hand_over: hand.then(|| HandOver {
@@ -352,6 +381,9 @@ impl Single {
                 self.expected = state_of(1..=k);
             }
         }
+        if cmd_was_arm {
+            self.armed = true;
+        }
         self.check(a, None, bounds)?;
         if !waits {
             prop_assert!(self.answered.contains(&corr), "{} unanswered", corr);
@@ -377,7 +409,7 @@ impl Single {
     fn check(
         &mut self,
         actions: Vec<Action>,
-        delivery: Option<(Via, Result<Input, String>)>,
+        delivery: Option<(Via, Result<Input, Refused>)>,
         (limit, until): (Option<u64>, Option<u64>),
     ) -> Result<(), TestCaseError> {
         let mut acked = false;
@@ -460,6 +492,8 @@ impl Single {
                 Action::Checkpoint(o) => {
                     let barrier = matches!(delivery, Some((Via::Live, Ok(Input::Barrier { .. }))));
                     prop_assert!(barrier, "a checkpoint only for a live barrier");
+                    prop_assert!(self.armed, "a checkpoint only for an armed barrier");
+                    self.armed = false;
                     prop_assert_eq!(o.attachment, self.expected.checkpoint());
                 }
                 Action::StartLive => {
@@ -484,9 +518,11 @@ impl Single {
                     self.replay_open = false;
                 }
                 Action::Fail(e) => prop_assert!(false, "the reference service failed: {}", e),
-                Action::Warn(_) => {
-                    let malformed = matches!(delivery, Some((Via::Live, Err(_))));
-                    prop_assert!(malformed, "a warning only for malformed live input");
+                Action::DeadLetter(r) => {
+                    let live = matches!(delivery, Some((Via::Live, _)));
+                    prop_assert!(live, "only live input is dead-lettered: {:?}", r);
+                    prop_assert_eq!(self.refusal.take(), Some(r.reason));
+                    prop_assert!(!applied, "a dead letter is not applied");
                 }
                 Action::Exit => {
                     prop_assert_eq!(i + 1, n, "exit is the last action");
@@ -497,6 +533,12 @@ impl Single {
         if delivery.is_some() {
             prop_assert!(acked, "every delivery handled is acked: {:?}", delivery);
         }
+        prop_assert_eq!(
+            self.refusal.take(),
+            None,
+            "input to refuse was not: {:?}",
+            delivery
+        );
         if self.core.replay.is_none() {
             // A replay that failed to open, or finished, or shut down.
             self.replay_open = false;
@@ -574,6 +616,7 @@ struct Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     BindReplayQueue,
+    /// The source was told to expect the barrier (`arm_barrier`).
     PublishBarrier,
     AwaitCheckpoint,
     AwaitRestore,
@@ -659,6 +702,7 @@ impl World {
 
     fn awaited(&self) -> Option<&'static str> {
         match self.stage {
+            Stage::PublishBarrier => Some("arm"),
             Stage::AwaitCheckpoint => Some("barrier"),
             Stage::AwaitRestore => Some("restore"),
             Stage::AwaitReplay => Some("replay"),
@@ -675,7 +719,7 @@ impl World {
             steps.push(Step::Publish);
         }
         let manager_can = match self.stage {
-            Stage::BindReplayQueue | Stage::PublishBarrier => true,
+            Stage::BindReplayQueue => true,
             Stage::Done => false,
             _ => self.inbox.contains_key(self.awaited().unwrap()),
         };
@@ -719,9 +763,14 @@ impl World {
         self.stage = match self.stage {
             Stage::BindReplayQueue => {
                 self.replay_queue = Some(VecDeque::new());
+                let arm = Command::ArmBarrier {
+                    id: "barrier".into(),
+                };
+                self.send(SOURCE, "arm", arm, Vec::new());
                 Stage::PublishBarrier
             }
             Stage::PublishBarrier => {
+                self.take("arm");
                 self.publish(Input::Barrier {
                     id: "barrier".into(),
                     reply_to: "mgr".into(),
@@ -871,7 +920,7 @@ impl World {
                         q.push_front(m);
                     }
                 }
-                Action::Warn(w) => panic!("unexpected warning: {w}"),
+                Action::DeadLetter(r) => panic!("a message of the stream refused: {r:?}"),
                 Action::Exit => panic!("nobody asked to exit"),
             }
         }
@@ -932,5 +981,50 @@ proptest! {
         prop_assert_eq!(&w.nodes[TARGET].applied, &target);
         prop_assert_eq!(w.nodes[TARGET].core.state(), &state_of(1..=n));
         prop_assert_eq!(w.nodes[SOURCE].core.state(), &state_of(1..=l));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restoring bytes of any kind.
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A checkpoint cut short, with bytes flipped, or bytes of no origin: the restore is one
+    /// reply, refused (the state as it was) or taken whole (the position the ledger says),
+    /// never a panic. Bytes that pass both the trailer and the service's own checks are a
+    /// state it accepts: corruption on the way is the transfer's SHA-256 to catch.
+    #[test]
+    fn restoring_any_bytes_is_a_reply_never_a_panic(
+        keep in any::<proptest::sample::Index>(),
+        flips in proptest::collection::vec((any::<proptest::sample::Index>(), 1u8..=255), 0..4),
+        noise in proptest::option::weighted(0.1, proptest::collection::vec(any::<u8>(), 0..200)),
+    ) {
+        let mut bytes = noise.unwrap_or_else(|| {
+            let full = state_of(1..=5).checkpoint();
+            let n = keep.index(full.len() + 1);
+            full[..n.max(full.len() / 2)].to_vec()
+        });
+        for (at, x) in &flips {
+            if !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] ^= x;
+            }
+        }
+        let mut core = Core::new("i", ServiceState::new(BYTES));
+        let before = core.position();
+        let env = Envelope {
+            corr: "r".into(),
+            reply_to: "mgr".into(),
+            command: Command::Restore,
+        };
+        let a = core.handle(0, Event::Control(env, &bytes));
+        let [Action::Reply(o)] = &a[..] else {
+            return Err(TestCaseError::fail(format!("not one reply: {a:?}")));
+        };
+        match &o.reply.error {
+            Some(_) => prop_assert_eq!(core.position(), before),
+            None => prop_assert_eq!(o.reply.last_seq, core.position().last_seq),
+        }
     }
 }

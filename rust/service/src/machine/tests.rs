@@ -28,7 +28,7 @@ fn cmd(c: &mut Core, command: Command) -> Vec<Action> {
     c.handle(7, Event::Control(env(command), &[]))
 }
 
-fn data(seq: u64) -> Result<Input, String> {
+fn data(seq: u64) -> Result<Input, Refused> {
     Ok(Input::Data {
         seq,
         t_pub_ns: 1000 + seq,
@@ -36,12 +36,27 @@ fn data(seq: u64) -> Result<Input, String> {
     })
 }
 
-fn barrier(id: &str) -> Result<Input, String> {
+/// A barrier; the live core takes it only once armed ([`arm`]).
+fn barrier(id: &str) -> Result<Input, Refused> {
     Ok(Input::Barrier {
         id: id.into(),
         reply_to: "mgr-cp".into(),
         stream: None,
     })
+}
+
+/// The manager announces barrier `id`.
+fn arm<S: Service>(c: &mut super::Core<S>, id: &str) {
+    let a = c.handle(
+        7,
+        Event::Control(env(Command::ArmBarrier { id: id.into() }), &[]),
+    );
+    let r = the_reply(&a);
+    assert_eq!((r.kind, r.error.as_deref()), (ReplyKind::ArmBarrier, None));
+}
+
+fn malformed(detail: &str) -> Result<Input, Refused> {
+    Err(Refused::new(Rejection::Malformed, detail))
 }
 
 /// The state after applying `seqs` to a fresh state.
@@ -96,7 +111,7 @@ fn shape(actions: &[Action]) -> Vec<&'static str> {
             Action::StopLive => "stop_live",
             Action::OpenReplay { .. } => "open_replay",
             Action::CloseReplay { .. } => "close_replay",
-            Action::Warn(_) => "warn",
+            Action::DeadLetter(_) => "dead_letter",
             Action::Fail(_) => "fail",
             Action::Exit => "exit",
         })
@@ -221,6 +236,7 @@ fn live_data_is_applied_then_acked() {
 fn live_barrier_takes_a_checkpoint_of_the_state_so_far() {
     let mut c = live();
     c.handle(0, Event::Live(data(1)));
+    arm(&mut c, "b1");
     let a = c.handle(42, Event::Live(barrier("b1")));
     assert_eq!(shape(&a), ["checkpoint", "ack"]);
     let Action::Checkpoint(o) = &a[0] else {
@@ -235,17 +251,134 @@ fn live_barrier_takes_a_checkpoint_of_the_state_so_far() {
 }
 
 #[test]
-fn malformed_live_input_is_reported_and_acked() {
+fn malformed_live_input_is_dead_lettered_and_acked() {
     let mut c = live();
-    let a = c.handle(0, Event::Live(Err("expected value".into())));
+    let a = c.handle(0, Event::Live(malformed("expected value")));
     assert_eq!(
         a,
         vec![
-            Action::Warn("dropping malformed input: expected value".into()),
+            Action::DeadLetter(Refused::new(Rejection::Malformed, "expected value")),
             Action::Ack
         ]
     );
     assert_eq!(c.position(), Position::default());
+}
+
+/// The reason of the one dead letter among `actions`, which must be `[dead_letter, ack]`.
+fn dead_letter(actions: &[Action]) -> Rejection {
+    match actions {
+        [Action::DeadLetter(r), Action::Ack] => r.reason,
+        other => panic!("not a dead letter: {other:?}"),
+    }
+}
+
+#[test]
+fn live_repeats_and_jumps_are_dead_lettered_and_change_nothing() {
+    let mut c = live();
+    for seq in 1..=5 {
+        c.handle(0, Event::Live(data(seq)));
+    }
+    let before = c.clone();
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(data(5)))),
+        Rejection::Repeat
+    );
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(data(1)))),
+        Rejection::Repeat
+    );
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(data(7)))),
+        Rejection::Jump
+    );
+    let huge = c.handle(0, Event::Live(data(1_000_000_000_000_000_000)));
+    assert_eq!(dead_letter(&huge), Rejection::Jump);
+    assert_eq!(c, before, "a refused input changed the core");
+    // The stream goes on where it was.
+    assert_eq!(
+        processed(&c.handle(0, Event::Live(data(6)))),
+        [(6, Mode::Live)]
+    );
+    assert_eq!(c.state(), &state_of(1..=6));
+}
+
+#[test]
+fn a_max_seq_gap_lets_a_lossy_stream_skip_ahead_but_never_back() {
+    let mut c = fresh().with_max_seq_gap(3);
+    c.boot(true);
+    c.handle(0, Event::Live(data(1)));
+    assert_eq!(
+        processed(&c.handle(0, Event::Live(data(4)))),
+        [(4, Mode::Live)]
+    );
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(data(8)))),
+        Rejection::Jump
+    );
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(data(3)))),
+        Rejection::Repeat
+    );
+    assert_eq!(c.state(), &state_of([1, 4]));
+    assert_eq!(
+        fresh().with_max_seq_gap(0).max_seq_gap,
+        1,
+        "at least the next seq"
+    );
+}
+
+#[test]
+fn a_barrier_counts_only_when_armed_and_only_once() {
+    let mut c = live();
+    let unarmed = c.handle(0, Event::Live(barrier("b")));
+    assert_eq!(dead_letter(&unarmed), Rejection::UnarmedBarrier);
+    arm(&mut c, "b");
+    let wrong = c.handle(0, Event::Live(barrier("guess")));
+    assert_eq!(dead_letter(&wrong), Rejection::UnarmedBarrier);
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(barrier("b")))),
+        ["checkpoint", "ack"]
+    );
+    let again = c.handle(0, Event::Live(barrier("b")));
+    assert_eq!(
+        dead_letter(&again),
+        Rejection::UnarmedBarrier,
+        "a barrier is used once"
+    );
+    // A newer arm replaces one not used.
+    arm(&mut c, "old");
+    arm(&mut c, "new");
+    assert_eq!(
+        dead_letter(&c.handle(0, Event::Live(barrier("old")))),
+        Rejection::UnarmedBarrier
+    );
+    assert_eq!(
+        shape(&c.handle(0, Event::Live(barrier("new")))),
+        ["checkpoint", "ack"]
+    );
+}
+
+#[test]
+fn replay_drops_what_live_dead_letters_and_a_jump_does_not_end_it() {
+    let mut c = fresh();
+    replaying(&mut c, None);
+    c.handle(0, Event::Replay(data(1)));
+    let finish = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 3,
+            go_live: true,
+        },
+    );
+    assert!(finish.is_empty(), "waits for seq 3: {finish:?}");
+    // An outsider's jump past the bound neither applies nor counts as the end of the stream.
+    assert_eq!(c.handle(0, Event::Replay(data(1 << 60))), vec![Action::Ack]);
+    assert_eq!(c.position().last_seq, 1);
+    assert!(c.polls_replay(), "still replaying");
+    c.handle(0, Event::Replay(data(2)));
+    let a = c.handle(0, Event::Replay(data(3)));
+    assert!(shape(&a).contains(&"start_live"), "{a:?}");
+    assert_eq!(c.state(), &state_of(1..=3));
 }
 
 #[test]
@@ -396,13 +529,14 @@ fn stop_after_is_checked_after_barriers_and_malformed_input_too() {
             hand_over: None,
         },
     );
+    arm(&mut c, "b");
     assert_eq!(
         shape(&c.handle(0, Event::Live(barrier("b")))),
         ["checkpoint", "ack"]
     );
     assert_eq!(
-        shape(&c.handle(0, Event::Live(Err("x".into())))),
-        ["warn", "ack"]
+        shape(&c.handle(0, Event::Live(malformed("x")))),
+        ["dead_letter", "ack"]
     );
     assert_eq!(
         shape(&c.handle(0, Event::Live(data(1)))),
@@ -412,9 +546,11 @@ fn stop_after_is_checked_after_barriers_and_malformed_input_too() {
 
 #[test]
 fn stop_after_reached_inside_a_backlog_stops_at_the_first_message_past_it() {
-    // A gap in the stream (5 jumps over 4): the source stops at the first message at or past
-    // `after_seq`, and the rest of its prefetched backlog goes back to the queue.
-    let mut c = live();
+    // A gap in the stream (5 jumps over 4, allowed by a `max_seq_gap` of 2): the source stops
+    // at the first message at or past `after_seq`, and the rest of its prefetched backlog goes
+    // back to the queue.
+    let mut c = fresh().with_max_seq_gap(2);
+    c.boot(true);
     cmd(
         &mut c,
         Command::StopLive {
@@ -611,6 +747,7 @@ fn a_barrier_with_a_stream_says_where_to_stream() {
         reply_to: "mgr".into(),
         stream: Some(stream.clone()),
     };
+    arm(&mut c, "b");
     let a = c.handle(1, Event::Live(Ok(barrier)));
     let Action::Checkpoint(o) = &a[0] else {
         panic!("{a:?}")
@@ -725,6 +862,7 @@ fn a_failed_handle_stops_the_instance_without_acking_or_moving_the_ledger() {
 fn a_failed_snapshot_is_an_error_reply_with_nothing_to_stream() {
     let mut c = super::Core::new("f", Fragile::default());
     c.boot(true);
+    arm(&mut c, "b");
     let barrier = Ok(Input::Barrier {
         id: "b".into(),
         reply_to: "mgr".into(),
@@ -927,7 +1065,7 @@ fn barriers_and_malformed_input_in_replay_are_dropped() {
     let mut c = restored_and_replaying(0, None);
     assert_eq!(c.handle(0, Event::Replay(barrier("b"))), vec![Action::Ack]);
     assert_eq!(
-        c.handle(0, Event::Replay(Err("bad".into()))),
+        c.handle(0, Event::Replay(malformed("bad"))),
         vec![Action::Ack]
     );
     assert_eq!(c.position(), Position::default());
@@ -1072,8 +1210,10 @@ fn pause_then_finish_resumes_the_replay() {
 
 #[test]
 fn a_message_beyond_until_ends_the_replay() {
-    // 3 never comes (a gap): the first message past `until_seq` shows the rest is not coming.
+    // 3 never comes (a gap a `max_seq_gap` of 2 allows): the first message past `until_seq`
+    // shows the rest is not coming.
     let mut c = restored_and_replaying(0, None);
+    c.max_seq_gap = 2;
     c.handle(0, Event::Replay(data(1)));
     cmd(
         &mut c,
