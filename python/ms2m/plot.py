@@ -82,7 +82,17 @@ def phase_breakdown(data: pd.DataFrame | Iterable[Report], *, ax: Axes | None = 
 
 
 def _phase_order(cols: Sequence[str]) -> list[str]:
-    known = ["stop", "prepare", "checkpoint", "transfer", "restore", "replay", "finalize", "abort"]
+    known = [
+        "stop",
+        "prepare",
+        "checkpoint",
+        "transfer",
+        "restore",
+        "replay",
+        "finalize",
+        "abort",
+        "take_over",
+    ]
     rank = {f"phase_{p}_ms": i for i, p in enumerate(known)}
     return sorted(cols, key=lambda c: rank.get(c, len(known)))
 

@@ -18,10 +18,18 @@ StrategyName = Literal["stop_and_copy", "ms2m", "ms2m_cutoff", "ms2m_sequential"
 engine know one more)."""
 
 PhaseName = Literal[
-    "prepare", "stop", "checkpoint", "transfer", "restore", "replay", "finalize", "abort"
+    "prepare",
+    "stop",
+    "checkpoint",
+    "transfer",
+    "restore",
+    "replay",
+    "finalize",
+    "abort",
+    "take_over",
 ]
-"""The phases of a migration (``ms2m.STRATEGY_PHASES``), and ``abort``: the rollback of a failed
-one."""
+"""The phases of a migration (``ms2m.STRATEGY_PHASES``), ``abort`` (the rollback of a failed
+one) and ``take_over`` (the target serving in place of a source that died)."""
 
 MigrationStatus = Literal["completed", "aborted"]
 """How a migration ended; ``aborted``: rolled back (see ``failed_phase`` and ``error``)."""
@@ -242,6 +250,17 @@ class CheckpointStats(TypedDict):
     fetch_mib_s: float | None
 
 
+class TakeOver(TypedDict):
+    """The source died after the target restored its checkpoint, and the target took over:
+    it replayed up to ``until_seq`` (what the source had acked) and went live after it.
+    ``replayed_ahead``: messages it had replayed past that before it could be paused (in its
+    state, without a live output event)."""
+
+    source_died_in: PhaseName | None
+    until_seq: int
+    replayed_ahead: int
+
+
 Outcome = TypedDict(
     "Outcome",
     {
@@ -255,6 +274,7 @@ Outcome = TypedDict(
         "mu": Optional[float],
         "cutoff": Optional[CutoffReport],
         "fault": Optional[str],
+        "takeover": Optional[TakeOver],
     },
 )
 """What a strategy found out while it ran (flattened into :class:`MigrationSummary`)."""

@@ -257,6 +257,11 @@ impl Link {
     /// the broker closes the channel of a passive declare that fails, and the control channel
     /// must survive a queue that vanished.
     async fn inspect(&self, queue: &str) -> Result<Option<u32>> {
+        Ok(self.inspect_counts(queue).await?.map(|(ready, _)| ready))
+    }
+
+    /// Ready messages and consumers of a queue, or None if it does not exist.
+    async fn inspect_counts(&self, queue: &str) -> Result<Option<(u32, u32)>> {
         let mut probe = self.probe.lock().await;
         let ch = match probe.as_ref() {
             Some(ch) if ch.status().connected() => ch.clone(),
@@ -294,7 +299,7 @@ impl Link {
             .rpc(format!("inspecting queue {queue}"))
             .await;
         match declared {
-            Ok(q) => Ok(Some(q.message_count())),
+            Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
             // The broker answers a passive declare of a missing queue by closing the channel.
             Err(Error::Broker { .. }) if self.conn.status().connected() => {
                 *probe = None;
@@ -309,6 +314,50 @@ impl Link {
         self.inspect(queue)
             .await?
             .ok_or_else(|| Error::BrokerRefused(format!("queue {queue} does not exist")))
+    }
+
+    /// Consumers of a queue (0 if it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32> {
+        Ok(self.inspect_counts(queue).await?.map_or(0, |(_, c)| c))
+    }
+
+    /// The lowest seq among the first `look` data messages waiting in `queue` (other input is
+    /// passed over), None if there are none. Nothing is taken: they are fetched on a channel of
+    /// their own, never acked, and handed back in order when it closes.
+    pub async fn peek_first_seq(&self, queue: &str, look: usize) -> Result<Option<u64>> {
+        let ch = self
+            .conn
+            .create_channel()
+            .rpc("opening a channel to peek at a queue")
+            .await?;
+        let mut first: Option<u64> = None;
+        for _ in 0..look {
+            let got = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .rpc(format!("peeking at {queue}"))
+                .await?;
+            let Some(m) = got else { break };
+            if let Ok(Input::Data { seq, .. }) = serde_json::from_slice(&m.delivery.data) {
+                first = Some(first.map_or(seq, |f| f.min(seq)));
+            }
+        }
+        ch.close(200, "peeked".into())
+            .rpc("handing the peeked messages back")
+            .await?;
+        Ok(first)
+    }
+
+    /// Stops routing `exchange`'s messages to `queue`.
+    pub async fn unbind(&self, queue: &str, exchange: &str) -> Result<()> {
+        self.channel
+            .queue_unbind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                FieldTable::default(),
+            )
+            .rpc(format!("unbinding {queue} from {exchange}"))
+            .await
     }
 
     /// Whether a queue exists.
@@ -349,6 +398,19 @@ impl Link {
         .expect("barrier serializes");
         self.publish(&names::input_exchange(service), "", &body)
             .await
+    }
+
+    /// Puts a barrier with `id` at the end of `queue` (a replay queue no longer bound to the
+    /// input exchange): an instance armed with `id` that replays the queue answers when it
+    /// meets it, with everything before it applied.
+    pub async fn publish_marker(&self, queue: &str, id: &str) -> Result<()> {
+        let body = serde_json::to_vec(&Input::Barrier {
+            id: id.to_string(),
+            reply_to: self.reply_queue.clone(),
+            stream: None,
+        })
+        .expect("a barrier serializes");
+        self.publish("", queue, &body).await
     }
 
     /// Publishes `bodies` to `queue` in order, confirmed once at the end (the broker confirms

@@ -157,6 +157,9 @@ struct Replaying {
     limit: Option<u64>,
     /// A `finish_replay` in progress.
     finish: Option<Finish>,
+    /// The manager's marker was met: the queue holds nothing more, so a `finish_replay` that
+    /// waits for more finishes at once.
+    drained: bool,
 }
 
 /// The instance's position, as every reply reports it.
@@ -506,6 +509,7 @@ impl<S: Service> Core<S> {
                         paused: false,
                         limit: until_seq,
                         finish: None,
+                        drained: false,
                     });
                     out.push(Action::OpenReplay { queue });
                 }
@@ -544,7 +548,7 @@ impl<S: Service> Core<S> {
                             format!("a finish_replay is already waiting for seq {}", f.until_seq);
                         self.refuse(out, pending, e);
                     }
-                    Some(r) if last_seq < until_seq => {
+                    Some(r) if last_seq < until_seq && !r.drained => {
                         r.paused = false;
                         r.finish = Some(Finish {
                             until_seq,
@@ -779,9 +783,30 @@ impl<S: Service> Core<S> {
     }
 
     fn on_replay(&mut self, now_ns: u64, input: Result<Input, Refused>, out: &mut Vec<Action>) {
-        let Some(r) = self.replay.as_ref() else {
+        if self.replay.is_none() {
             return;
-        };
+        }
+        if let Ok(Input::Barrier { id, reply_to, .. }) = &input {
+            if self.armed.as_deref() == Some(id.as_str()) {
+                // A marker the manager put at the end of the replay queue: everything before
+                // it is applied, and the answer says where that left the state.
+                self.armed = None;
+                self.end_span(out);
+                let reply = self.reply(id, ReplyKind::Status);
+                self.send(out, reply_to.clone(), reply, Vec::new());
+                // A finish waiting for more than the queue holds ends here; one that comes
+                // later ends at once.
+                if let Some(r) = self.replay.as_mut() {
+                    r.drained = true;
+                }
+                if let Some(f) = self.replay.as_mut().and_then(|r| r.finish.take()) {
+                    out.push(Action::Ack);
+                    self.finish_replay(f.go_live, f.reply, out);
+                    return;
+                }
+            }
+        }
+        let r = self.replay.as_ref().expect("checked above");
         let mut beyond = false;
         // Barriers and refused messages are dropped: replay has no effects, and the live
         // instance dead-lettered the same message at the same position (a jump is a jump

@@ -11,9 +11,11 @@ pub mod ms2m_cutoff;
 mod ms2m_sequential;
 mod options;
 mod stop_and_copy;
+mod takeover;
 mod timeline;
 
 pub use options::{Fault, MigrationOptions, Role, Transfer, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+pub use takeover::TakeOver;
 pub use timeline::{Phase, PhaseName, Timeline};
 
 use crate::broker::{Answer, Link, Sent};
@@ -228,6 +230,10 @@ pub struct Outcome {
     pub cutoff: Option<CutoffReport>,
     /// The fault injected, if any, and when.
     pub fault: Option<String>,
+    /// The source died after the target restored, and the target took over (see
+    /// `strategies/takeover.rs`).
+    #[serde(default)]
+    pub takeover: Option<TakeOver>,
 }
 
 /// Everything a strategy acts through.
@@ -251,6 +257,10 @@ pub(crate) struct Ctx<'a> {
     // What rollback must undo.
     pub source_stopped: bool,
     pub target_started: bool,
+    /// The target holds the checkpoint's state: it can take over if the source dies.
+    pub target_restored: bool,
+    /// The target was told to replay the replay queue.
+    pub replay_started: bool,
     pub replay_queue: Option<String>,
     pub checkpoint_queue: Option<String>,
     /// A fault aimed at the target before it existed: kill it as soon as it starts.
@@ -296,6 +306,8 @@ impl<'a> Ctx<'a> {
             },
             source_stopped: false,
             target_started: false,
+            target_restored: false,
+            replay_started: false,
             replay_queue: None,
             checkpoint_queue: None,
             kill_target_on_start: false,
@@ -543,6 +555,7 @@ impl<'a> Ctx<'a> {
     pub async fn restore_fetched(&mut self) -> Result<()> {
         let target = self.target.clone();
         self.command(&target, Command::Restore, &[]).await?;
+        self.target_restored = true;
         if let Some(q) = self.checkpoint_queue.take() {
             self.link.delete_queue(&q).await?;
         }
@@ -673,6 +686,13 @@ pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> O
         Error::MigrationFailed { reason, .. } => reason,
         other => other.to_string(),
     };
+    // A dead source cannot serve again; a target holding its state can serve instead.
+    if takeover::possible(ctx).await {
+        match takeover::run(ctx, phase).await {
+            Ok(()) => return None,
+            Err(e) => reason.push_str(&format!("; the target could not take over: {e}")),
+        }
+    }
     let problems = abort(ctx).await;
     if !problems.is_empty() {
         reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));

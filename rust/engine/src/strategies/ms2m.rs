@@ -125,6 +125,12 @@ pub(super) async fn start_replay(
     queue: &str,
     until_seq: Option<u64>,
 ) -> Result<()> {
+    // A source dead by now leaves the target to take over: replaying first would apply
+    // messages the source never processed.
+    let source = ctx.source.clone();
+    if !ctx.runtime.is_running(&source).await {
+        return Err(ctx.failed(format!("{source} exited before the replay began")));
+    }
     let target = ctx.target.clone();
     ctx.command(
         &target,
@@ -135,6 +141,7 @@ pub(super) async fn start_replay(
         &[],
     )
     .await?;
+    ctx.replay_started = true;
     Ok(())
 }
 
@@ -177,6 +184,9 @@ pub(super) async fn catch_up(
         ctx.kill_if_due().await?;
         if !ctx.runtime.is_running(&target).await {
             return Err(ctx.failed(format!("{target} exited during the replay")));
+        }
+        if !ctx.runtime.is_running(&ctx.source).await {
+            return Err(ctx.failed(format!("{} exited during the replay", ctx.source)));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -29,6 +29,8 @@ pub enum PhaseName {
     Finalize,
     /// The rollback of a failed migration: the source serves again.
     Abort,
+    /// The source died after the target restored: the target takes over without it.
+    TakeOver,
 }
 
 impl PhaseName {
@@ -143,6 +145,7 @@ mod tests {
             PhaseName::Replay,
             PhaseName::Finalize,
             PhaseName::Abort,
+            PhaseName::TakeOver,
         ] {
             let json = serde_json::to_string(&p).unwrap();
             assert_eq!(json, format!("\"{}\"", p.name()));

@@ -151,6 +151,8 @@ struct Single {
     armed: bool,
     /// What the live delivery being handled must be refused for, if anything.
     refusal: Option<Rejection>,
+    /// The replay delivery being handled is the armed barrier: a marker reply is due.
+    marker: bool,
     /// Commands sent and not answered yet, with the kind their reply must have.
     outstanding: HashMap<String, ReplyKind>,
     /// Commands answered: none may be answered twice.
@@ -171,6 +173,7 @@ impl Single {
             exited: false,
             armed: false,
             refusal: None,
+            marker: false,
             outstanding: HashMap::new(),
             answered: HashSet::new(),
             corr: 0,
@@ -231,6 +234,11 @@ impl Single {
                     let a = self.core.handle(0, Event::Replay(input));
                     prop_assert!(a.is_empty(), "replay delivery not polled: {a:?}");
                     return Ok(());
+                }
+                // An armed barrier in replay marks the end of the queue: answered once.
+                if matches!(input, Ok(Input::Barrier { .. })) && self.armed {
+                    self.armed = false;
+                    self.marker = true;
                 }
                 let bounds = self.bounds();
                 let a = self.core.handle(0, Event::Replay(input.clone()));
@@ -455,6 +463,12 @@ impl Single {
                     prop_assert!(delivery.is_some() && !acked, "ack without a delivery");
                     acked = true;
                 }
+                Action::Reply(o) if o.reply.corr == "b" => {
+                    prop_assert!(self.marker, "a marker reply without an armed barrier");
+                    self.marker = false;
+                    prop_assert_eq!(o.reply.last_seq, self.expected.last_seq);
+                    prop_assert_eq!(self.unreported, 0, "the marker comes after the span");
+                }
                 Action::Reply(o) => {
                     let corr = &o.reply.corr;
                     prop_assert!(!self.answered.contains(corr), "{} answered twice", corr);
@@ -537,6 +551,11 @@ impl Single {
             self.refusal.take(),
             None,
             "input to refuse was not: {:?}",
+            delivery
+        );
+        prop_assert!(
+            !std::mem::take(&mut self.marker),
+            "no marker reply: {:?}",
             delivery
         );
         if self.core.replay.is_none() {

@@ -1072,6 +1072,81 @@ fn barriers_and_malformed_input_in_replay_are_dropped() {
 }
 
 #[test]
+fn an_armed_barrier_in_replay_marks_the_end_of_the_queue() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    c.handle(0, Event::Replay(data(2)));
+    arm(&mut c, "end");
+    let a = c.handle(0, Event::Replay(barrier("end")));
+    assert_eq!(shape(&a), ["replay_span", "reply", "ack"], "{a:?}");
+    let r = the_reply(&a);
+    assert_eq!(
+        (r.corr.as_str(), r.kind, r.last_seq),
+        ("end", ReplyKind::Status, 2)
+    );
+    // Once: the same barrier again is dropped.
+    assert_eq!(
+        c.handle(0, Event::Replay(barrier("end"))),
+        vec![Action::Ack]
+    );
+    assert!(
+        c.polls_replay(),
+        "the marker does not end the replay by itself"
+    );
+}
+
+#[test]
+fn an_armed_barrier_in_replay_ends_a_finish_waiting_for_more() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    arm(&mut c, "end");
+    let finish = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: u64::MAX,
+            go_live: true,
+        },
+    );
+    assert!(finish.is_empty(), "{finish:?}");
+    let a = c.handle(0, Event::Replay(barrier("end")));
+    assert_eq!(
+        shape(&a),
+        [
+            "replay_span",
+            "reply",
+            "ack",
+            "start_live",
+            "reply",
+            "close_replay"
+        ],
+        "{a:?}"
+    );
+    let finished = replies(&a)[1];
+    assert_eq!(
+        (finished.kind, finished.last_seq),
+        (ReplyKind::FinishReplay, 1)
+    );
+    assert!(c.polls_live() && !c.polls_replay());
+}
+
+#[test]
+fn a_finish_after_the_marker_ends_the_replay_at_once() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    arm(&mut c, "end");
+    c.handle(0, Event::Replay(barrier("end")));
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: u64::MAX,
+            go_live: true,
+        },
+    );
+    assert_eq!(shape(&a), ["start_live", "reply", "close_replay"], "{a:?}");
+    assert_eq!(the_reply(&a).last_seq, 1);
+}
+
+#[test]
 fn pause_replay_stops_taking_replayed_messages() {
     let mut c = restored_and_replaying(0, None);
     c.handle(0, Event::Replay(data(1)));
