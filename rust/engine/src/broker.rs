@@ -321,10 +321,16 @@ impl Link {
         Ok(self.inspect_counts(queue).await?.map_or(0, |(_, c)| c))
     }
 
-    /// The lowest seq among the first `look` data messages waiting in `queue` (other input is
-    /// passed over), None if there are none. Nothing is taken: they are fetched on a channel of
-    /// their own, never acked, and handed back in order when it closes.
-    pub async fn peek_first_seq(&self, queue: &str, look: usize) -> Result<Option<u64>> {
+    /// The seq of the first data message waiting in `queue` whose seq is above `above` (other
+    /// input, and seqs at or below it, are passed over; at most `look` messages are looked
+    /// at), None if there is none. Nothing is taken: they are fetched on a channel of their
+    /// own, never acked, and handed back in order when it closes.
+    pub async fn peek_first_seq(
+        &self,
+        queue: &str,
+        above: u64,
+        look: usize,
+    ) -> Result<Option<u64>> {
         let ch = self
             .conn
             .create_channel()
@@ -337,8 +343,12 @@ impl Link {
                 .rpc(format!("peeking at {queue}"))
                 .await?;
             let Some(m) = got else { break };
-            if let Ok(Input::Data { seq, .. }) = serde_json::from_slice(&m.delivery.data) {
-                first = Some(first.map_or(seq, |f| f.min(seq)));
+            match serde_json::from_slice(&m.delivery.data) {
+                Ok(Input::Data { seq, .. }) if seq > above => {
+                    first = Some(seq);
+                    break;
+                }
+                _ => {}
             }
         }
         ch.close(200, "peeked".into())

@@ -257,8 +257,9 @@ pub(crate) struct Ctx<'a> {
     // What rollback must undo.
     pub source_stopped: bool,
     pub target_started: bool,
-    /// The target holds the checkpoint's state: it can take over if the source dies.
-    pub target_restored: bool,
+    /// The position of the checkpoint the target restored (None: not restored): it can take
+    /// over if the source dies.
+    pub target_restored: Option<u64>,
     /// The target was told to replay the replay queue.
     pub replay_started: bool,
     pub replay_queue: Option<String>,
@@ -306,7 +307,7 @@ impl<'a> Ctx<'a> {
             },
             source_stopped: false,
             target_started: false,
-            target_restored: false,
+            target_restored: None,
             replay_started: false,
             replay_queue: None,
             checkpoint_queue: None,
@@ -554,8 +555,8 @@ impl<'a> Ctx<'a> {
     /// The target restores what it fetched; the checkpoint queue, empty now, goes.
     pub async fn restore_fetched(&mut self) -> Result<()> {
         let target = self.target.clone();
-        self.command(&target, Command::Restore, &[]).await?;
-        self.target_restored = true;
+        let (restored, _) = self.command(&target, Command::Restore, &[]).await?;
+        self.target_restored = Some(restored.last_seq);
         if let Some(q) = self.checkpoint_queue.take() {
             self.link.delete_queue(&q).await?;
         }

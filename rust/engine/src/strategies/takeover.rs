@@ -6,21 +6,25 @@
 //! broker has closed its connection. So the target replays up to the message before the
 //! primary queue's first one and goes live there:
 //!
-//! 1. wait until the primary queue has no consumer (the dead source's unacked messages are
+//! 1. pause the target's replay at `T`, if it replays: whatever it replays from now on may be
+//!    something the source never processed;
+//! 2. wait until the primary queue has no consumer (the dead source's unacked messages are
 //!    back on it);
-//! 2. unbind the replay queue from the input exchange: from now on new messages go only to
-//!    the primary queue, so the replay queue ends;
-//! 3. find the primary queue's first seq `H` (peeked, left in place). With one, pause the
-//!    target's replay at `T` and finish it at `max(H - 1, T)`. Without one (the source had
-//!    acked everything), the whole replay queue is the source's work: the manager arms the
-//!    target with a marker, puts it at the end of the replay queue, and finishes the replay
-//!    "at the end of the queue" (`until_seq` = the largest seq), which the marker ends;
-//! 4. the target goes live, the source's leftovers go.
+//! 3. unbind the replay queue from the input exchange (new messages go only to the primary
+//!    queue now) and put a marker at its end: a barrier the target is armed for, which it
+//!    answers and which ends a `finish_replay` waiting for more than the queue holds;
+//! 4. find the primary queue's first seq `H` above the checkpoint's (peeked, left in place;
+//!    input to be refused is passed over). With one, finish the target's replay at
+//!    `max(H - 1, T)`; without one (the source had acked everything), the whole replay queue
+//!    is the source's work: finish "at the end of the queue" (`until_seq` = the largest seq),
+//!    where the marker ends it. The marker also bounds a wrong `H` (an outsider's jump at the
+//!    head of the primary queue): the target never waits for seqs the queue lacks;
+//! 5. the target goes live, the source's leftovers go.
 //!
 //! Exact, with two losses nobody can avoid, both counted by the checker: a message the source
 //! was handling when it died (applied, its output event maybe published, not acked) is
 //! processed again by the target (a duplicated output); and if the target had replayed past
-//! `H - 1` before it paused (it can run ahead of a source that is dying), those messages are in
+//! `H - 1` before it was paused (it can run ahead of a source that is dying), those messages are in
 //! its state but get no live output event (the primary queue's copies are refused as repeats).
 //! The report's `takeover` says how many of the latter there were.
 
@@ -54,7 +58,7 @@ pub struct TakeOver {
 /// Whether a failed migration can end with the target serving instead of a rollback: the
 /// source is dead, the target runs and has restored, and a replay queue holds the rest.
 pub(crate) async fn possible(ctx: &Ctx<'_>) -> bool {
-    ctx.target_restored
+    ctx.target_restored.is_some()
         && ctx.replay_queue.is_some()
         && !ctx.runtime.is_running(&ctx.source).await
         && ctx.runtime.is_running(&ctx.target).await
@@ -63,6 +67,18 @@ pub(crate) async fn possible(ctx: &Ctx<'_>) -> bool {
 /// Lets the target take over from the dead source (see the module's description).
 pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result<()> {
     ctx.timeline.begin(PhaseName::TakeOver);
+    let target = ctx.target.clone();
+    // First of all: every message the target replays from now on may be one the source never
+    // processed.
+    let paused = match ctx.replay_started {
+        true => Some(
+            ctx.command(&target, Command::PauseReplay, &[])
+                .await?
+                .0
+                .last_seq,
+        ),
+        false => None,
+    };
     let primary = names::primary_queue(&ctx.spec.name);
     let deadline = Instant::now() + CONNECTION_GONE;
     while ctx.link.consumer_count(&primary).await? > 0 {
@@ -78,48 +94,41 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result
     ctx.link
         .unbind(&replay, &names::input_exchange(&ctx.spec.name))
         .await?;
-    let target = ctx.target.clone();
     let mut takeover = TakeOver {
         source_died_in: died_in,
         ..TakeOver::default()
     };
-    let first = ctx.link.peek_first_seq(&primary, PEEK).await?;
+    let marker = format!("end-{}", ctx.migration_id);
+    let arm = Command::ArmBarrier { id: marker.clone() };
+    ctx.command(&target, arm, &[]).await?;
+    ctx.link.publish_marker(&replay, &marker).await?;
+    let restored_at = ctx.target_restored.expect("checked by possible()");
+    let first = ctx.link.peek_first_seq(&primary, restored_at, PEEK).await?;
+    // What the source acked: everything before the primary queue's first message.
+    let acked = first.map(|f| f.saturating_sub(1));
     if !ctx.replay_started {
         // Never beyond what the source acked.
         let replay = Command::Replay {
             queue: replay.clone(),
-            until_seq: first.map(|f| f - 1),
+            until_seq: acked,
         };
         ctx.command(&target, replay, &[]).await?;
         ctx.replay_started = true;
     }
-    let live = match first {
-        Some(first) => {
-            let (paused, _) = ctx.command(&target, Command::PauseReplay, &[]).await?;
-            let acked = first - 1;
-            takeover.replayed_ahead = paused.last_seq.saturating_sub(acked);
-            ctx.command(
-                &target,
-                Command::FinishReplay {
-                    until_seq: acked.max(paused.last_seq),
-                    go_live: true,
-                },
-                &[],
-            )
-            .await?
+    let until_seq = match acked {
+        Some(acked) => {
+            let reached = paused.unwrap_or(restored_at);
+            takeover.replayed_ahead = reached.saturating_sub(acked);
+            acked.max(reached)
         }
-        None => {
-            let marker = format!("end-{}", ctx.migration_id);
-            let arm = Command::ArmBarrier { id: marker.clone() };
-            ctx.command(&target, arm, &[]).await?;
-            ctx.link.publish_marker(&replay, &marker).await?;
-            let to_the_end = Command::FinishReplay {
-                until_seq: u64::MAX,
-                go_live: true,
-            };
-            ctx.command(&target, to_the_end, &[]).await?
-        }
+        // To the end of the queue, where the marker is.
+        None => u64::MAX,
     };
+    let finish = Command::FinishReplay {
+        until_seq,
+        go_live: true,
+    };
+    let live = ctx.command(&target, finish, &[]).await?;
     takeover.until_seq = live.0.last_seq;
     ctx.outcome.takeover = Some(takeover);
     ctx.outcome.t_target_live_ns = Some(live.0.t_ns);
