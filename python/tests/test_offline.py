@@ -370,7 +370,7 @@ def test_every_schema_definition_has_a_matching_typeddict():
 def test_strategy_and_phase_names_are_the_engines():
     assert set(typing.get_args(rt.StrategyName)) == set(ms2m.STRATEGIES)
     phases = {p for ps in ms2m.STRATEGY_PHASES.values() for p in ps}
-    assert set(typing.get_args(rt.PhaseName)) == phases | {"abort"}
+    assert set(typing.get_args(rt.PhaseName)) == phases | {"abort", "take_over"}
 
 
 def _report_doc(strategy: rt.StrategyName = "ms2m_cutoff", fired: bool = True) -> rt.ReportDocument:
