@@ -179,8 +179,7 @@ impl Link {
     }
 
     /// Counts what `service`'s dead-letter queue holds, by the reason each message carries
-    /// (`x-ms2m-reason`), leaving every one in place: they are fetched on a channel of their
-    /// own, never acked, and handed back in order when it closes.
+    /// (`x-ms2m-reason`), leaving every one in place (see [`Link::peek`]).
     pub async fn dead_letters(&self, service: &str) -> Result<DeadLetters> {
         let queue = names::dead_letter_queue(service);
         let Some(total) = self.inspect(&queue).await? else {
@@ -193,19 +192,9 @@ impl Link {
         if total == 0 {
             return Ok(out);
         }
-        let ch = self
-            .conn
-            .create_channel()
-            .rpc("opening a channel to read dead letters")
-            .await?;
-        for _ in 0..DeadLetters::READ_MAX.min(total as usize) {
-            let got = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .rpc(format!("reading {queue}"))
-                .await?;
-            let Some(m) = got else { break };
+        let look = DeadLetters::READ_MAX.min(total as usize);
+        self.peek(&queue, look, |m| {
             let reason = m
-                .delivery
                 .properties
                 .headers()
                 .as_ref()
@@ -216,11 +205,39 @@ impl Link {
                 })
                 .unwrap_or_else(|| "unknown".into());
             *out.by_reason.entry(reason).or_default() += 1;
-        }
-        ch.close(200, "dead letters counted".into())
-            .rpc("handing the dead letters back")
-            .await?;
+            true
+        })
+        .await?;
         Ok(out)
+    }
+
+    /// Shows `see` the first `look` messages of `queue` in order, until it returns false,
+    /// taking none: they are fetched on a channel of their own, never acked, and handed back
+    /// in order when it closes.
+    async fn peek(
+        &self,
+        queue: &str,
+        look: usize,
+        mut see: impl FnMut(&lapin::message::Delivery) -> bool,
+    ) -> Result<()> {
+        let ch = self
+            .conn
+            .create_channel()
+            .rpc(format!("opening a channel to peek at {queue}"))
+            .await?;
+        for _ in 0..look {
+            let got = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .rpc(format!("peeking at {queue}"))
+                .await?;
+            match got {
+                Some(m) if see(&m.delivery) => {}
+                _ => break,
+            }
+        }
+        ch.close(200, "peeked".into())
+            .rpc(format!("handing the messages peeked at back to {queue}"))
+            .await
     }
 
     async fn declare_bound_queue(&self, queue: &str, exchange: &str) -> Result<()> {
@@ -323,37 +340,21 @@ impl Link {
 
     /// The seq of the first data message waiting in `queue` whose seq is above `above` (other
     /// input, and seqs at or below it, are passed over; at most `look` messages are looked
-    /// at), None if there is none. Nothing is taken: they are fetched on a channel of their
-    /// own, never acked, and handed back in order when it closes.
+    /// at), None if there is none. Nothing is taken (see [`Link::peek`]).
     pub async fn peek_first_seq(
         &self,
         queue: &str,
         above: u64,
         look: usize,
     ) -> Result<Option<u64>> {
-        let ch = self
-            .conn
-            .create_channel()
-            .rpc("opening a channel to peek at a queue")
-            .await?;
-        let mut first: Option<u64> = None;
-        for _ in 0..look {
-            let got = ch
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .rpc(format!("peeking at {queue}"))
-                .await?;
-            let Some(m) = got else { break };
-            match serde_json::from_slice(&m.delivery.data) {
-                Ok(Input::Data { seq, .. }) if seq > above => {
-                    first = Some(seq);
-                    break;
-                }
-                _ => {}
+        let mut first = None;
+        self.peek(queue, look, |m| {
+            if let Ok(Input::Data { seq, .. }) = serde_json::from_slice(&m.data) {
+                first = Some(seq).filter(|s| *s > above);
             }
-        }
-        ch.close(200, "peeked".into())
-            .rpc("handing the peeked messages back")
-            .await?;
+            first.is_none()
+        })
+        .await?;
         Ok(first)
     }
 

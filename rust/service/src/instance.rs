@@ -800,7 +800,7 @@ impl<S: Service> Instance<S> {
         );
         let (out, body) = (self.out.clone(), body.to_vec());
         let queue = names::dead_letter_queue(&self.cfg.service);
-        let mut publish: Publish = Box::pin(async move {
+        let publish: Publish = Box::pin(async move {
             out.basic_publish(
                 "".into(),
                 queue.as_str().into(),
@@ -812,17 +812,13 @@ impl<S: Service> Instance<S> {
             )
             .await
         });
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match publish.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(written) => Box::pin(std::future::ready(written)),
-            std::task::Poll::Pending => publish,
-        }
+        enqueued(publish)
     }
 
     fn publish_output(&self, event: &OutputEvent) -> Result<Publish> {
         let (out, body) = (self.out.clone(), serde_json::to_vec(event)?);
         let exchange = names::output_exchange(&self.cfg.service);
-        let mut publish: Publish = Box::pin(async move {
+        let publish: Publish = Box::pin(async move {
             out.basic_publish(
                 exchange.into(),
                 "".into(),
@@ -832,12 +828,17 @@ impl<S: Service> Instance<S> {
             )
             .await
         });
-        // The first poll enqueues the frames, so output events go out in the order made.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        Ok(match publish.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(written) => Box::pin(std::future::ready(written)),
-            std::task::Poll::Pending => publish,
-        })
+        Ok(enqueued(publish))
+    }
+}
+
+/// Polls a publish once, which enqueues its frames: publishes go out in the order they are
+/// made, and the pipeline awaits the rest (the write and the confirm).
+fn enqueued(mut publish: Publish) -> Publish {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match publish.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(written) => Box::pin(std::future::ready(written)),
+        std::task::Poll::Pending => publish,
     }
 }
 

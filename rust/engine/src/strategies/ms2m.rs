@@ -268,7 +268,7 @@ pub(super) async fn finish_replay(ctx: &mut Ctx<'_>, until_seq: u64) -> Result<(
 }
 
 /// Records the target's `finish_replay` reply: when it went live and what it replayed.
-fn went_live(ctx: &mut Ctx<'_>, live: &Reply) {
+pub(super) fn went_live(ctx: &mut Ctx<'_>, live: &Reply) {
     ctx.outcome.t_target_live_ns = Some(live.t_ns);
     ctx.outcome.messages_replayed = live.replayed;
     ctx.outcome.replay_skipped = live.skipped;

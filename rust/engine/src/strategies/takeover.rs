@@ -128,11 +128,9 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result
         until_seq,
         go_live: true,
     };
-    let live = ctx.command(&target, finish, &[]).await?;
-    takeover.until_seq = live.0.last_seq;
+    let (live, _) = ctx.command(&target, finish, &[]).await?;
+    takeover.until_seq = live.last_seq;
     ctx.outcome.takeover = Some(takeover);
-    ctx.outcome.t_target_live_ns = Some(live.0.t_ns);
-    ctx.outcome.messages_replayed = live.0.replayed;
-    ctx.outcome.replay_skipped = live.0.skipped;
+    ms2m::went_live(ctx, &live);
     ms2m::finish(ctx).await
 }

@@ -295,22 +295,14 @@ impl Testbed {
             Err(e) => Some(format!("after refused input: {e}")),
             Ok(_) => {
                 let want = dead_before + refused.len() as u32;
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                loop {
-                    let depth = self.link.queue_depth(&dead).await.unwrap_or(0);
-                    if depth == want {
-                        break None;
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        break Some(format!(
-                            "{} refused inputs (malformed, no seq, a repeat, an unarmed \
-                             barrier): {dead} holds {} of them",
-                            refused.len(),
-                            depth - dead_before.min(depth)
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                self.wait_depth(&dead, want).await?.err().map(|depth| {
+                    format!(
+                        "{} refused inputs (malformed, no seq, a repeat, an unarmed barrier): \
+                         {dead} holds {} of them",
+                        refused.len(),
+                        depth - dead_before.min(depth)
+                    )
+                })
             }
         };
         out.push(outcome(
@@ -335,21 +327,15 @@ impl Testbed {
             Err(e) => Some(format!("stop_live failed: {e}")),
             Ok((r, _)) => {
                 let expected = last.saturating_sub(r.last_seq);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                loop {
-                    let depth = u64::from(self.link.queue_depth(&primary).await?);
-                    if depth == expected {
-                        break None;
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        break Some(format!(
-                            "stopped at last_seq {} of {last}: {expected} messages should be back \
-                             on {primary}, {depth} are",
-                            r.last_seq
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                // More than a queue can count is never reached: it fails as a wrong depth.
+                let want = u32::try_from(expected).unwrap_or(u32::MAX);
+                self.wait_depth(&primary, want).await?.err().map(|depth| {
+                    format!(
+                        "stopped at last_seq {} of {last}: {expected} messages should be back \
+                         on {primary}, {depth} are",
+                        r.last_seq
+                    )
+                })
             }
         };
         out.push(outcome(
@@ -367,6 +353,22 @@ impl Testbed {
 
     /// Polls `instance` with `ask` (`status` or `digest`) until it has processed up to `seq`;
     /// returns the last reply's digest, if any.
+    /// Waits (at most 5 s) until `queue` holds `want` messages ready; Err with the last depth
+    /// seen when it does not.
+    async fn wait_depth(&self, queue: &str, want: u32) -> Result<std::result::Result<(), u32>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let depth = self.link.queue_depth(queue).await?;
+            if depth == want {
+                return Ok(Ok(()));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Ok(Err(depth));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn wait_for(&self, svc: &str, instance: &str, seq: u64, ask: Command) -> Result<String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
