@@ -535,7 +535,8 @@ class Testbed:
 
         After the cutover the workload goes on for ``settle_s`` seconds (the "after" latencies),
         then the engine waits until every message sent so far was processed (at most
-        ``drain_timeout_s``) and checks the whole history. ``replay_max_s`` is T_replay_max of
+        ``drain_timeout_s`` beyond the time the backlog needs at the service rate measured
+        before the migration) and checks the whole history. ``replay_max_s`` is T_replay_max of
         the ``ms2m_cutoff`` strategy; ``fault`` injects a crash (see :class:`Fault`);
         ``chunk_bytes`` is the largest chunk the checkpoint is streamed in (4 KiB to 64 MiB);
         ``transfer`` is how it travels: ``"broker"`` (through a queue: the source host's link,

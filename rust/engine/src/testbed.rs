@@ -167,6 +167,16 @@ struct MigrationPlan {
 /// The drain gives up when no output event arrived for this long: nobody is serving.
 const DRAIN_STALL: Duration = Duration::from_secs(10);
 
+/// How long the drain may take: `timeout` beyond what `backlog` messages need at `mu` msg/s.
+fn drain_budget(timeout: Duration, backlog: usize, mu: Option<f64>) -> Duration {
+    match mu {
+        Some(mu) if mu.is_finite() && mu > 0.0 => {
+            timeout + Duration::from_secs_f64((backlog as f64 / mu).min(86_400.0))
+        }
+        _ => timeout,
+    }
+}
+
 fn fresh_id() -> String {
     // Unique across processes and restarts without a UUID dependency.
     format!(
@@ -429,8 +439,13 @@ impl Testbed {
 
         tokio::time::sleep(Duration::from_secs_f64(opts.settle_s)).await;
         let cut_ns = now_ns();
-        self.drain(&d, cut_ns, Duration::from_secs_f64(opts.drain_timeout_s))
-            .await;
+        self.drain(
+            &d,
+            cut_ns,
+            Duration::from_secs_f64(opts.drain_timeout_s),
+            outcome.mu,
+        )
+        .await;
         let observed = self
             .observe_state(service, &d.current.instance, &opts)
             .await;
@@ -751,24 +766,31 @@ impl Testbed {
     }
 
     /// Waits until every confirmed message sent before `cut` has been processed live, at most
-    /// `timeout`, and gives up earlier when no output event arrived for [`DRAIN_STALL`].
-    async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut progress = (0, tokio::time::Instant::now());
+    /// `timeout` beyond the time the backlog needs at the service rate `mu` (a stop-and-copy
+    /// of minutes leaves minutes of backlog, which is queued, not lost), and gives up earlier
+    /// when no output event arrived for [`DRAIN_STALL`].
+    async fn drain(&self, d: &Deployed, cut: u64, timeout: Duration, mu: Option<f64>) -> bool {
+        let started = tokio::time::Instant::now();
+        let mut deadline = None;
+        let mut progress = (0, started);
         loop {
             let published = d.published();
-            let (done, seen) = d.recorder.with_events(|events| {
+            let (backlog, seen) = d.recorder.with_events(|events| {
                 let live: std::collections::HashSet<u64> = events
                     .iter()
                     .filter(|e| e.mode == Mode::Live)
                     .map(|e| e.seq)
                     .collect();
-                let done = published
+                let backlog = published
                     .iter()
                     .filter(|p| p.t_pub_ns <= cut && p.outcome != PublishOutcome::Nacked)
-                    .all(|p| live.contains(&p.seq));
-                (done, events.len())
+                    .filter(|p| !live.contains(&p.seq))
+                    .count();
+                (backlog, events.len())
             });
+            let done = backlog == 0;
+            let deadline =
+                *deadline.get_or_insert_with(|| started + drain_budget(timeout, backlog, mu));
             let now = tokio::time::Instant::now();
             if seen != progress.0 {
                 progress = (seen, now);
@@ -785,7 +807,7 @@ impl Testbed {
     pub async fn wait_processed(&self, service: &str, timeout: Duration) -> Result<bool> {
         let s = self.service(service).await?;
         let d = s.lock().await;
-        Ok(self.drain(&d, now_ns(), timeout).await)
+        Ok(self.drain(&d, now_ns(), timeout, None).await)
     }
 
     /// The history recorded so far for a service (for saving and checking offline).
@@ -984,5 +1006,25 @@ impl RateProbe for Deployed {
                 });
             (n > 0 && total > 0).then(|| n as f64 / (total as f64 / 1e9))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_waits_for_the_backlog_at_the_service_rate() {
+        let t = Duration::from_secs(60);
+        // 4,300 messages queued behind a 430 s stop-and-copy, served at 20 msg/s.
+        assert_eq!(drain_budget(t, 4300, Some(20.0)), Duration::from_secs(275));
+        assert_eq!(drain_budget(t, 0, Some(20.0)), t);
+        for mu in [None, Some(0.0), Some(f64::NAN), Some(-1.0)] {
+            assert_eq!(drain_budget(t, 4300, mu), t);
+        }
+        assert_eq!(
+            drain_budget(t, usize::MAX, Some(1e-9)),
+            t + Duration::from_secs(86_400)
+        );
     }
 }

@@ -65,7 +65,8 @@ pub struct MigrationOptions {
     pub replay_timeout_s: f64,
     /// Observation after the cutover, for the "after" latencies.
     pub settle_s: f64,
-    /// Longest wait for the backlog to drain before the checker runs.
+    /// Longest wait for the backlog to drain before the checker runs, beyond the time the
+    /// backlog needs at the service rate measured before the migration.
     pub drain_timeout_s: f64,
     /// ms2m_cutoff: the longest acceptable replay, T_replay_max in
     /// T_cutoff = T_replay_max * mu / lambda.
