@@ -26,6 +26,18 @@ from .sweeps import run_grid
 from .testbed import RUNTIMES, TRANSFERS
 
 
+def _until_ci_option(p: argparse.ArgumentParser, cap: str, what: str) -> None:
+    p.add_argument(
+        "--until-ci",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="repeat until the median downtime's 95%% confidence interval is within FRACTION of "
+        "the median (0.05: 5%%)",
+    )
+    p.add_argument(cap, type=int, default=30, help=f"with --until-ci, the most {what} (30)")
+
+
 def _compare(args: argparse.Namespace) -> int:
     params = Comparison(
         strategies=tuple(args.strategies),
@@ -41,6 +53,8 @@ def _compare(args: argparse.Namespace) -> int:
         links=parse_host_links(args.link),
         transfer=args.transfer,
         host_links=parse_pair_links(args.host_link),
+        until_ci=args.until_ci,
+        max_runs=args.max_runs,
     )
     params.validate()
     out = Path(args.out) if args.out else Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
@@ -48,7 +62,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"reports go to {out}/", file=sys.stderr)
     reports = compare_strategies(params, out_dir=out, amqp_url=args.amqp_url)
     print()
-    print(format_table(summarize(reports)))
+    print(format_table(summarize(reports, args.until_ci, args.max_runs)))
     bad = [r for r in reports if not r.valid]
     if bad:
         print(f"\n{len(bad)} run(s) broke an invariant: {[r.run_id for r in bad]}")
@@ -71,9 +85,11 @@ def _matrix(args: argparse.Namespace) -> int:
         links=parse_host_links(args.link),
         transfer=(args.transfer,),
         host_links=parse_pair_links(args.host_link),
+        until_ci=args.until_ci,
+        max_repetitions=args.max_repetitions,
     )
     reports = run_grid(grid, args.out, amqp_url=args.amqp_url)
-    print(format_matrix(table(reports)))
+    print(format_matrix(table(reports, args.until_ci, args.max_repetitions)))
     return 0
 
 
@@ -134,11 +150,13 @@ def _soak(args: argparse.Namespace) -> int:
         strategies=args.strategies,
         rates=args.rates,
         runtime=args.runtime,
+        kills=args.kills,
     )
     print(format_summary(summary))
     print(f"\nrows: {out}/soak.jsonl; summary: {out}/summary.json")
-    bad = summary["lost"] + summary["duplicated"] + summary["state_mismatches"]
-    return 1 if bad or summary["invalid"] or summary["leftover_queues"] else 0
+    bad = sum(summary[k] for k in ("lost", "duplicated", "reordered", "state_mismatches"))
+    left = summary["leftover_queues"] or summary["leftovers_per_migration"]
+    return 1 if bad or left else 0
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--message-bytes", type=int, default=64)
     c.add_argument("--warmup-s", type=float, default=2.0)
     _settle_option(c)
+    _until_ci_option(c, "--max-runs", "runs per strategy")
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
     _testbed_options(c)
     c.set_defaults(func=_compare)
@@ -223,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--strategies", nargs="+", default=list(PAPER_STRATEGIES))
     x.add_argument("--rates", nargs="+", type=float, default=list(PAPER_RATES))
     x.add_argument("--repetitions", type=int, default=5)
+    _until_ci_option(x, "--max-repetitions", "runs per cell")
     x.add_argument("--processing-ms", type=float, default=50.0)
     x.add_argument("--state-bytes", type=int, default=1_000_000)
     x.add_argument("--warmup-s", type=float, default=2.0)
@@ -275,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--migrations", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
-        "--fault-rate", type=float, default=0.1, help="share of migrations whose target is killed"
+        "--fault-rate",
+        type=float,
+        default=0.1,
+        help="share of migrations with an instance killed as a phase begins",
+    )
+    s.add_argument(
+        "--kills",
+        nargs="+",
+        choices=["source", "target"],
+        default=["target", "source"],
+        help="which instances the faults kill (default both)",
     )
     s.add_argument("--strategies", nargs="+", default=None)
     s.add_argument("--rates", nargs="+", type=float, default=[5.0, 10.0, 20.0])

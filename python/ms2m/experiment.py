@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import _native
+from . import _native, stats
 from .defaults import MIGRATION_DEFAULTS
 from .links import Link
 from .report import Report
 from .report_types import Transfer
-from .sweeps import Grid, run_grid
+from .stats import MedianCi
+from .sweeps import Grid, cell_status, run_grid
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Comparison:
     transfer: Transfer = "broker"
     #: Links between two hosts by name (``edge-1<->edge-2``), for direct transfers.
     host_links: dict[str, Link] = field(default_factory=dict)
+    #: Beyond ``runs``: repeat until each strategy's median downtime has its 95% confidence
+    #: interval within this fraction of it (None: ``runs`` only), at most ``max_runs``.
+    until_ci: float | None = None
+    max_runs: int = 30
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -85,30 +90,61 @@ def compare_strategies(
         links=dict(params.links),
         transfer=(params.transfer,),
         host_links=dict(params.host_links),
+        until_ci=params.until_ci,
+        max_repetitions=params.max_runs,
     )
+    grid.validate()
     if out_dir is not None:
         return run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url)
     with tempfile.TemporaryDirectory(prefix="ms2m-compare-") as tmp:
         return run_grid(grid, tmp, progress=progress, amqp_url=amqp_url)
 
 
-def summarize(reports: Sequence[Report]) -> list[dict[str, Any]]:
-    """Per strategy: runs, downtime median and max, control-plane downtime, total time, and
-    the invariant counts summed over runs."""
+def _ci(ci: MedianCi | None) -> tuple[float | None, float | None]:
+    return (None, None) if ci is None else (ci["lo"], ci["hi"])
+
+
+def summarize(
+    reports: Sequence[Report], until_ci: float | None = None, max_runs: int = 30
+) -> list[dict[str, Any]]:
+    """Per strategy: runs, downtime median with its 95% confidence interval and max, baseline,
+    control-plane downtime, total time with its interval, the downtime's ratio to the reference
+    strategy (stop_and_copy if present, else the first) with its interval and a Mann-Whitney
+    p-value, and the invariant counts summed over runs (:mod:`ms2m.stats` says how). With
+    ``until_ci``, ``capped`` says whether a strategy stopped at ``max_runs`` with its interval
+    still wider."""
+    strategies = list(dict.fromkeys(r.strategy for r in reports))
+    ref = "stop_and_copy" if "stop_and_copy" in strategies else strategies[0] if strategies else ""
+    downtimes = {s: [r.downtime_ms for r in reports if r.strategy == s] for s in strategies}
     rows = []
-    for strategy in dict.fromkeys(r.strategy for r in reports):
+    for strategy in strategies:
         rs = [r for r in reports if r.strategy == strategy]
-        down = [r.downtime_ms for r in rs]
+        down, ref_down = downtimes[strategy], downtimes[ref]
+        ci = stats.median_ci(down)
+        total = stats.median_ci([r.total_ms for r in rs])
         cp = [r.control_plane_downtime_ms or 0.0 for r in rs]
+        versus = strategy != ref
+        ratio = stats.ratio_of_medians(down, ref_down) if versus else None
+        test = stats.mann_whitney(down, ref_down) if versus else None
         rows.append(
             {
                 "strategy": strategy,
                 "runs": len(rs),
+                "capped": cell_status(rs, until_ci, max_runs)["capped"],
                 "downtime_median_ms": statistics.median(down),
+                "downtime_ci_lo_ms": _ci(ci)[0],
+                "downtime_ci_hi_ms": _ci(ci)[1],
                 "downtime_max_ms": max(down),
                 "baseline_median_ms": statistics.median(r.baseline_downtime_ms for r in rs),
                 "control_plane_median_ms": statistics.median(cp),
                 "total_median_ms": statistics.median(r.total_ms for r in rs),
+                "total_ci_lo_ms": _ci(total)[0],
+                "total_ci_hi_ms": _ci(total)[1],
+                "ratio_to": ref if versus else None,
+                "downtime_ratio": None if ratio is None else ratio["ratio"],
+                "downtime_ratio_ci_lo": None if ratio is None else ratio["lo"],
+                "downtime_ratio_ci_hi": None if ratio is None else ratio["hi"],
+                "p_value": None if test is None else test["p"],
                 "lost": sum(r.lost for r in rs),
                 "duplicated": sum(r.duplicated for r in rs),
                 "reordered": sum(r.reordered for r in rs),
@@ -118,19 +154,58 @@ def summarize(reports: Sequence[Report]) -> list[dict[str, Any]]:
     return rows
 
 
+CAPPED = "stopped at the cap on runs with the interval still wider than asked"
+"""What a ``*`` after a number of runs says (``--until-ci``)."""
+
+
+def runs_cell(row: dict[str, Any]) -> str:
+    """A row's number of runs, marked ``*`` when it stopped at the cap (:data:`CAPPED`)."""
+    return f"{row['runs']}*" if row.get("capped") else str(row["runs"])
+
+
+def median_with_ci(median: float, lo: float | None, hi: float | None, digits: int = 3) -> str:
+    """``median [lo, hi]``, or the median alone when there is no interval (under 6 runs)."""
+    if lo is None or hi is None:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of :func:`summarize`'s rows."""
+    """A plain-text table of :func:`summarize`'s rows: medians with their 95% confidence
+    intervals (none under 6 runs), and each strategy's downtime against the reference's."""
     header = (
-        f"{'strategy':<14} {'runs':>4} {'downtime ms':>22} {'baseline':>9} "
-        f"{'ctl-plane':>10} {'total ms':>9} {'lost':>5} {'dup':>4} {'reord':>5} {'state ok':>8}"
+        f"{'strategy':<16} {'runs':>4} {'downtime ms median [95% CI]':>34} {'max':>9} "
+        f"{'baseline':>9} {'ctl-plane':>10} {'total ms median [95% CI]':>30} "
+        f"{'downtime ratio [95% CI], p':>32} {'lost':>5} {'dup':>4} {'reord':>5} "
+        f"{'state ok':>8}"
     )
-    lines = [header, " " * 19 + f"{'median / max':>22}", "-" * len(header)]
+    lines = [header, "-" * len(header)]
     for r in rows:
-        down = f"{r['downtime_median_ms']:.3f} / {r['downtime_max_ms']:.3f}"
+        down = median_with_ci(
+            r["downtime_median_ms"], r.get("downtime_ci_lo_ms"), r.get("downtime_ci_hi_ms")
+        )
+        total = median_with_ci(
+            r["total_median_ms"], r.get("total_ci_lo_ms"), r.get("total_ci_hi_ms"), 1
+        )
+        versus = ""
+        if r.get("downtime_ratio") is not None:
+            ratio = median_with_ci(
+                r["downtime_ratio"], r["downtime_ratio_ci_lo"], r["downtime_ratio_ci_hi"]
+            )
+            versus = f"{ratio}, p={r['p_value']:.2g}"
         lines.append(
-            f"{r['strategy']:<14} {r['runs']:>4} {down:>22} {r['baseline_median_ms']:>9.3f} "
-            f"{r['control_plane_median_ms']:>10.3f} {r['total_median_ms']:>9.1f} "
-            f"{r['lost']:>5} {r['duplicated']:>4} {r['reordered']:>5} {r['state_consistent']:>8}"
+            f"{r['strategy']:<16} {runs_cell(r):>4} {down:>34} {r['downtime_max_ms']:>9.3f} "
+            f"{r['baseline_median_ms']:>9.3f} {r['control_plane_median_ms']:>10.3f} "
+            f"{total:>30} {versus:>32} {r['lost']:>5} {r['duplicated']:>4} "
+            f"{r['reordered']:>5} {r['state_consistent']:>8}"
+        )
+    if any(r.get("capped") for r in rows):
+        lines.append(f"*: {CAPPED}")
+    refs = {r["ratio_to"] for r in rows if r.get("ratio_to")}
+    if refs:
+        lines.append(
+            f"ratio: downtime median over {', '.join(sorted(refs))}'s (bootstrap interval); "
+            "p: two-sided Mann-Whitney U"
         )
     return "\n".join(lines)
 

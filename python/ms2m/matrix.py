@@ -9,8 +9,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from . import stats
+from .experiment import CAPPED, median_with_ci, runs_cell
 from .report import Report
-from .sweeps import Grid
+from .sweeps import Grid, cell_status
 
 PAPER_STRATEGIES = ("stop_and_copy", "ms2m", "ms2m_cutoff", "ms2m_sequential")
 PAPER_RATES = (1.0, 4.0, 7.0, 10.0, 13.0, 16.0, 19.0)
@@ -29,29 +31,43 @@ def paper_grid(repetitions: int = 5, **overrides: Any) -> Grid:
     return Grid(**params)
 
 
-def table(reports: Sequence[Report]) -> list[dict[str, Any]]:
-    """Per (strategy, rate): medians of downtime and total time, ms2m / stop_and_copy ratio,
-    runs that lost or duplicated anything, aborted runs."""
+def table(
+    reports: Sequence[Report], until_ci: float | None = None, max_repetitions: int = 30
+) -> list[dict[str, Any]]:
+    """Per (strategy, rate): runs, downtime median with its 95% confidence interval and max,
+    total time median, the downtime's ratio to stop_and_copy's at the same rate with its
+    interval and a Mann-Whitney p-value, runs that lost or duplicated anything, aborted runs
+    (:mod:`ms2m.stats` says how); with ``until_ci``, whether the cell stopped at
+    ``max_repetitions`` with its interval still wider (``capped``)."""
     by: dict[tuple[str, float], list[Report]] = {}
     for r in reports:
         rate = r.rate or 0.0
         by.setdefault((r.strategy, rate), []).append(r)
     cold = {
-        rate: statistics.median(x.downtime_ms for x in rs)
-        for (s, rate), rs in by.items()
-        if s == "stop_and_copy"
+        rate: [x.downtime_ms for x in rs] for (s, rate), rs in by.items() if s == "stop_and_copy"
     }
     rows = []
     for (strategy, rate), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        down = statistics.median(x.downtime_ms for x in rs)
+        down = [x.downtime_ms for x in rs]
+        ci = stats.median_ci(down)
+        ref = cold.get(rate) if strategy != "stop_and_copy" else None
+        ratio = stats.ratio_of_medians(down, ref) if ref else None
+        test = stats.mann_whitney(down, ref) if ref else None
         rows.append(
             {
                 "strategy": strategy,
                 "rate": rate,
                 "runs": len(rs),
-                "downtime_median_ms": down,
+                "capped": cell_status(rs, until_ci, max_repetitions)["capped"],
+                "downtime_median_ms": statistics.median(down),
+                "downtime_ci_lo_ms": None if ci is None else ci["lo"],
+                "downtime_ci_hi_ms": None if ci is None else ci["hi"],
+                "downtime_max_ms": max(down),
                 "total_median_ms": statistics.median(x.total_ms for x in rs),
-                "ratio_to_stop_and_copy": down / cold[rate] if cold.get(rate) else None,
+                "ratio_to_stop_and_copy": None if ratio is None else ratio["ratio"],
+                "ratio_ci_lo": None if ratio is None else ratio["lo"],
+                "ratio_ci_hi": None if ratio is None else ratio["hi"],
+                "p_value": None if test is None else test["p"],
                 "runs_with_loss_or_dup": sum(1 for x in rs if x.lost or x.duplicated),
                 "aborted": sum(1 for x in rs if not x.completed),
                 "cutoff_fired": sum(1 for x in rs if _cutoff_fired(x)),
@@ -66,17 +82,29 @@ def _cutoff_fired(report: Report) -> bool:
 
 
 def format_matrix(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of :func:`table`'s rows."""
+    """Markdown table of :func:`table`'s rows: medians with their 95% confidence intervals
+    (none under 6 runs), ratios to stop_and_copy with theirs and a Mann-Whitney p-value."""
     lines = [
-        "| rate | strategy | runs | downtime median ms | total median ms | "
-        "ratio to stop_and_copy | lost/dup runs | aborted | cutoff fired |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| rate | strategy | runs | downtime median ms [95% CI] | max | total median ms | "
+        "ratio to stop_and_copy [95% CI] | p | lost/dup runs | aborted | cutoff fired |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = "" if r["ratio_to_stop_and_copy"] is None else f"{r['ratio_to_stop_and_copy']:.4f}"
-        lines.append(
-            f"| {r['rate']:g} | {r['strategy']} | {r['runs']} | {r['downtime_median_ms']:.3f} | "
-            f"{r['total_median_ms']:.1f} | {ratio} | {r['runs_with_loss_or_dup']} | "
-            f"{r['aborted']} | {r['cutoff_fired']} |"
+        down = median_with_ci(
+            r["downtime_median_ms"], r["downtime_ci_lo_ms"], r["downtime_ci_hi_ms"]
         )
+        ratio, p = "", ""
+        if r["ratio_to_stop_and_copy"] is not None:
+            ratio = median_with_ci(
+                r["ratio_to_stop_and_copy"], r["ratio_ci_lo"], r["ratio_ci_hi"], 4
+            )
+            p = f"{r['p_value']:.2g}"
+        lines.append(
+            f"| {r['rate']:g} | {r['strategy']} | {runs_cell(r)} | {down} | "
+            f"{r['downtime_max_ms']:.3f} | {r['total_median_ms']:.1f} | {ratio} | {p} | "
+            f"{r['runs_with_loss_or_dup']} | {r['aborted']} | {r['cutoff_fired']} |"
+        )
+    if any(r.get("capped") for r in rows):
+        lines.append("")
+        lines.append(f"\\*: {CAPPED}")
     return "\n".join(lines)

@@ -1,7 +1,10 @@
 """Standard figures (matplotlib; ``pip install 'ms2m[analysis]'``).
 
 - :func:`downtime_vs_rate`: a metric against the message rate, one line per strategy, median
-  with the interquartile range shaded and min/max as whiskers.
+  with its 95% confidence interval as error bars, the interquartile range shaded and min/max
+  as whiskers.
+- :func:`distribution`: a metric's distribution per group (box, violin or empirical CDF), every
+  run drawn, each median with its 95% confidence interval.
 - :func:`phase_breakdown`: median duration of every phase, stacked, one bar per strategy.
 - :func:`latency_cdf`: distribution of end-to-end latency before, during and after a migration.
 - :func:`timeline`: the per-message timeline of one migration, its phases and its downtime.
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import stats
 from .report import Report, to_dataframe
 
 if TYPE_CHECKING:
@@ -53,13 +57,73 @@ def downtime_vs_rate(
         (line,) = ax.plot(q.index, q[0.5], marker="o", label=str(strategy))
         ax.fill_between(q.index, q[0.25], q[0.75], alpha=0.2, color=line.get_color())
         ax.vlines(q.index, q[0.0], q[1.0], color=line.get_color(), alpha=0.5, linewidth=1)
+        _ci_bars(ax, s, line.get_color())
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("message rate (msg/s)")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"{metric.replace('_', ' ')}: median, IQR and range per strategy")
+    ax.set_title(f"{metric.replace('_', ' ')}: median with 95% CI, IQR and range")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return ax
+
+
+def _ci_bars(ax: Axes, groups: Any, color: str) -> None:
+    """Error bars of each group's median: its 95% confidence interval (6 runs at least)."""
+    for x, values in groups:
+        ci = stats.median_ci(values.dropna().tolist())
+        if ci is not None and ci["lo"] is not None and ci["hi"] is not None:
+            err = [[ci["median"] - ci["lo"]], [ci["hi"] - ci["median"]]]
+            ax.errorbar([x], [ci["median"]], yerr=err, color=color, capsize=4, linewidth=2)
+
+
+def distribution(
+    data: pd.DataFrame | Iterable[Report],
+    *,
+    metric: str = "downtime_ms",
+    by: str = "strategy",
+    kind: str = "box",
+    ax: Axes | None = None,
+    log: bool = True,
+) -> Axes:
+    """The distribution of ``metric`` per value of ``by``: ``kind`` ``"box"`` or ``"violin"``
+    (every run drawn as a point, each median with its 95% confidence interval as a bar), or
+    ``"cdf"`` (the empirical distribution function of each group)."""
+    if kind not in ("box", "violin", "cdf"):
+        raise ValueError(f"kind must be 'box', 'violin' or 'cdf', not {kind!r}")
+    df = _frame(data)
+    ax = _axes(ax)
+    groups = [(str(k), g[metric].dropna().to_numpy()) for k, g in df.groupby(by, sort=False)]
+    label = metric.replace("_", " ")
+    if kind == "cdf":
+        for name, values in groups:
+            xs = sorted(values)
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of runs")
+        ax.set_title(f"{label}: empirical distribution per {by}")
+        ax.legend()
+    else:
+        positions = list(range(1, len(groups) + 1))
+        values = [v for _, v in groups]
+        if kind == "box":
+            ax.boxplot(values, positions=positions, showfliers=False)
+        else:
+            ax.violinplot(values, positions=positions, showmedians=True)
+        for x, v in zip(positions, values):
+            jitter = [x + 0.08 * ((i % 5) - 2) / 2 for i in range(len(v))]
+            ax.scatter(jitter, v, s=10, alpha=0.6, color="black", zorder=3)
+        import pandas as pd
+
+        _ci_bars(ax, ((x, pd.Series(v)) for x, v in zip(positions, values)), "tab:red")
+        ax.set_xticks(positions, [name for name, _ in groups])
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per {by}: every run, median with 95% CI (red)")
+    ax.grid(True, which="both", alpha=0.3)
     return ax
 
 
@@ -92,6 +156,7 @@ def _phase_order(cols: Sequence[str]) -> list[str]:
         "finalize",
         "abort",
         "take_over",
+        "restart",
     ]
     rank = {f"phase_{p}_ms": i for i, p in enumerate(known)}
     return sorted(cols, key=lambda c: rank.get(c, len(known)))

@@ -290,6 +290,7 @@ class Report:
             "run_id": self.run_id,
             "strategy": self.strategy,
             "status": self.status,
+            "error": d["migration"]["error"],
             "rate": self.rate,
             "processing_ms": d["service"]["processing_ms"],
             "state_bytes": d["service"]["state_bytes"],

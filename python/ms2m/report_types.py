@@ -27,12 +27,16 @@ PhaseName = Literal[
     "finalize",
     "abort",
     "take_over",
+    "restart",
 ]
 """The phases of a migration (``ms2m.STRATEGY_PHASES``), ``abort`` (the rollback of a failed
-one) and ``take_over`` (the target serving in place of a source that died)."""
+one), ``take_over`` (the target serving in place of a source that died once its checkpoint
+was complete) and ``restart`` (an empty instance serving in place of a source that died
+before)."""
 
 MigrationStatus = Literal["completed", "aborted"]
-"""How a migration ended; ``aborted``: rolled back (see ``failed_phase`` and ``error``)."""
+"""How a migration ended; ``aborted``: rolled back (see ``failed_phase`` and ``error``), or,
+when the source died with its state, an empty instance serves in its place (``restarted``)."""
 
 CheckResult = Literal["valid", "invalid", "unknown"]
 """The overall result of a check; ``unknown``: nothing is broken, but the final state could not
@@ -251,7 +255,7 @@ class CheckpointStats(TypedDict):
 
 
 class TakeOver(TypedDict):
-    """The source died after the target restored its checkpoint, and the target took over:
+    """The source died once its checkpoint was complete, and the target took over:
     it replayed up to ``until_seq`` (what the source had acked) and went live after it.
     ``replayed_ahead``: messages it had replayed past that before it could be paused (in its
     state, without a live output event)."""
@@ -259,6 +263,17 @@ class TakeOver(TypedDict):
     source_died_in: PhaseName | None
     until_seq: int
     replayed_ahead: int
+
+
+class Restarted(TypedDict):
+    """The source died before its checkpoint was complete, its state with it: ``instance``, a
+    new one started empty on the source's host, serves in its place, from the message after
+    ``after_seq`` (``None``: nothing was queued; from the next message). Everything before is
+    missing from the state (the verdict's ``state.restarted_after``)."""
+
+    source_died_in: PhaseName | None
+    instance: str
+    after_seq: int | None
 
 
 Outcome = TypedDict(
@@ -275,6 +290,7 @@ Outcome = TypedDict(
         "cutoff": Optional[CutoffReport],
         "fault": Optional[str],
         "takeover": Optional[TakeOver],
+        "restarted": Optional[Restarted],
     },
 )
 """What a strategy found out while it ran (flattened into :class:`MigrationSummary`)."""
@@ -416,6 +432,9 @@ class StateVerdict(TypedDict):
     consistent: bool | None
     observed: ObservedState | None
     expected_digest: str | None
+    #: The state was started anew, empty, after this seq (its instance died before a
+    #: checkpoint held it): it is checked against what came after only.
+    restarted_after: int | None
 
 
 class Verdict(TypedDict):

@@ -13,6 +13,7 @@ keeps ``sweep.json``, the parameters, and refuses to resume with other ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import _native
+from . import _native, stats
 from .defaults import MIGRATION_DEFAULTS
 from .links import Link, split_pair
 from .report import Report, to_dataframe
@@ -75,6 +76,11 @@ class Grid:
     image: str | None = None
     command: tuple[str, ...] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: Repeat a cell (beyond ``repetitions``) until the 95% confidence interval of its median
+    #: downtime is within this fraction of the median on either side (None: ``repetitions``
+    #: runs and no more); at most ``max_repetitions`` runs per cell.
+    until_ci: float | None = None
+    max_repetitions: int = 30
 
     def validate(self) -> None:
         known = set(_native.strategies())
@@ -85,6 +91,16 @@ class Grid:
             )
         if self.repetitions < 1:
             raise _native.ConfigurationError("repetitions must be at least 1")
+        if self.until_ci is not None and not 0 < self.until_ci < 1:
+            raise _native.ConfigurationError(
+                f"until_ci is a fraction of the median between 0 and 1 (0.05: within 5%), "
+                f"not {self.until_ci}"
+            )
+        if self.until_ci is not None and self.max_repetitions < max(6, self.repetitions):
+            raise _native.ConfigurationError(
+                f"max_repetitions must be at least 6 (the fewest runs with a 95% interval) and "
+                f"at least repetitions, got {self.max_repetitions}"
+            )
         if not self.rates or any(not r >= 0 for r in self.rates):
             raise _native.ConfigurationError(f"rates must be >= 0, got {self.rates}")
         for axis in SERVICE_AXES:
@@ -156,6 +172,27 @@ class Grid:
                             **dict(zip(names, values)),
                         }
 
+    def more_runs(self, out: Path, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With ``until_ci``: the next repetition of every cell whose median downtime's interval
+        is not yet within ``until_ci`` of the median and that has runs left under
+        ``max_repetitions`` (the reports of ``runs`` are in ``out``)."""
+        if self.until_ci is None:
+            return []
+        cells: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            cells.setdefault(_cell_key(run), []).append(run)
+        more = []
+        for cell in cells.values():
+            if len(cell) >= self.max_repetitions:
+                continue
+            downtimes = [Report.load(out / self.report_name(r)).downtime_ms for r in cell]
+            ci = stats.median_ci(downtimes)
+            width = None if ci is None else ci["relative_half_width"]
+            if width is None or width > self.until_ci:
+                last = max(cell, key=lambda r: r["repetition"])
+                more.append({**last, "repetition": last["repetition"] + 1})
+        return more
+
     def report_name(self, run: dict[str, Any]) -> str:
         """File name of a run's report: the axes that vary, then the repetition."""
         parts = [run["strategy"], f"r{_fmt(run['rate'])}"]
@@ -166,6 +203,26 @@ class Grid:
             parts.append(run["transfer"])
         parts.append(str(run["repetition"]))
         return "-".join(parts) + ".json"
+
+
+def _cell_key(run: dict[str, Any]) -> str:
+    """A run's cell: all its parameters but the repetition."""
+    return json.dumps({k: v for k, v in run.items() if k != "repetition"}, sort_keys=True)
+
+
+def cell_status(
+    reports: Sequence[Report], until_ci: float | None, max_repetitions: int
+) -> dict[str, Any]:
+    """Whether a cell's runs (``reports``) met ``until_ci`` or stopped at the cap: ``n``,
+    ``relative_half_width`` and ``capped``."""
+    ci = stats.median_ci([r.downtime_ms for r in reports])
+    width = None if ci is None else ci["relative_half_width"]
+    tight = width is not None and until_ci is not None and width <= until_ci
+    return {
+        "n": len(reports),
+        "relative_half_width": width,
+        "capped": until_ci is not None and not tight and len(reports) >= max_repetitions,
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -238,6 +295,14 @@ class _Progress:
             flush=True,
         )
 
+    def grow(self, more: int, done: int) -> None:
+        """``more`` runs were added to the sweep, ``done`` of them already done."""
+        self.total += more
+        self.done += done
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.update(done)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -256,17 +321,31 @@ def run_grid(
     out = Path(out_dir)
     _check_folder(out, grid)
     runs = list(grid.runs())
-    todo = [r for r in runs if not (out / grid.report_name(r)).exists()]
-    bar = _Progress(len(runs), len(runs) - len(todo), progress)
+    missing = [r for r in runs if not (out / grid.report_name(r)).exists()]
+    bar = _Progress(len(runs), len(runs) - len(missing), progress)
     try:
-        if todo:
-            with Testbed(
-                hosts=grid.testbed_hosts(),
-                runtime=grid.runtime,
-                amqp_url=amqp_url,
-                host_links={split_pair(n): link for n, link in grid.host_links.items()},
-            ) as tb:
-                for run in todo:
+        with contextlib.ExitStack() as stack:
+            testbed: list[Testbed] = []
+
+            def run_all(batch: Sequence[dict[str, Any]]) -> None:
+                for run in batch:
+                    if (out / grid.report_name(run)).exists():
+                        continue
+                    if not testbed:
+                        # Started on the first run that needs it: a finished sweep starts nothing.
+                        testbed.append(
+                            stack.enter_context(
+                                Testbed(
+                                    hosts=grid.testbed_hosts(),
+                                    runtime=grid.runtime,
+                                    amqp_url=amqp_url,
+                                    host_links={
+                                        split_pair(n): link for n, link in grid.host_links.items()
+                                    },
+                                )
+                            )
+                        )
+                    tb = testbed[0]
                     report = _one_run(tb, grid, run)
                     _write_atomically(out / grid.report_name(run), report.to_json())
                     left = tb.broker_queues()
@@ -275,6 +354,13 @@ def run_grid(
                             f"the broker is not clean after run {report.run_id}: {left}"
                         )
                     bar.update(run, report)
+
+            run_all(runs)
+            # Until the intervals are tight: one more repetition of every cell that needs it.
+            while more := grid.more_runs(out, runs):
+                runs += more
+                bar.grow(len(more), sum((out / grid.report_name(r)).exists() for r in more))
+                run_all(more)
     finally:
         bar.close()
     return [Report.load(out / grid.report_name(r)) for r in runs]
@@ -351,12 +437,16 @@ def sweep(
     link_jitter_ms: float = 0.0,
     transfer: str | Sequence[str] = "broker",
     host_links: dict[str, Link] | None = None,
+    until_ci: float | None = None,
+    max_repetitions: int = 30,
     amqp_url: str | None = None,
     progress: TextIO | None = sys.stderr,
 ) -> pd.DataFrame:
     """Runs every combination of ``strategies`` x ``rates`` x the service parameters given as
-    lists, ``repetitions`` times; returns one row per run (needs pandas). Resumable: call it
-    again with the same arguments after an interruption."""
+    lists, ``repetitions`` times (with ``until_ci``, then more, one at a time, until each cell's
+    median downtime has its 95% confidence interval within that fraction of it, at most
+    ``max_repetitions`` runs); returns one row per run (needs pandas). Resumable: call it again
+    with the same arguments after an interruption."""
     grid = Grid(
         strategies=tuple(strategies),
         rates=tuple(float(r) for r in rates),
@@ -377,5 +467,7 @@ def sweep(
         link_jitter_ms=float(link_jitter_ms),
         transfer=tuple(str(t) for t in _tuple(transfer)),
         host_links=dict(host_links or {}),
+        until_ci=until_ci,
+        max_repetitions=max_repetitions,
     )
     return to_dataframe(run_grid(grid, out_dir, progress=progress, amqp_url=amqp_url))

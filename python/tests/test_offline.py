@@ -121,8 +121,31 @@ def test_table_formats_rows():
         "state_consistent": "1/1",
     }
     table = format_table([row])
-    assert "ms2m" in table and "1.000 / 2.000" in table
+    assert "ms2m" in table and " 1.000 " in table and "2.000" in table
     json.dumps(row)
+    ci = {**row, "runs": 6, "downtime_ci_lo_ms": 0.5, "downtime_ci_hi_ms": 1.5}
+    versus = {"downtime_ratio": 0.25, "downtime_ratio_ci_lo": 0.2, "downtime_ratio_ci_hi": 0.3}
+    table = format_table([{**ci, **versus, "ratio_to": "stop_and_copy", "p_value": 0.002}])
+    assert "1.000 [0.500, 1.500]" in table and "0.250 [0.200, 0.300], p=0.002" in table
+    assert "over stop_and_copy's" in table
+
+
+def test_summaries_give_medians_with_intervals_ratios_and_rank_tests():
+    from ms2m import stats
+
+    ci = stats.median_ci([float(x) for x in range(1, 11)])
+    assert ci is not None
+    assert (ci["median"], ci["lo"], ci["hi"], ci["n"]) == (5.5, 2.0, 9.0, 10)
+    assert ci["coverage"] is not None and ci["coverage"] >= 0.95
+    few = stats.median_ci([1.0, 2.0, 3.0])
+    assert few is not None and few["lo"] is None and few["relative_half_width"] is None
+    assert stats.median_ci([]) is None
+    test = stats.mann_whitney([6, 7, 8, 9, 10], [1, 2, 3, 4, 5])
+    assert test is not None and test["method"] == "exact" and abs(test["p"] - 2 / 252) < 1e-12
+    ratio = stats.ratio_of_medians([50 + i for i in range(10)], [300 + 2 * i for i in range(10)])
+    assert ratio is not None and ratio["lo"] < ratio["ratio"] < ratio["hi"]
+    with pytest.raises(ms2m.ConfigurationError, match="between 0 and 1"):
+        stats.median_ci([1.0], level=95)
 
 
 NO_RUNTIME = """
@@ -370,7 +393,7 @@ def test_every_schema_definition_has_a_matching_typeddict():
 def test_strategy_and_phase_names_are_the_engines():
     assert set(typing.get_args(rt.StrategyName)) == set(ms2m.STRATEGIES)
     phases = {p for ps in ms2m.STRATEGY_PHASES.values() for p in ps}
-    assert set(typing.get_args(rt.PhaseName)) == phases | {"abort", "take_over"}
+    assert set(typing.get_args(rt.PhaseName)) == phases | {"abort", "take_over", "restart"}
 
 
 def _report_doc(strategy: rt.StrategyName = "ms2m_cutoff", fired: bool = True) -> rt.ReportDocument:
@@ -709,3 +732,63 @@ def test_a_command_is_a_list_not_a_string(tmp_path):
     assert load(toml)["service"]["env"] == {"LOG": "debug"}
     with pytest.raises(ms2m.ConfigurationError, match="list of program and arguments"):
         ms2m.Testbed().deploy("x", host="edge-1", command="ms2m-service --live")  # type: ignore[arg-type]
+
+
+def test_until_ci_repeats_only_the_cells_whose_interval_is_still_wide(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ms2m import sweeps
+
+    grid = sweeps.Grid(
+        strategies=("ms2m", "stop_and_copy"),
+        rates=(10.0,),
+        repetitions=6,
+        until_ci=0.05,
+        max_repetitions=8,
+    )
+    tight = [10.0, 10.1, 9.9, 10.0, 10.05, 9.95]
+    wide = [100.0, 150.0, 80.0, 200.0, 120.0, 90.0, 300.0, 60.0]
+
+    def load(path):
+        strategy, rep = Path(path).name[: -len(".json")].split("-r10-")
+        series = tight if strategy == "ms2m" else wide
+        return SimpleNamespace(downtime_ms=series[int(rep) - 1])
+
+    monkeypatch.setattr(sweeps.Report, "load", staticmethod(load))
+    runs = list(grid.runs())
+    more = grid.more_runs(tmp_path, runs)
+    assert [(r["strategy"], r["repetition"]) for r in more] == [("stop_and_copy", 7)]
+    at_cap = runs + more + [{**more[0], "repetition": 8}]
+    assert grid.more_runs(tmp_path, at_cap) == []
+    cell = [load(tmp_path / grid.report_name(r)) for r in at_cap if r["strategy"] != "ms2m"]
+    assert sweeps.cell_status(cell, 0.05, 8)["capped"]
+    ms2m_cell = [load(tmp_path / grid.report_name(r)) for r in runs if r["strategy"] == "ms2m"]
+    assert not sweeps.cell_status(ms2m_cell, 0.05, 8)["capped"]
+    assert sweeps.Grid(strategies=("ms2m",), rates=(1.0,)).more_runs(tmp_path, runs[:1]) == []
+    for bad in ({"until_ci": 5.0}, {"until_ci": 0.05, "max_repetitions": 3}):
+        with pytest.raises(ms2m.ConfigurationError, match=r"until_ci|max_repetitions"):
+            sweeps.Grid(strategies=("ms2m",), rates=(1.0,), **bad).validate()
+
+
+def test_plots_draw_distributions_and_intervals():
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ms2m import plot
+
+    df = pd.DataFrame(
+        {
+            "strategy": ["ms2m"] * 8 + ["stop_and_copy"] * 8,
+            "rate": [10.0] * 16,
+            "downtime_ms": [5.0 + i for i in range(8)] + [300.0 + 10 * i for i in range(8)],
+        }
+    )
+    for kind in ("box", "violin", "cdf"):
+        ax = plot.distribution(df, kind=kind)
+        assert ax.get_title(), kind
+    ax = plot.downtime_vs_rate(df)
+    assert "95% CI" in ax.get_title()
+    with pytest.raises(ValueError, match="kind"):
+        plot.distribution(df, kind="pie")

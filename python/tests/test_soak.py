@@ -22,7 +22,9 @@ def test_the_plan_is_a_function_of_the_seed_and_grows_by_appending() -> None:
     assert plan.steps() == again.steps()[:20]
     assert plan.steps() != SoakPlan(**{**plan.__dict__, "seed": 6}).steps()
     assert all(s["to"] != s["from"] for s in again.steps())
-    assert any(s["fault"] for s in again.steps())
+    faults = [s["fault"] for s in again.steps() if s["fault"]]
+    assert faults and all(f["at_phase"] in ("checkpoint", "restore") for f in faults)
+    assert {f["kill"] for f in faults} == {"source", "target"}
 
 
 def test_bad_parameters_and_a_foreign_folder_are_refused(tmp_path: Path) -> None:
@@ -30,6 +32,8 @@ def test_bad_parameters_and_a_foreign_folder_are_refused(tmp_path: Path) -> None
         soak(tmp_path / "a", migrations=0)
     with pytest.raises(ms2m.ConfigurationError, match="unknown"):
         soak(tmp_path / "a", migrations=1, strategies=["teleport"])
+    with pytest.raises(ms2m.ConfigurationError, match="kills"):
+        soak(tmp_path / "a", migrations=1, kills=["broker"])
     folder = tmp_path / "b"
     folder.mkdir()
     (folder / "soak.json").write_text(json.dumps({"seed": 99}))
@@ -43,13 +47,10 @@ def test_a_short_soak_keeps_every_guarantee_and_resumes(tmp_path: Path) -> None:
     # Seed 3 draws a fault among the first three migrations.
     first = soak(out, migrations=3, seed=3, fault_rate=0.34, runtime="docker", progress=None)
     assert (first["migrations"], first["faults"] >= 1) == (3, True), first
-    assert (first["lost"], first["duplicated"], first["state_mismatches"], first["invalid"]) == (
-        0,
-        0,
-        0,
-        0,
-    )
-    assert first["completed"] + first["rolled_back"] == 3
+    counts = ("lost", "duplicated", "reordered", "state_mismatches")
+    assert [first[k] for k in counts] == [0, 0, 0, 0], first
+    outcomes = ("completed", "rolled_back", "taken_over", "restarted")
+    assert sum(first[k] for k in outcomes) == 3
     assert first["leftover_queues"] == [] and first["leftovers_per_migration"] == 0
     rows = (out / "soak.jsonl").read_text().splitlines()
     more = soak(out, migrations=4, seed=3, fault_rate=0.34, runtime="docker", progress=None)

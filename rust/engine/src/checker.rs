@@ -74,6 +74,10 @@ pub struct StateVerdict {
     pub observed: Option<ObservedState>,
     /// Digest of the confirmed log up to the observed `last_seq`.
     pub expected_digest: Option<String>,
+    /// The state was started anew, empty, after this seq (its source died before a checkpoint
+    /// held it): it is checked against what came after only.
+    #[serde(default)]
+    pub restarted_after: Option<u64>,
 }
 
 /// The overall result of a check.
@@ -162,7 +166,7 @@ pub fn check_with(
         }
         highest = highest.max(e.seq);
     }
-    let state = match oracle {
+    let mut state = match oracle {
         StateOracle::Reference => check_state(history, &live, observed),
         StateOracle::Twin => StateVerdict {
             oracle_error: None,
@@ -173,6 +177,7 @@ pub fn check_with(
             },
             observed,
             expected_digest: twin.map(|t| t.digest),
+            restarted_after: None,
         },
         StateOracle::None => StateVerdict {
             oracle_error: None,
@@ -180,8 +185,10 @@ pub fn check_with(
             consistent: None,
             observed,
             expected_digest: None,
+            restarted_after: None,
         },
     };
+    state.restarted_after = history.restarted_after();
     let broken =
         lost.count + duplicated.count + reordered.count > 0 || state.consistent == Some(false);
     let result = if broken {
@@ -203,16 +210,18 @@ pub fn check_with(
 }
 
 /// The sequence numbers the final state should hold, in order: every confirmed message up to
-/// `last_seq`, and every unconfirmed one that some instance processed live.
+/// `last_seq`, and every unconfirmed one that some instance processed live (after the last
+/// restart of the state, if there was one).
 fn log_of(
     history: &History,
     live: &std::collections::BTreeMap<u64, (&ms2m_wire::OutputEvent, u32)>,
     last_seq: u64,
 ) -> Vec<u64> {
+    let since = history.restarted_after().unwrap_or(0);
     let mut seqs: Vec<_> = history
         .published
         .iter()
-        .filter(|p| p.seq <= last_seq)
+        .filter(|p| p.seq > since && p.seq <= last_seq)
         .filter(|p| match p.outcome {
             PublishOutcome::Confirmed => true,
             // An unconfirmed message belongs to the log only if some instance processed it.
@@ -250,6 +259,7 @@ fn check_state(
             consistent: None,
             observed: None,
             expected_digest: None,
+            restarted_after: None,
         };
     };
     let seqs = log_of(history, live, obs.last_seq);
@@ -264,6 +274,7 @@ fn check_state(
         consistent: Some(expected == obs.digest),
         observed: Some(obs),
         expected_digest: Some(expected),
+        restarted_after: None,
     }
 }
 
@@ -308,18 +319,26 @@ pub(crate) mod tests {
                 .collect(),
             message_bytes: 8,
             state_bytes: 64,
+            state_restarts: Vec::new(),
         }
     }
 
     fn observed(h: &History, upto: u64) -> ObservedState {
+        observed_of(h, "a", 1..=upto)
+    }
+
+    /// What `instance` reports after applying `seqs` (in order) to a fresh state.
+    fn observed_of(h: &History, instance: &str, seqs: impl Iterator<Item = u64>) -> ObservedState {
         let mut s = ServiceState::new(h.state_bytes as usize);
-        for seq in 1..=upto {
+        let (mut last_seq, mut count) = (0, 0);
+        for seq in seqs {
             s.apply(seq, workload_payload(seq, h.message_bytes).as_bytes());
+            (last_seq, count) = (seq, count + 1);
         }
         ObservedState {
-            instance: "a".into(),
-            last_seq: upto,
-            count: upto,
+            instance: instance.into(),
+            last_seq,
+            count,
             digest: s.digest(),
         }
     }
@@ -330,6 +349,30 @@ pub(crate) mod tests {
         let v = check(&h, u64::MAX, Some(observed(&h, 20)));
         assert!(v.is_valid(), "{v:?}");
         assert_eq!(v.expected, 20);
+    }
+
+    /// An instance started empty after seq 6 (its source died with its state): its state is
+    /// checked against 7.. only, found either from the restart or from its first live event.
+    #[test]
+    fn a_restarted_state_is_checked_from_its_restart() {
+        let mut h = good(20);
+        for e in h.events.iter_mut().filter(|e| e.seq > 6) {
+            e.instance = "b".into();
+        }
+        let obs = observed_of(&h, "b", 7..=20);
+        for after_seq in [Some(6), None] {
+            h.state_restarts = vec![crate::history::StateRestart {
+                instance: "b".into(),
+                after_seq,
+            }];
+            let v = check(&h, u64::MAX, Some(obs.clone()));
+            assert!(v.is_valid(), "{after_seq:?}: {v:?}");
+            assert_eq!(v.state.restarted_after, Some(6));
+        }
+        // The whole history's state is not what the new instance holds.
+        h.state_restarts.clear();
+        let v = check(&h, u64::MAX, Some(obs));
+        assert_eq!(v.state.consistent, Some(false));
     }
 
     #[test]
@@ -400,16 +443,7 @@ pub(crate) mod tests {
         assert_eq!(v.state.consistent, Some(false));
         assert_eq!(v.result, CheckResult::Invalid);
         // A state that skipped a message differs too.
-        let mut s = ServiceState::new(64);
-        for seq in (1..=10).filter(|s| *s != 5) {
-            s.apply(seq, workload_payload(seq, 8).as_bytes());
-        }
-        let obs = ObservedState {
-            instance: "a".into(),
-            last_seq: 10,
-            count: 9,
-            digest: s.digest(),
-        };
+        let obs = observed_of(&h, "a", (1..=10).filter(|s| *s != 5));
         assert_eq!(check(&h, u64::MAX, Some(obs)).state.consistent, Some(false));
     }
 

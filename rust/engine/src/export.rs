@@ -149,6 +149,7 @@ mod tests {
             events,
             message_bytes: 0,
             state_bytes: 0,
+            state_restarts: Vec::new(),
         }
     }
 

@@ -38,9 +38,34 @@ pub struct History {
     pub message_bytes: usize,
     /// Size of the service's state payload.
     pub state_bytes: u64,
+    /// Instances started empty in place of a source that died with its state (in order): the
+    /// state holds only what came after the last one's start.
+    #[serde(default)]
+    pub state_restarts: Vec<StateRestart>,
+}
+
+/// An instance started empty in place of one that died with its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct StateRestart {
+    pub instance: String,
+    /// It took the stream up after this seq (None: at the first message it processed).
+    pub after_seq: Option<u64>,
 }
 
 impl History {
+    /// The seq after which the last instance started empty took the stream up (None: the state
+    /// was never restarted, or its new instance has processed nothing yet).
+    pub(crate) fn restarted_after(&self) -> Option<u64> {
+        let r = self.state_restarts.last()?;
+        r.after_seq.or_else(|| {
+            self.events
+                .iter()
+                .filter(|e| e.mode == ms2m_wire::Mode::Live && e.instance == r.instance)
+                .map(|e| e.seq.saturating_sub(1))
+                .min()
+        })
+    }
+
     /// Live events, each seq's first one only, in seq order; also how often each seq was live.
     pub(crate) fn first_live(&self) -> std::collections::BTreeMap<u64, (&OutputEvent, u32)> {
         let mut map = std::collections::BTreeMap::new();

@@ -18,6 +18,7 @@ pub mod net;
 pub mod recorder;
 pub mod report;
 pub mod runtime;
+pub mod stats;
 pub mod strategies;
 pub mod testbed;
 pub mod workload;

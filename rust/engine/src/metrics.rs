@@ -249,6 +249,7 @@ mod tests {
             events,
             message_bytes: 0,
             state_bytes: 0,
+            state_restarts: Vec::new(),
         }
     }
 

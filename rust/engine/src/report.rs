@@ -72,7 +72,8 @@ impl Environment {
 pub enum MigrationStatus {
     /// The target serves; the source is gone.
     Completed,
-    /// Rolled back: the source serves again (see `failed_phase` and `error`).
+    /// Rolled back: the source serves again (see `failed_phase` and `error`); or, when the
+    /// source died with its state, an empty instance serves in its place (`restarted`).
     Aborted,
 }
 

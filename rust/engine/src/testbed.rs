@@ -9,7 +9,7 @@ use crate::broker::Link;
 use crate::checker::{self, ObservedState, TwinState};
 use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
-use crate::history::{History, PublishOutcome, Published};
+use crate::history::{History, PublishOutcome, Published, StateRestart};
 use crate::net::{self, Links};
 use crate::recorder::Recorder;
 use crate::report::{Environment, Report, RunRecord};
@@ -59,6 +59,11 @@ struct Deployed {
     settled_ns: u64,
     /// The twin kept between migrations (a service of one's own), if one runs.
     twin: Option<Twin>,
+    /// Instances started empty in place of a source that died with its state.
+    state_restarts: Vec<StateRestart>,
+    /// Seqs that will never have a live output event: a takeover's target held them ahead of
+    /// the dead source (inclusive ranges). The drain does not wait for them.
+    never_live: Vec<(u64, u64)>,
 }
 
 /// A twin that has applied the first `fed` entries of the confirmed log (seqs hashing to
@@ -67,6 +72,8 @@ struct Deployed {
 struct Twin {
     fed: usize,
     fed_hash: [u8; 32],
+    /// Where its state began (a restart's position; None: at the first seq).
+    since: Option<u64>,
 }
 
 /// SHA-256 of a log's seqs, in order: what a twin was fed, to tell whether the next log
@@ -87,6 +94,7 @@ impl Deployed {
             events: self.recorder.events(),
             message_bytes: self.message_bytes.unwrap_or(0),
             state_bytes: self.spec.state_bytes,
+            state_restarts: self.state_restarts.clone(),
         }
     }
 
@@ -337,6 +345,8 @@ impl Testbed {
             message_bytes: None,
             settled_ns: 0,
             twin: None,
+            state_restarts: Vec::new(),
+            never_live: Vec::new(),
         };
         let info = self.info(&d);
         self.services
@@ -411,6 +421,9 @@ impl Testbed {
         let target_url = self
             .links
             .url_for(&plan.target.host, &self.endpoint.internal_url);
+        let source_url = self
+            .links
+            .url_for(&plan.source.host, &self.endpoint.internal_url);
         let traffic_before = self.links.traffic();
         let t_start = now_ns();
         let mut ctx = Ctx::new(
@@ -418,6 +431,7 @@ impl Testbed {
             self.links.clone(),
             &self.runtime,
             &d.spec,
+            &source_url,
             &target_url,
             &opts,
             &*d,
@@ -433,8 +447,21 @@ impl Testbed {
             &self.links.traffic(),
             (t_end - t_start) as f64 / 1e9,
         );
+        if let Some(t) = outcome.takeover.as_ref().filter(|t| t.replayed_ahead > 0) {
+            d.never_live
+                .push((t.until_seq + 1 - t.replayed_ahead, t.until_seq));
+        }
         if failure.is_none() {
             d.current = plan.target.clone();
+        } else if let Some(r) = &outcome.restarted {
+            d.current = Placement {
+                instance: r.instance.clone(),
+                host: plan.source.host.clone(),
+            };
+            d.state_restarts.push(StateRestart {
+                instance: r.instance.clone(),
+                after_seq: r.after_seq,
+            });
         }
 
         tokio::time::sleep(Duration::from_secs_f64(opts.settle_s)).await;
@@ -526,6 +553,10 @@ impl Testbed {
             names::control_queue(&service, &plan.target.instance),
             names::replay_queue(&service, &plan.migration_id),
             names::checkpoint_queue(&service, &plan.migration_id),
+            names::control_queue(
+                &service,
+                &strategies::Restarted::instance_name(&service, &plan.migration_id),
+            ),
         ]);
         Ok(plan)
     }
@@ -583,6 +614,7 @@ impl Testbed {
         let kept = d
             .twin
             .take()
+            .filter(|t| t.since == history.restarted_after())
             .filter(|t| t.fed <= log.len() && log_hash(&log[..t.fed]) == t.fed_hash);
         let fresh = kept.is_none();
         let new = &log[kept.map_or(0, |t| t.fed)..];
@@ -601,6 +633,17 @@ impl Testbed {
                         false,
                     )
                     .await?;
+                // A state restarted empty holds only what came after its restart: so does the
+                // twin (the log starts there, and a replay drops a jump).
+                if let Some(after_seq) = history.restarted_after() {
+                    let adopt = Command::Adopt {
+                        after_seq,
+                        next_above: false,
+                    };
+                    self.link
+                        .command(&service, &twin, adopt, &[], opts.reply_timeout())
+                        .await?;
+                }
             }
             // Built before the next await: a borrowing iterator held across it would make
             // the migration's future not `Send` for every lifetime.
@@ -637,6 +680,7 @@ impl Testbed {
                 d.twin = Some(Twin {
                     fed: log.len(),
                     fed_hash: log_hash(&log),
+                    since: history.restarted_after(),
                 })
             }
             Err(_) => self.remove_twin(&service).await,
@@ -765,7 +809,8 @@ impl Testbed {
         )
     }
 
-    /// Waits until every confirmed message sent before `cut` has been processed live, at most
+    /// Waits until every confirmed message sent before `cut` has been processed live (but those
+    /// a takeover's target held ahead, which never will be), at most
     /// `timeout` beyond the time the backlog needs at the service rate `mu` (a stop-and-copy
     /// of minutes leaves minutes of backlog, which is queued, not lost), and gives up earlier
     /// when no output event arrived for [`DRAIN_STALL`].
@@ -781,10 +826,15 @@ impl Testbed {
                     .filter(|e| e.mode == Mode::Live)
                     .map(|e| e.seq)
                     .collect();
+                // Ranges in seq order (takeovers happen one after another).
+                let never = |seq: u64| {
+                    let i = d.never_live.partition_point(|&(a, _)| a <= seq);
+                    i > 0 && seq <= d.never_live[i - 1].1
+                };
                 let backlog = published
                     .iter()
                     .filter(|p| p.t_pub_ns <= cut && p.outcome != PublishOutcome::Nacked)
-                    .filter(|p| !live.contains(&p.seq))
+                    .filter(|p| !live.contains(&p.seq) && !never(p.seq))
                     .count();
                 (backlog, events.len())
             });
@@ -991,6 +1041,16 @@ impl RateProbe for Deployed {
             }
             None => n as f64 / window.as_secs_f64(),
         }
+    }
+
+    fn last_live_seq(&self) -> Option<u64> {
+        self.recorder.with_events(|events| {
+            events
+                .iter()
+                .filter(|e| e.mode == Mode::Live)
+                .map(|e| e.seq)
+                .max()
+        })
     }
 
     fn service_rate(&self) -> Option<f64> {

@@ -54,10 +54,8 @@ fn main() {
                 near_capacity_19_msg_s,
                 plain_ms2m_cannot_converge_above_capacity_and_says_so,
                 cutoff_converges_above_capacity,
-                target_killed_during_transfer_restore_or_replay,
-                target_killed_during_stop_and_copy_restore,
+                every_kill_at_every_phase_has_its_outcome,
                 target_killed_just_after_it_starts_in_stop_and_copy,
-                source_killed_after_its_checkpoint_the_target_takes_over,
                 checker_catches_a_migration_without_barrier,
                 links_carry_every_strategy_and_an_outage_holds_messages,
                 a_service_of_ones_own_is_deployed_by_image_or_command,
@@ -73,10 +71,9 @@ fn main() {
                 several_migrations_in_a_row,
                 processing_time_of_50_us_is_achieved,
                 thousands_of_messages_per_second,
-                target_killed_during_transfer_restore_or_replay,
+                every_kill_at_every_phase_has_its_outcome,
                 target_killed_in_the_middle_of_a_chunked_transfer,
                 target_killed_just_after_it_starts_in_stop_and_copy,
-                source_killed_after_its_checkpoint_the_target_takes_over,
                 large_state_of_200_mib_with_every_strategy,
                 external_broker_is_used_and_left_clean,
                 links_carry_every_strategy_and_an_outage_holds_messages,
@@ -637,37 +634,6 @@ async fn assert_rolled_back_with(
     clean(&tb.migrate(name, "edge-2", strategy, opts()).await?)
 }
 
-async fn target_killed_during_transfer_restore_or_replay(tb: &Testbed) -> Result<()> {
-    for phase in [PhaseName::Transfer, PhaseName::Restore, PhaseName::Replay] {
-        let name = format!("kill-target-{phase}");
-        with_service(tb, spec(&name, 100_000), 10.0, |name| async move {
-            let fault = Fault {
-                kill: Role::Target,
-                at_phase: phase,
-                after_ms: 0.0,
-                outage_s: None,
-            };
-            assert_rolled_back(tb, &name, Strategy::Ms2m, fault).await
-        })
-        .await
-        .with_context(|| phase)?;
-    }
-    Ok(())
-}
-
-async fn target_killed_during_stop_and_copy_restore(tb: &Testbed) -> Result<()> {
-    with_service(tb, spec("kill-cold", 100_000), 10.0, |name| async move {
-        let fault = Fault {
-            kill: Role::Target,
-            at_phase: PhaseName::Restore,
-            after_ms: 0.0,
-            outage_s: None,
-        };
-        assert_rolled_back(tb, &name, Strategy::StopAndCopy, fault).await
-    })
-    .await
-}
-
 /// A kill already due when the manager begins to wait (the target takes longer to start than
 /// `after_ms`): it must happen, not hang the migration.
 async fn target_killed_just_after_it_starts_in_stop_and_copy(tb: &Testbed) -> Result<()> {
@@ -688,55 +654,200 @@ async fn target_killed_just_after_it_starts_in_stop_and_copy(tb: &Testbed) -> Re
     .await
 }
 
-/// A source that dies once its checkpoint is complete (the target fetches it from the broker
-/// on its own) leaves the target to take over: it replays what the source acked and serves
-/// on from the first message the source did not, so nothing confirmed goes unprocessed but
-/// what the target had replayed ahead of the source (counted).
-async fn source_killed_after_its_checkpoint_the_target_takes_over(tb: &Testbed) -> Result<()> {
-    for strategy in [Strategy::Ms2m, Strategy::Ms2mCutoff] {
-        for phase in [PhaseName::Transfer, PhaseName::Replay, PhaseName::Finalize] {
-            let name = format!("takeover-{}-{}", strategy.name(), phase.name()).replace('_', "-");
-            with_service(tb, spec(&name, 100_000), 10.0, |name| async move {
-                let o = MigrationOptions {
-                    fault: Some(Fault {
-                        kill: Role::Source,
-                        at_phase: phase,
-                        after_ms: 0.0,
-                        outage_s: None,
-                    }),
-                    // A message the target held ahead of the source never gets a live output
-                    // event: the drain would wait for it in vain.
-                    drain_timeout_s: 3.0,
-                    ..opts()
+/// What a kill at the start of a phase leads to: the README's table of faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expected {
+    /// The migration completes exactly, as without the fault.
+    Completed,
+    /// The source serves again; nothing confirmed is lost.
+    RolledBack,
+    /// The target serves in place of the dead source (its checkpoint was complete).
+    TakenOver,
+    /// An empty instance serves in place of the dead source (its state died with it).
+    Restarted,
+}
+
+fn expected_outcome(strategy: Strategy, phase: PhaseName, victim: Role) -> Expected {
+    use PhaseName::*;
+    match (victim, strategy, phase) {
+        // A target never holds anything the source does not.
+        (Role::Target, _, _) => Expected::RolledBack,
+        // Before its checkpoint is complete, the state exists only in the source.
+        (Role::Source, Strategy::StopAndCopy, Stop | Checkpoint) => Expected::Restarted,
+        (Role::Source, _, Prepare | Checkpoint) => Expected::Restarted,
+        // A stopped source holds nothing its checkpoint does not.
+        (Role::Source, Strategy::StopAndCopy, _) => Expected::Completed,
+        // Sequential MS2M's source has stopped at S and the target has replayed up to S when
+        // finalize begins: it needs nothing more from the source.
+        (Role::Source, Strategy::Ms2mSequential, Finalize) => Expected::Completed,
+        (Role::Source, _, _) => Expected::TakenOver,
+    }
+}
+
+/// Every strategy, every phase, the source or the target killed as it begins: the outcome is
+/// the table's, exact where the table says so, and the service serves on (the next migration
+/// adds nothing to what the fault cost).
+async fn every_kill_at_every_phase_has_its_outcome(tb: &Testbed) -> Result<()> {
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for strategy in Strategy::ALL {
+        for &phase in strategy.phases() {
+            for victim in [Role::Source, Role::Target] {
+                n += 1;
+                let expected = expected_outcome(strategy, phase, victim);
+                let name = format!("kill{n}-{}", strategy.name()).replace('_', "-");
+                let fault = Fault {
+                    kill: victim,
+                    at_phase: phase,
+                    after_ms: 0.0,
+                    outage_s: None,
                 };
-                let r = tb.migrate(&name, "edge-2", strategy, o).await?;
-                let v = &r.verdict;
-                let t = r.migration.outcome.takeover.as_ref();
-                let t = t.with_context(|| format!("no takeover: {:?}", r.migration))?;
-                ensure!(r.migration.status == MigrationStatus::Completed);
-                ensure!(t.source_died_in.is_some(), "{t:?}");
-                ensure!(v.lost.count <= t.replayed_ahead, "lost {:?}, {t:?}", v.lost);
-                // The message the source was handling when it died, if its output went out.
-                ensure!(v.duplicated.count <= 1, "{:?}", v.duplicated);
-                ensure!(v.state.consistent == Some(true), "{:?}", v.state);
-                ensure!(tb.service_info(&name).await?.host == "edge-2");
-                ensure!(r.leftovers.is_empty(), "{:?}", r.leftovers);
-                // It serves on: a later migration adds nothing to what the takeover cost.
-                let o = MigrationOptions {
-                    drain_timeout_s: 3.0,
-                    ..opts()
-                };
-                let next = tb.migrate(&name, "edge-1", Strategy::Ms2m, o).await?;
-                let n = &next.verdict;
-                ensure!(next.migration.status == MigrationStatus::Completed);
-                ensure!(n.lost.count == v.lost.count && n.duplicated.count == v.duplicated.count);
-                ensure!(n.state.consistent == Some(true), "{:?}", n.state);
-                Ok(())
-            })
-            .await
-            .with_context(|| format!("{strategy} with its source killed in {phase}"))?;
+                let outcome = with_service(tb, spec(&name, 100_000), 10.0, |name| async move {
+                    kill_and_check(tb, &name, strategy, fault, Transfer::Broker, expected).await
+                })
+                .await;
+                if let Err(e) = outcome {
+                    failures.push(format!(
+                        "{victim:?} killed in {strategy}'s {phase} (expected {expected:?}): {e:#}"
+                    ));
+                }
+            }
         }
     }
+    // Sent directly, a checkpoint is in the source until the target has fetched it.
+    let fault = Fault {
+        kill: Role::Source,
+        at_phase: PhaseName::Transfer,
+        after_ms: 0.0,
+        outage_s: None,
+    };
+    let direct = with_service(tb, spec("kill-direct", 100_000), 10.0, |name| async move {
+        let restarted = Expected::Restarted;
+        kill_and_check(
+            tb,
+            &name,
+            Strategy::Ms2m,
+            fault,
+            Transfer::Direct,
+            restarted,
+        )
+        .await
+    });
+    if let Err(e) = direct.await {
+        failures.push(format!("Source killed in a direct transfer: {e:#}"));
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {n}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+async fn kill_and_check(
+    tb: &Testbed,
+    name: &str,
+    strategy: Strategy,
+    fault: Fault,
+    transfer: Transfer,
+    expected: Expected,
+) -> Result<()> {
+    if expected == Expected::RolledBack {
+        return assert_rolled_back(tb, name, strategy, fault).await;
+    }
+    let o = MigrationOptions {
+        fault: Some(fault),
+        transfer,
+        // A message the target held ahead of a dead source never gets a live output event:
+        // the drain would wait for it in vain.
+        drain_timeout_s: 3.0,
+        ..opts()
+    };
+    let r = match (
+        tb.migrate(name, "edge-2", strategy, o.clone()).await,
+        expected,
+    ) {
+        (Ok(r), Expected::Completed) => return clean(&r),
+        (Ok(r), Expected::TakenOver) => {
+            let t = r.migration.outcome.takeover.as_ref();
+            let t = t.with_context(|| format!("no takeover: {:?}", r.migration))?;
+            ensure!(r.migration.status == MigrationStatus::Completed);
+            ensure!(t.source_died_in.is_some(), "{t:?}");
+            ensure!(
+                r.verdict.lost.count <= t.replayed_ahead,
+                "lost {:?}, {t:?}",
+                r.verdict.lost
+            );
+            ensure!(tb.service_info(name).await?.host == "edge-2");
+            r
+        }
+        (
+            Err(MigrationError {
+                error: Error::MigrationFailed { reason, .. },
+                report: Some(r),
+            }),
+            Expected::Restarted,
+        ) => {
+            let restarted = r.migration.outcome.restarted.as_ref();
+            let restarted = restarted.with_context(|| format!("not restarted: {reason}"))?;
+            ensure!(
+                reason.contains("died before its checkpoint was complete"),
+                "{reason}"
+            );
+            ensure!(r.migration.status == MigrationStatus::Aborted);
+            ensure!(r.verdict.lost.count == 0, "lost {:?}", r.verdict.lost);
+            if let Some(after) = restarted.after_seq {
+                ensure!(
+                    r.verdict.state.restarted_after == Some(after),
+                    "{:?}",
+                    r.verdict.state
+                );
+            }
+            let now = tb.service_info(name).await?;
+            ensure!(
+                now.host == "edge-1" && now.instance == restarted.instance,
+                "{now:?}"
+            );
+            *r
+        }
+        (Ok(r), _) => bail!(
+            "expected {expected:?}, the migration completed: {:?}",
+            r.migration
+        ),
+        (Err(e), _) => bail!("expected {expected:?}: {e}"),
+    };
+    let v = &r.verdict;
+    // The message the source was handling when it died, if its output went out.
+    ensure!(v.duplicated.count <= 1, "{:?}", v.duplicated);
+    ensure!(v.reordered.count == 0, "{:?}", v.reordered);
+    ensure!(v.state.consistent == Some(true), "{:?}", v.state);
+    ensure!(r.leftovers.is_empty(), "{:?}", r.leftovers);
+    let o = MigrationOptions {
+        drain_timeout_s: 3.0,
+        ..opts()
+    };
+    let back = if expected == Expected::TakenOver {
+        "edge-1"
+    } else {
+        "edge-2"
+    };
+    let next = tb.migrate(name, back, Strategy::Ms2m, o).await?;
+    let n = &next.verdict;
+    ensure!(
+        next.migration.status == MigrationStatus::Completed,
+        "{:?}",
+        next.migration
+    );
+    ensure!(
+        n.lost.count == v.lost.count && n.duplicated.count == v.duplicated.count,
+        "the next migration: {n:?}"
+    );
+    ensure!(
+        n.state.consistent == Some(true),
+        "the next migration: {:?}",
+        n.state
+    );
     Ok(())
 }
 

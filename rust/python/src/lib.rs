@@ -451,6 +451,40 @@ fn default_migration_options() -> String {
     json(&engine::MigrationOptions::default())
 }
 
+/// The level of a confidence interval, checked: a probability strictly between 0 and 1.
+fn level_in_range(level: f64) -> PyResult<f64> {
+    match level > 0.0 && level < 1.0 {
+        true => Ok(level),
+        false => Err(ConfigurationError::new_err(format!(
+            "a confidence level is a probability between 0 and 1 (0.95 for 95%), not {level}"
+        ))),
+    }
+}
+
+/// A median with its order-statistic confidence interval, as JSON (None: no value, or a NaN).
+/// (The defaults spell out `engine::stats::LEVEL`, so that Python's signature shows them.)
+#[pyfunction]
+#[pyo3(signature = (values, level = 0.95))]
+fn median_ci(values: Vec<f64>, level: f64) -> PyResult<Option<String>> {
+    let level = level_in_range(level)?;
+    Ok(engine::stats::median_ci(&values, level).map(|c| json(&c)))
+}
+
+/// A two-sided Mann-Whitney U test of `a` against `b`, as JSON (None: an empty sample or a NaN).
+#[pyfunction]
+fn mann_whitney(a: Vec<f64>, b: Vec<f64>) -> Option<String> {
+    engine::stats::mann_whitney(&a, &b).map(|t| json(&t))
+}
+
+/// median(a) / median(b) with its bootstrap interval, as JSON (None: an empty sample, a NaN, or
+/// a median of b of 0).
+#[pyfunction]
+#[pyo3(signature = (a, b, level = 0.95))]
+fn ratio_of_medians(a: Vec<f64>, b: Vec<f64>, level: f64) -> PyResult<Option<String>> {
+    let level = level_in_range(level)?;
+    Ok(engine::stats::ratio_of_medians(&a, &b, level).map(|r| json(&r)))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -466,6 +500,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(report_schema, m)?)?;
     m.add_function(wrap_pyfunction!(default_testbed_config, m)?)?;
     m.add_function(wrap_pyfunction!(default_migration_options, m)?)?;
+    m.add_function(wrap_pyfunction!(median_ci, m)?)?;
+    m.add_function(wrap_pyfunction!(mann_whitney, m)?)?;
+    m.add_function(wrap_pyfunction!(ratio_of_medians, m)?)?;
     m.add_function(wrap_pyfunction!(service::serve_service, m)?)?;
     m.add("Ms2mError", py.get_type::<Ms2mError>())?;
     m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;

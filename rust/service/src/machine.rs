@@ -204,6 +204,10 @@ pub struct Core<S> {
     armed: Option<String>,
     /// How far past the next seq an input may be and still be applied (1: only the next).
     max_seq_gap: u64,
+    /// `adopt` with `next_above`: the next live input above `last_seq` is taken as the next,
+    /// whatever the gap. (Not in a checkpoint: one taken before that input would make its
+    /// restorer refuse a gap as a jump, a window of one message after a restart.)
+    adopt_next: bool,
     exited: bool,
 }
 
@@ -225,6 +229,7 @@ impl<S: Service> Core<S> {
             spare: None,
             armed: None,
             max_seq_gap: 1,
+            adopt_next: false,
             exited: false,
         }
     }
@@ -559,6 +564,21 @@ impl<S: Service> Core<S> {
                     _ => self.finish_replay(go_live, pending, out),
                 }
             }
+            Command::Adopt {
+                after_seq,
+                next_above,
+            } => {
+                // Adopting a position under applied messages would misplace them.
+                if self.live || self.replay.is_some() || self.ledger.count > 0 {
+                    let e = "adopt is for an instance that has applied nothing and neither \
+                             serves nor replays";
+                    self.refuse(out, pending, e.into());
+                } else {
+                    self.ledger.last_seq = after_seq;
+                    self.adopt_next = next_above;
+                    self.answer(out, pending);
+                }
+            }
             Command::Digest => {
                 let mut r = self.reply(&pending.corr, kind);
                 match self.service.digest() {
@@ -724,7 +744,9 @@ impl<S: Service> Core<S> {
                 Rejection::Repeat,
                 format!("seq {seq}: the state holds every seq up to {last}"),
             )),
-            Input::Data { seq, .. } if *seq > last.saturating_add(self.max_seq_gap) => {
+            Input::Data { seq, .. }
+                if !self.adopt_next && *seq > last.saturating_add(self.max_seq_gap) =>
+            {
                 Err(Refused::new(
                     Rejection::Jump,
                     format!(
@@ -753,6 +775,7 @@ impl<S: Service> Core<S> {
                 t_pub_ns,
                 payload,
             }) => {
+                self.adopt_next = false;
                 let a = self.process(now_ns, seq, t_pub_ns, &payload, Mode::Live);
                 let failed = matches!(a, Action::Fail(_));
                 out.push(a);

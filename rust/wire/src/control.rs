@@ -89,6 +89,15 @@ pub enum Command {
     /// `go_live`) start consuming the primary queue. Replies once live (or once replayed).
     /// Refused while another one waits or while the replay's queue is still being opened.
     FinishReplay { until_seq: u64, go_live: bool },
+    /// Take the stream up after `after_seq` (with `next_above`: at the next input above it,
+    /// whatever its seq): for an instance started empty in place of one that died with its
+    /// state, which holds nothing of what came before. Refused once anything was applied, or
+    /// while live or replaying.
+    Adopt {
+        after_seq: u64,
+        #[serde(default)]
+        next_above: bool,
+    },
     /// Reply with the digest of the whole state.
     Digest,
     /// Stop everything and exit the process, first answering with an error every command still
@@ -116,6 +125,7 @@ impl Command {
             Command::Replay { .. } => ReplyKind::Replay,
             Command::PauseReplay => ReplyKind::PauseReplay,
             Command::FinishReplay { .. } => ReplyKind::FinishReplay,
+            Command::Adopt { .. } => ReplyKind::Adopt,
             Command::Digest => ReplyKind::Digest,
             Command::Shutdown => ReplyKind::Shutdown,
         }
@@ -141,6 +151,7 @@ pub enum ReplyKind {
     Replay,
     PauseReplay,
     FinishReplay,
+    Adopt,
     Digest,
     Shutdown,
     /// Not a command: the answer to a barrier met on the live queue.
@@ -149,7 +160,7 @@ pub enum ReplyKind {
 
 impl ReplyKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ReplyKind; 13] = [
+    pub const ALL: [ReplyKind; 14] = [
         ReplyKind::Status,
         ReplyKind::StartLive,
         ReplyKind::StopLive,
@@ -160,6 +171,7 @@ impl ReplyKind {
         ReplyKind::Replay,
         ReplyKind::PauseReplay,
         ReplyKind::FinishReplay,
+        ReplyKind::Adopt,
         ReplyKind::Digest,
         ReplyKind::Shutdown,
         ReplyKind::Checkpoint,
@@ -178,6 +190,7 @@ impl ReplyKind {
             ReplyKind::Replay => "replay",
             ReplyKind::PauseReplay => "pause_replay",
             ReplyKind::FinishReplay => "finish_replay",
+            ReplyKind::Adopt => "adopt",
             ReplyKind::Digest => "digest",
             ReplyKind::Shutdown => "shutdown",
             ReplyKind::Checkpoint => "checkpoint",
@@ -400,6 +413,13 @@ mod tests {
                 },
                 "finish_replay",
             ),
+            (
+                Command::Adopt {
+                    after_seq: 9,
+                    next_above: true,
+                },
+                "adopt",
+            ),
             (Command::Digest, "digest"),
             (Command::Shutdown, "shutdown"),
         ]
@@ -428,6 +448,7 @@ mod tests {
             "replay",
             "pause_replay",
             "finish_replay",
+            "adopt",
             "digest",
             "shutdown",
             "checkpoint",

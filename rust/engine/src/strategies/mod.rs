@@ -10,11 +10,13 @@ mod ms2m;
 pub mod ms2m_cutoff;
 mod ms2m_sequential;
 mod options;
+mod restart;
 mod stop_and_copy;
 mod takeover;
 mod timeline;
 
 pub use options::{Fault, MigrationOptions, Role, Transfer, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+pub use restart::Restarted;
 pub use takeover::TakeOver;
 pub use timeline::{Phase, PhaseName, Timeline};
 
@@ -111,13 +113,15 @@ pub struct Placement {
     pub host: String,
 }
 
-/// Rates a strategy can measure while it runs.
+/// Rates and positions a strategy can measure while it runs.
 pub trait RateProbe: Sync {
     /// Messages per second sent to the service over the last `window` (lambda).
     fn arrival_rate(&self, window: Duration) -> f64;
     /// Messages per second one instance processes when busy (mu): the inverse of the mean
     /// processing time of recent live messages; None before any was processed.
     fn service_rate(&self) -> Option<f64>;
+    /// The highest seq with a live output event so far (None: none yet).
+    fn last_live_seq(&self) -> Option<u64>;
 }
 
 /// What the cutoff strategy decided, and from which measurements.
@@ -230,10 +234,12 @@ pub struct Outcome {
     pub cutoff: Option<CutoffReport>,
     /// The fault injected, if any, and when.
     pub fault: Option<String>,
-    /// The source died after the target restored, and the target took over (see
+    /// The source died once its checkpoint was complete, and the target took over (see
     /// `strategies/takeover.rs`).
     #[serde(default)]
     pub takeover: Option<TakeOver>,
+    /// The source died and nothing held its state: an empty instance replaced it.
+    pub restarted: Option<Restarted>,
 }
 
 /// Everything a strategy acts through.
@@ -243,6 +249,8 @@ pub(crate) struct Ctx<'a> {
     pub links: Arc<Links>,
     pub runtime: &'a Runtime,
     pub spec: &'a ServiceSpec,
+    /// The broker's URL as the source's host reaches it (through its link, if shaped).
+    pub source_url: &'a str,
     /// The broker's URL as the target's host reaches it (through its link, if shaped).
     pub target_url: &'a str,
     pub opts: &'a MigrationOptions,
@@ -260,8 +268,15 @@ pub(crate) struct Ctx<'a> {
     /// The position of the checkpoint the target restored (None: not restored): it can take
     /// over if the source dies.
     pub target_restored: Option<u64>,
+    /// The source's complete checkpoint, once it has one: a target can restore it even if the
+    /// source dies (from its queue, or already fetched).
+    pub checkpoint: Option<ms2m_wire::control::Checkpoint>,
+    /// The target holds the whole checkpoint (fetched and checked).
+    pub target_fetched: bool,
     /// The target was told to replay the replay queue.
     pub replay_started: bool,
+    /// The target serves: nothing may be rolled back or replaced any more.
+    pub committed: bool,
     pub replay_queue: Option<String>,
     pub checkpoint_queue: Option<String>,
     /// A fault aimed at the target before it existed: kill it as soon as it starts.
@@ -279,6 +294,7 @@ impl<'a> Ctx<'a> {
         links: Arc<Links>,
         runtime: &'a Runtime,
         spec: &'a ServiceSpec,
+        source_url: &'a str,
         target_url: &'a str,
         opts: &'a MigrationOptions,
         probe: &'a dyn RateProbe,
@@ -291,6 +307,7 @@ impl<'a> Ctx<'a> {
             links,
             runtime,
             spec,
+            source_url,
             target_url,
             opts,
             probe,
@@ -308,7 +325,10 @@ impl<'a> Ctx<'a> {
             source_stopped: false,
             target_started: false,
             target_restored: None,
+            checkpoint: None,
+            target_fetched: false,
             replay_started: false,
+            committed: false,
             replay_queue: None,
             checkpoint_queue: None,
             kill_target_on_start: false,
@@ -377,11 +397,14 @@ impl<'a> Ctx<'a> {
 
     async fn kill(&mut self, instance: &str) -> Result<()> {
         self.runtime.kill_instance(instance).await?;
-        self.outcome.fault = Some(format!(
-            "killed {instance} at the start of {} ({} ns)",
-            self.timeline.current().map_or("?", PhaseName::name),
-            now_ns()
-        ));
+        let now = self.timeline.current().map_or("?", PhaseName::name);
+        let aimed = self.opts.fault.as_ref().map_or(now, |f| f.at_phase.name());
+        // A target killed as it starts, later than the phase the fault was aimed at.
+        let when = match aimed == now {
+            true => format!("at the start of {now}"),
+            false => format!("as it started in {now} (the fault was aimed at {aimed})"),
+        };
+        self.outcome.fault = Some(format!("killed {instance} {when} ({} ns)", now_ns()));
         Ok(())
     }
 
@@ -509,6 +532,7 @@ impl<'a> Ctx<'a> {
             fetch_ms: None,
             fetch_mib_s: None,
         });
+        self.checkpoint = Some(cp.clone());
         Ok(cp)
     }
 
@@ -541,6 +565,7 @@ impl<'a> Ctx<'a> {
             tokio::task::spawn_blocking(move || drop(r));
         }
         let (fetched, _) = fetched?;
+        self.target_fetched = true;
         if let Some(stats) = self.outcome.checkpoint.as_mut() {
             let ms = span_ms(fetched.t_begin_ns, fetched.t_ns);
             stats.fetch_ms = Some(ms);
@@ -573,6 +598,29 @@ impl<'a> Ctx<'a> {
             self.spec.state_bytes as f64 * 8.0 / (mbit * 1e6)
         });
         self.opts.reply_timeout() + Duration::from_secs_f64(4.0 * needs)
+    }
+
+    /// How long a reply that waits for `messages` to be replayed may take: the reply timeout,
+    /// plus twice what they need at the service rate measured before the migration (a replay
+    /// spends the processing time too), so that a long backlog behind a cutoff or a slow link
+    /// is not mistaken for a dead instance.
+    pub fn replay_wait(&self, messages: u64) -> Duration {
+        let needs = match self.outcome.mu {
+            Some(mu) if mu.is_finite() && mu > 0.0 => (messages as f64 / mu).min(86_400.0),
+            _ => 0.0,
+        };
+        self.opts.reply_timeout() + Duration::from_secs_f64(2.0 * needs)
+    }
+
+    /// [`Ctx::command`], waiting for the reply at most `timeout`.
+    pub async fn command_within(
+        &self,
+        instance: &str,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<Answer> {
+        let sent = self.link.send(&self.spec.name, instance, cmd, &[]).await?;
+        self.watch(instance, sent.reply(timeout)).await
     }
 
     /// [`Ctx::command`] for a command that moves the checkpoint ([`Ctx::transfer_timeout`]).
@@ -626,6 +674,7 @@ impl<'a> Ctx<'a> {
 
     /// The target serves: from here on a failure must not roll the migration back.
     pub fn committed(&mut self) {
+        self.committed = true;
         self.source_stopped = false;
         self.target_started = false;
     }
@@ -687,8 +736,20 @@ pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> O
         Error::MigrationFailed { reason, .. } => reason,
         other => other.to_string(),
     };
+    // A kill still pending belongs to the phase that failed, not to the rollback.
+    *ctx.scheduled_kill.lock().unwrap() = None;
+    if ctx.committed {
+        // The target serves and the source was retired on purpose: only queues left to go.
+        let problems = abort(ctx).await;
+        if !problems.is_empty() {
+            reason.push_str(&format!("; cleanup incomplete: {}", problems.join("; ")));
+        }
+        return Some(Failure { phase, reason });
+    }
     // A dead source cannot serve again; a target holding its state can serve instead.
+    let mut checkpoint_lost = true;
     if takeover::possible(ctx).await {
+        checkpoint_lost = false;
         match takeover::run(ctx, phase).await {
             Ok(()) => return None,
             Err(e) => reason.push_str(&format!("; the target could not take over: {e}")),
@@ -697,6 +758,27 @@ pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> O
     let problems = abort(ctx).await;
     if !problems.is_empty() {
         reason.push_str(&format!("; rollback incomplete: {}", problems.join("; ")));
+    }
+    // Nothing that serves holds the dead source's state: an empty instance serves in its place.
+    if !ctx.runtime.is_running(&ctx.source).await {
+        let why = match checkpoint_lost {
+            true => "the source died before its checkpoint was complete, and its state with it",
+            false => "the source is dead and its state with it",
+        };
+        match restart::run(ctx, phase).await {
+            Ok(r) => {
+                let since = r.after_seq.map_or_else(
+                    || "from the next message".to_string(),
+                    |s| format!("after seq {s}"),
+                );
+                reason.push_str(&format!(
+                    "; {why}: {} serves on {} in its place, started empty, {since}",
+                    r.instance, ctx.source_host
+                ));
+                ctx.outcome.restarted = Some(r);
+            }
+            Err(e) => reason.push_str(&format!("; {why}, and no instance could replace it: {e}")),
+        }
     }
     Some(Failure { phase, reason })
 }
@@ -731,7 +813,8 @@ async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
             problems.push(e.to_string());
         }
     }
-    if ctx.source_stopped {
+    // A dead source is replaced afterwards (`restart`), not resumed.
+    if ctx.source_stopped && ctx.runtime.is_running(&ctx.source).await {
         if let Err(e) = ctx
             .command(&ctx.source.clone(), Command::StartLive, &[])
             .await

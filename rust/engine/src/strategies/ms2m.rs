@@ -245,26 +245,11 @@ pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
     };
     ctx.source_stopped = true;
     ctx.outcome.t_source_stop_ns = Some(stopped.t_ns);
-    let (live, _) = ctx.reply(&target, finished).await?;
+    // The target replays from T to S before it answers: after a cutoff, the whole backlog.
+    let wait = ctx.replay_wait(stopped.last_seq.saturating_sub(paused.last_seq));
+    let (live, _) = ctx.watch(&target, finished.reply(wait)).await?;
     went_live(ctx, &live);
     finish(ctx).await
-}
-
-/// The target replays up to `until_seq` (the source's last) and starts serving live.
-pub(super) async fn finish_replay(ctx: &mut Ctx<'_>, until_seq: u64) -> Result<()> {
-    let target = ctx.target.clone();
-    let (live, _) = ctx
-        .command(
-            &target,
-            Command::FinishReplay {
-                until_seq,
-                go_live: true,
-            },
-            &[],
-        )
-        .await?;
-    went_live(ctx, &live);
-    Ok(())
 }
 
 /// Records the target's `finish_replay` reply: when it went live and what it replayed.

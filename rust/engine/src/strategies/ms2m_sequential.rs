@@ -4,7 +4,8 @@
 //! up to S and only then serves. Downtime spans the target's start, restore and replay.
 //!
 //! The stopped source process is kept (not serving) until the target serves, so that a failed
-//! migration can roll back to it; a StatefulSet would have deleted it.
+//! migration can roll back to it; a StatefulSet would have deleted it. A source that dies once
+//! its checkpoint is complete leaves the target to restore it and take over (`takeover`).
 
 use super::ms2m;
 use super::{Ctx, PhaseName};
@@ -36,7 +37,21 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>) -> Result<()> {
     // The source stopped at S: the target must not replay past it, or it would apply a
     // message twice when it meets it again, live, in the primary queue.
     ms2m::start_replay(ctx, &queue, Some(stopped.last_seq)).await?;
-    ms2m::finish_replay(ctx, stopped.last_seq).await?;
+    let target = ctx.target.clone();
+    let finish_replay = Command::FinishReplay {
+        until_seq: stopped.last_seq,
+        go_live: false,
+    };
+    // The whole backlog since the checkpoint, while nobody serves.
+    let restored = ctx.target_restored.unwrap_or(0);
+    let wait = ctx.replay_wait(stopped.last_seq.saturating_sub(restored));
+    let (replayed, _) = ctx.command_within(&target, finish_replay, wait).await?;
+    // Live only in finalize: a target that fails now still leaves the stopped source to
+    // resume, rather than a service that nobody serves.
     ctx.enter(PhaseName::Finalize).await?;
+    let (live, _) = ctx.command(&target, Command::StartLive, &[]).await?;
+    ctx.outcome.t_target_live_ns = Some(live.t_ns);
+    ctx.outcome.messages_replayed = replayed.replayed;
+    ctx.outcome.replay_skipped = replayed.skipped;
     ms2m::finish(ctx).await
 }

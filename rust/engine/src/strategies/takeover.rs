@@ -1,7 +1,8 @@
-//! The source died after the target restored its checkpoint: the target takes over.
+//! The source died once its checkpoint was complete: the target takes over.
 //!
 //! Rolling back would leave nobody serving (the source's state died with it), while the target
-//! holds the checkpoint and the replay queue holds every message since the barrier. What the
+//! holds the checkpoint (or can still fetch it from its queue and restore it, which it does
+//! first) and the replay queue holds every message since the barrier. What the
 //! source acked, it processed live; what it did not is back on the primary queue once the
 //! broker has closed its connection. So the target replays up to the message before the
 //! primary queue's first one and goes live there:
@@ -56,18 +57,52 @@ pub struct TakeOver {
 }
 
 /// Whether a failed migration can end with the target serving instead of a rollback: the
-/// source is dead, the target runs and has restored, and a replay queue holds the rest.
+/// source is dead, a replay queue holds the rest, and the target has restored the source's
+/// checkpoint or can still do so (it holds it, or it waits in its queue; a target not started
+/// yet is started).
 pub(crate) async fn possible(ctx: &Ctx<'_>) -> bool {
-    ctx.target_restored.is_some()
+    let restorable = ctx.target_restored.is_some()
+        || ctx.target_fetched
+        || (ctx.checkpoint.is_some() && ctx.checkpoint_queue.is_some());
+    let target_alive = !ctx.target_started || ctx.runtime.is_running(&ctx.target).await;
+    restorable
         && ctx.replay_queue.is_some()
+        && target_alive
         && !ctx.runtime.is_running(&ctx.source).await
-        && ctx.runtime.is_running(&ctx.target).await
+}
+
+/// Waits until `primary` has no consumer: the broker noticed that the dead source's connection
+/// is gone and put its unacked messages back.
+pub(super) async fn wait_until_released(ctx: &Ctx<'_>, primary: &str) -> Result<()> {
+    let deadline = Instant::now() + CONNECTION_GONE;
+    while ctx.link.consumer_count(primary).await? > 0 {
+        if Instant::now() > deadline {
+            return Err(ctx.failed(format!(
+                "the dead source still consumes {primary} after {} s",
+                CONNECTION_GONE.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Lets the target take over from the dead source (see the module's description).
 pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result<()> {
     ctx.timeline.begin(PhaseName::TakeOver);
     let target = ctx.target.clone();
+    // The source died before the target had restored (sequential MS2M's stop): the checkpoint
+    // is complete, so the target restores it first.
+    if ctx.target_restored.is_none() {
+        if !ctx.target_started {
+            ctx.start_target().await?;
+        }
+        if !ctx.target_fetched {
+            let checkpoint = ctx.checkpoint.clone().expect("checked by possible()");
+            ctx.fetch(checkpoint).await?;
+        }
+        ctx.restore_fetched().await?;
+    }
     // First of all: every message the target replays from now on may be one the source never
     // processed.
     let paused = match ctx.replay_started {
@@ -80,16 +115,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result
         false => None,
     };
     let primary = names::primary_queue(&ctx.spec.name);
-    let deadline = Instant::now() + CONNECTION_GONE;
-    while ctx.link.consumer_count(&primary).await? > 0 {
-        if Instant::now() > deadline {
-            return Err(ctx.failed(format!(
-                "the dead source still consumes {primary} after {} s",
-                CONNECTION_GONE.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_released(ctx, &primary).await?;
     let replay = ctx.replay_queue.clone().expect("checked by possible()");
     ctx.link
         .unbind(&replay, &names::input_exchange(&ctx.spec.name))
@@ -128,7 +154,13 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result
         until_seq,
         go_live: true,
     };
-    let (live, _) = ctx.command(&target, finish, &[]).await?;
+    // What is left to replay; to the end of the queue: its depth.
+    let left = match until_seq {
+        u64::MAX => u64::from(ctx.link.queue_depth(&replay).await?),
+        s => s.saturating_sub(paused.unwrap_or(restored_at)),
+    };
+    let wait = ctx.replay_wait(left);
+    let (live, _) = ctx.command_within(&target, finish, wait).await?;
     takeover.until_seq = live.last_seq;
     ctx.outcome.takeover = Some(takeover);
     ms2m::went_live(ctx, &live);

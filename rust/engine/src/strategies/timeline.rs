@@ -29,8 +29,11 @@ pub enum PhaseName {
     Finalize,
     /// The rollback of a failed migration: the source serves again.
     Abort,
-    /// The source died after the target restored: the target takes over without it.
+    /// The source died once its checkpoint was complete: the target takes over without it.
     TakeOver,
+    /// The source died before its checkpoint was complete: a new, empty instance serves in
+    /// its place.
+    Restart,
 }
 
 impl PhaseName {
@@ -146,6 +149,7 @@ mod tests {
             PhaseName::Finalize,
             PhaseName::Abort,
             PhaseName::TakeOver,
+            PhaseName::Restart,
         ] {
             let json = serde_json::to_string(&p).unwrap();
             assert_eq!(json, format!("\"{}\"", p.name()));

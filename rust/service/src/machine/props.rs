@@ -279,6 +279,7 @@ impl Single {
                 Ledger::open(attachment.to_vec()).is_err() || c.live || c.replay.is_some()
             }
             Command::Replay { .. } => c.replay.is_some() || c.live,
+            Command::Adopt { .. } => c.live || c.replay.is_some() || c.ledger.count > 0,
             Command::Fetch(_) => c.fetching.is_some(),
             Command::PauseReplay => finishing,
             Command::FinishReplay { .. } => {

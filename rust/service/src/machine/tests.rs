@@ -327,6 +327,70 @@ fn a_max_seq_gap_lets_a_lossy_stream_skip_ahead_but_never_back() {
     );
 }
 
+/// `adopt` after `after_seq`, or at the next input above it.
+fn adopt(after_seq: u64, next_above: bool) -> Command {
+    Command::Adopt {
+        after_seq,
+        next_above,
+    }
+}
+
+/// An instance started empty where one died with its state takes the stream up where it is.
+#[test]
+fn adopt_takes_the_stream_up_after_a_position_or_at_the_next_input_above_it() {
+    let mut c = fresh();
+    let r = cmd(&mut c, adopt(41, false));
+    let r = the_reply(&r);
+    assert_eq!((r.error.as_deref(), r.last_seq), (None, 41));
+    cmd(&mut c, Command::StartLive);
+    let next = c.handle(0, Event::Live(data(42)));
+    assert_eq!(processed(&next), [(42, Mode::Live)]);
+    let again = c.handle(0, Event::Live(data(41)));
+    assert_eq!(dead_letter(&again), Rejection::Repeat);
+    assert_eq!(c.state(), &state_of([42]));
+
+    // The next input above the position, whatever the gap (the dead source's last outputs may
+    // not have been seen); a stale copy below it is still a repeat; then the usual rules.
+    let mut c = fresh();
+    assert_eq!(the_reply(&cmd(&mut c, adopt(900, true))).error, None);
+    cmd(&mut c, Command::StartLive);
+    let stale = c.handle(0, Event::Live(data(900)));
+    assert_eq!(dead_letter(&stale), Rejection::Repeat);
+    let bad = c.handle(0, Event::Live(malformed("x")));
+    assert_eq!(dead_letter(&bad), Rejection::Malformed);
+    for seq in [1000, 1001] {
+        let a = c.handle(0, Event::Live(data(seq)));
+        assert_eq!(processed(&a), [(seq, Mode::Live)]);
+    }
+    let repeat = c.handle(0, Event::Live(data(1000)));
+    assert_eq!(dead_letter(&repeat), Rejection::Repeat);
+    let jump = c.handle(0, Event::Live(data(1003)));
+    assert_eq!(dead_letter(&jump), Rejection::Jump);
+    assert_eq!(c.state(), &state_of([1000, 1001]));
+}
+
+#[test]
+fn adopt_is_refused_once_anything_was_applied_or_while_serving() {
+    let stop = || Command::StopLive {
+        after_seq: None,
+        hand_over: None,
+    };
+    let mut c = live();
+    let r = cmd(&mut c, adopt(9, false));
+    assert!(the_reply(&r).error.is_some(), "live");
+    let mut c = live();
+    c.handle(0, Event::Live(data(1)));
+    cmd(&mut c, stop());
+    let before = c.clone();
+    let r = cmd(&mut c, adopt(9, true));
+    let e = the_reply(&r).error.clone().unwrap_or_default();
+    assert!(e.contains("applied nothing and neither serves"), "{e}");
+    assert_eq!(c, before);
+    let mut c = restored_and_replaying(5, None);
+    let r = cmd(&mut c, adopt(9, false));
+    assert!(the_reply(&r).error.is_some(), "replaying");
+}
+
 #[test]
 fn a_barrier_counts_only_when_armed_and_only_once() {
     let mut c = live();
