@@ -94,10 +94,12 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .testbed_file import run
+    from .testbed_file import load, run
 
     reports = run(args.file, args.out)
-    print(format_table(summarize(reports)))
+    sweep = load(args.file).get("sweep", {})
+    until_ci, cap = sweep.get("until_ci"), int(sweep.get("max_repetitions", 30))
+    print(format_table(summarize(reports, until_ci, cap)))
     return 0 if all(r.valid for r in reports) else 1
 
 
@@ -106,9 +108,13 @@ def _summarize(args: argparse.Namespace) -> int:
     if not reports:
         print(f"no ms2m reports under {args.folder}", file=sys.stderr)
         return 1
-    print(format_table(summarize(reports)))
+    # A sweep's folder says how far it was to repeat its cells.
+    spec = Path(args.folder) / "sweep.json"
+    held = json.loads(spec.read_text()) if spec.exists() else {}
+    until_ci, cap = held.get("until_ci"), held.get("max_repetitions", 30)
+    print(format_table(summarize(reports, until_ci, cap)))
     print()
-    print(format_matrix(table(reports)))
+    print(format_matrix(table(reports, until_ci, cap)))
     return 0
 
 

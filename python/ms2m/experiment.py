@@ -100,6 +100,32 @@ def compare_strategies(
         return run_grid(grid, tmp, progress=progress, amqp_url=amqp_url)
 
 
+_CONFIGURATION = (
+    "processing_ms",
+    "state_bytes",
+    "transfer",
+    "source_link_mbit",
+    "source_link_delay_ms",
+    "target_link_mbit",
+    "target_link_delay_ms",
+)
+
+
+def configurations(reports: Sequence[Report]) -> int:
+    """How many configurations (service, links, transfer; not strategy or rate) ``reports``
+    span: an interval or a rank test over more than one would take different experiments
+    for repetitions of one."""
+    keys = set()
+    for r in reports:
+        row = r.summary()
+        keys.add((*(row[k] for k in _CONFIGURATION), r.service.get("prefetch")))
+    return len(keys)
+
+
+MIXED = "medians over several configurations: no interval, ratio or p (see ms2m.stats.describe)"
+"""What a ``~`` after a number of runs says."""
+
+
 def _ci(ci: MedianCi | None) -> tuple[float | None, float | None]:
     return (None, None) if ci is None else (ci["lo"], ci["hi"])
 
@@ -116,20 +142,23 @@ def summarize(
     strategies = list(dict.fromkeys(r.strategy for r in reports))
     ref = "stop_and_copy" if "stop_and_copy" in strategies else strategies[0] if strategies else ""
     downtimes = {s: [r.downtime_ms for r in reports if r.strategy == s] for s in strategies}
+    # A folder of a sweep over states or links is not one experiment repeated.
+    mixed = configurations(reports) > 1
     rows = []
     for strategy in strategies:
         rs = [r for r in reports if r.strategy == strategy]
         down, ref_down = downtimes[strategy], downtimes[ref]
-        ci = stats.median_ci(down)
-        total = stats.median_ci([r.total_ms for r in rs])
+        ci = None if mixed else stats.median_ci(down)
+        total = None if mixed else stats.median_ci([r.total_ms for r in rs])
         cp = [r.control_plane_downtime_ms or 0.0 for r in rs]
-        versus = strategy != ref
+        versus = strategy != ref and not mixed
         ratio = stats.ratio_of_medians(down, ref_down) if versus else None
         test = stats.mann_whitney(down, ref_down) if versus else None
         rows.append(
             {
                 "strategy": strategy,
                 "runs": len(rs),
+                "mixed": mixed,
                 "capped": cell_status(rs, until_ci, max_runs)["capped"],
                 "downtime_median_ms": statistics.median(down),
                 "downtime_ci_lo_ms": _ci(ci)[0],
@@ -159,8 +188,16 @@ CAPPED = "stopped at the cap on runs with the interval still wider than asked"
 
 
 def runs_cell(row: dict[str, Any]) -> str:
-    """A row's number of runs, marked ``*`` when it stopped at the cap (:data:`CAPPED`)."""
-    return f"{row['runs']}*" if row.get("capped") else str(row["runs"])
+    """A row's number of runs, marked ``*`` when it stopped at the cap (:data:`CAPPED`) and
+    ``~`` when its runs span several configurations (:data:`MIXED`)."""
+    mark = "~" if row.get("mixed") else "*" if row.get("capped") else ""
+    return f"{row['runs']}{mark}"
+
+
+def footnotes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What the marks of :func:`runs_cell` in ``rows`` say."""
+    notes = [f"*: {CAPPED}"] if any(r.get("capped") for r in rows) else []
+    return notes + ([f"~: {MIXED}"] if any(r.get("mixed") for r in rows) else [])
 
 
 def median_with_ci(median: float, lo: float | None, hi: float | None, digits: int = 3) -> str:
@@ -199,8 +236,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{total:>30} {versus:>32} {r['lost']:>5} {r['duplicated']:>4} "
             f"{r['reordered']:>5} {r['state_consistent']:>8}"
         )
-    if any(r.get("capped") for r in rows):
-        lines.append(f"*: {CAPPED}")
+    lines += footnotes(rows)
     refs = {r["ratio_to"] for r in rows if r.get("ratio_to")}
     if refs:
         lines.append(

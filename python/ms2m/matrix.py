@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import stats
-from .experiment import CAPPED, median_with_ci, runs_cell
+from .experiment import configurations, footnotes, median_with_ci, runs_cell
 from .report import Report
 from .sweeps import Grid, cell_status
 
@@ -46,11 +46,13 @@ def table(
     cold = {
         rate: [x.downtime_ms for x in rs] for (s, rate), rs in by.items() if s == "stop_and_copy"
     }
+    # A sweep over states or links is not one experiment repeated.
+    mixed = configurations(reports) > 1
     rows = []
     for (strategy, rate), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         down = [x.downtime_ms for x in rs]
-        ci = stats.median_ci(down)
-        ref = cold.get(rate) if strategy != "stop_and_copy" else None
+        ci = None if mixed else stats.median_ci(down)
+        ref = cold.get(rate) if strategy != "stop_and_copy" and not mixed else None
         ratio = stats.ratio_of_medians(down, ref) if ref else None
         test = stats.mann_whitney(down, ref) if ref else None
         rows.append(
@@ -58,6 +60,7 @@ def table(
                 "strategy": strategy,
                 "rate": rate,
                 "runs": len(rs),
+                "mixed": mixed,
                 "capped": cell_status(rs, until_ci, max_repetitions)["capped"],
                 "downtime_median_ms": statistics.median(down),
                 "downtime_ci_lo_ms": None if ci is None else ci["lo"],
@@ -104,7 +107,8 @@ def format_matrix(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['downtime_max_ms']:.3f} | {r['total_median_ms']:.1f} | {ratio} | {p} | "
             f"{r['runs_with_loss_or_dup']} | {r['aborted']} | {r['cutoff_fired']} |"
         )
-    if any(r.get("capped") for r in rows):
+    notes = footnotes(rows)
+    if notes:
         lines.append("")
-        lines.append(f"\\*: {CAPPED}")
+        lines += [n.replace("*", "\\*", 1) for n in notes]
     return "\n".join(lines)

@@ -3,9 +3,9 @@
 As Hoefler and Belli ask of a benchmark (SC'15): a median comes with its 95% confidence
 interval, distribution-free (a pair of order statistics whose coverage follows from the
 binomial distribution; 6 runs at least), a ratio of two medians with its percentile bootstrap
-interval (10,000 resamples, fixed seed: the same runs give the same interval), and two
-strategies are compared with a two-sided Mann-Whitney U test (exact below 60 runs without ties,
-else the normal approximation with tie correction).
+interval (10,000 resamples of ChaCha8 with a fixed seed: the same runs give the same interval;
+none under 6 runs), and two strategies are compared with a two-sided Mann-Whitney U test (exact
+up to 60 runs in all without ties, else the normal approximation with tie correction).
 
     >>> ms2m.stats.median_ci([52.1, 49.8, 55.0, 51.2, 50.4, 53.3])["lo"]
     49.8
@@ -51,11 +51,11 @@ class RankTest(TypedDict):
 
 
 class RatioCi(TypedDict):
-    """median(a) / median(b) with its bootstrap interval."""
+    """median(a) / median(b) with its bootstrap interval (``None`` under 6 runs)."""
 
     ratio: float
-    lo: float
-    hi: float
+    lo: float | None
+    hi: float | None
 
 
 def _load(text: str | None) -> object:

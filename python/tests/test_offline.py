@@ -128,6 +128,9 @@ def test_table_formats_rows():
     table = format_table([{**ci, **versus, "ratio_to": "stop_and_copy", "p_value": 0.002}])
     assert "1.000 [0.500, 1.500]" in table and "0.250 [0.200, 0.300], p=0.002" in table
     assert "over stop_and_copy's" in table
+    mixed = format_table([{**row, "runs": 9, "mixed": True}, {**row, "capped": True}])
+    assert " 9~ " in mixed and " 1* " in mixed
+    assert "~: medians over several configurations" in mixed and "*: stopped at the cap" in mixed
 
 
 def test_summaries_give_medians_with_intervals_ratios_and_rank_tests():

@@ -3,10 +3,12 @@
 //! intervals, a rank test for whether two strategies differ, a ratio of medians with its
 //! interval, and a stopping rule for repeating runs until an interval is tight.
 //!
-//! Every function is deterministic: the bootstrap draws from a fixed seed, so a table computed
-//! twice from the same runs is the same table.
+//! Every function is deterministic: the bootstrap draws from ChaCha8 with a fixed seed (an
+//! algorithm fixed by its specification, and indices taken from its raw output), so a table
+//! computed twice from the same runs is the same table, whatever version of `rand`.
 
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 /// The confidence level of every interval here unless one is asked for.
@@ -17,6 +19,11 @@ pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
 
 /// The bootstrap's seed: fixed, so that results are reproducible.
 const BOOTSTRAP_SEED: u64 = 0x6d73_326d_7374_6174;
+
+/// The fewest runs with a 95% interval of the median (1 - 2/64 = 0.969); below it, no
+/// interval is given for a ratio either (a percentile bootstrap of 1 to 3 runs covers far less
+/// than it claims).
+pub const MIN_RUNS: usize = 6;
 
 /// A median with its distribution-free confidence interval.
 ///
@@ -68,7 +75,14 @@ pub fn median_ci(values: &[f64], level: f64) -> Option<MedianCi> {
     }
     if let (Some(lo), Some(hi)) = (ci.lo, ci.hi) {
         let half = (ci.median - lo).max(hi - ci.median);
-        ci.relative_half_width = (ci.median != 0.0).then(|| half / ci.median.abs());
+        // An interval of one point is tight even around 0 (no message waited in any run).
+        ci.relative_half_width = if half == 0.0 {
+            Some(0.0)
+        } else if ci.median == 0.0 {
+            None
+        } else {
+            Some(half / ci.median.abs())
+        };
     }
     Some(ci)
 }
@@ -81,7 +95,7 @@ pub struct RankTest {
     /// Two-sided p-value: how likely a U this far from n_a n_b / 2 is if both samples come
     /// from one distribution.
     pub p: f64,
-    /// `exact` (no ties, n_a + n_b <= 60: the permutation distribution of U) or `normal` (the
+    /// `exact` (no ties, at most 60 runs in all: the permutation distribution of U) or `normal` (the
     /// normal approximation with tie and continuity corrections).
     pub method: &'static str,
 }
@@ -144,9 +158,9 @@ pub struct RatioCi {
     /// median(a) / median(b).
     pub ratio: f64,
     /// The percentile bootstrap's interval ([`BOOTSTRAP_RESAMPLES`] resamples of each sample,
-    /// fixed seed).
-    pub lo: f64,
-    pub hi: f64,
+    /// fixed seed); None when a sample has fewer than [`MIN_RUNS`] runs.
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
 }
 
 /// median(`a`) / median(`b`) with its percentile bootstrap interval at `level` (None: a sample
@@ -157,10 +171,22 @@ pub fn ratio_of_medians(a: &[f64], b: &[f64], level: f64) -> Option<RatioCi> {
     if denominator == 0.0 {
         return None;
     }
-    let mut rng = StdRng::seed_from_u64(BOOTSTRAP_SEED);
+    let mut ci = RatioCi {
+        ratio: median_of_sorted(&a) / denominator,
+        lo: None,
+        hi: None,
+    };
+    if a.len() < MIN_RUNS || b.len() < MIN_RUNS {
+        return Some(ci);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(BOOTSTRAP_SEED);
     let mut resample = |s: &[f64], buf: &mut Vec<f64>| {
         buf.clear();
-        buf.extend((0..s.len()).map(|_| s[rng.random_range(0..s.len())]));
+        // An index from the raw 64 bits (multiply and shift): the same stream, the same picks.
+        buf.extend(
+            (0..s.len())
+                .map(|_| s[((u128::from(rng.next_u64()) * s.len() as u128) >> 64) as usize]),
+        );
         buf.sort_by(f64::total_cmp);
         median_of_sorted(buf)
     };
@@ -171,15 +197,16 @@ pub fn ratio_of_medians(a: &[f64], b: &[f64], level: f64) -> Option<RatioCi> {
             (y != 0.0).then(|| x / y)
         })
         .collect();
+    if ratios.is_empty() {
+        return Some(ci);
+    }
     ratios.sort_by(f64::total_cmp);
     let at =
         |q: f64| ratios[((q * (ratios.len() - 1) as f64).round() as usize).min(ratios.len() - 1)];
     let tail = (1.0 - level) / 2.0;
-    Some(RatioCi {
-        ratio: median_of_sorted(&a) / denominator,
-        lo: at(tail),
-        hi: at(1.0 - tail),
-    })
+    ci.lo = Some(at(tail));
+    ci.hi = Some(at(1.0 - tail));
+    Some(ci)
 }
 
 /// Sorted copy of `values` (None if empty or any is NaN).
@@ -246,6 +273,9 @@ mod tests {
         assert_eq!((five.median, five.lo, five.coverage), (3.0, None, None));
         assert_eq!(five.relative_half_width, None);
         assert!(median_ci(&[], LEVEL).is_none());
+        // Six runs without a wait: a tight interval at 0, not an endless one.
+        let zeros = median_ci(&[0.0; 6], LEVEL).unwrap();
+        assert_eq!(zeros.relative_half_width, Some(0.0));
         assert!(median_ci(&[1.0, f64::NAN], LEVEL).is_none());
         // Large samples: the interval narrows around the median, its coverage near the level.
         let many: Vec<f64> = (0..1001).map(f64::from).collect();
@@ -301,13 +331,15 @@ mod tests {
         let b: Vec<f64> = (0..10).map(|i| 300.0 + 2.0 * f64::from(i)).collect();
         let r = ratio_of_medians(&a, &b, LEVEL).unwrap();
         assert!((r.ratio - 54.5 / 309.0).abs() < 1e-12);
-        assert!(r.lo < r.ratio && r.ratio < r.hi, "{r:?}");
-        assert!(r.lo > 50.0 / 318.0 && r.hi < 59.0 / 300.0, "{r:?}");
-        assert_eq!(
-            ratio_of_medians(&a, &b, LEVEL),
-            Some(r),
-            "the same runs, the same interval"
-        );
+        let (lo, hi) = (r.lo.unwrap(), r.hi.unwrap());
+        assert!(lo < r.ratio && r.ratio < hi, "{r:?}");
+        assert!(lo > 50.0 / 318.0 && hi < 59.0 / 300.0, "{r:?}");
+        let again = ratio_of_medians(&a, &b, LEVEL);
+        assert_eq!(again, Some(r), "the same runs, the same interval");
         assert!(ratio_of_medians(&a, &[0.0, 0.0, 1.0], LEVEL).is_none());
+        // Too few runs for an interval: the ratio alone.
+        let few = ratio_of_medians(&a[..5], &b, LEVEL).unwrap();
+        assert_eq!((few.lo, few.hi), (None, None));
+        assert!((few.ratio - 52.0 / 309.0).abs() < 1e-12);
     }
 }
