@@ -20,6 +20,22 @@ use tokio::sync::oneshot;
 /// operation, never hang the testbed.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Channels a probe connection opens before it is replaced by a new one. A probe of a missing
+/// queue costs its channel (the broker closes it), and RabbitMQ allows 2,047 channel ids per
+/// connection: once lapin wraps around to an id whose channel the broker closed, the open fails
+/// with that old NOT_FOUND (seen after 672 soak migrations). A fresh connection has fresh ids.
+const PROBE_CHANNELS_PER_CONNECTION: u32 = 1000;
+
+/// The connection and channel that probe queues, apart from the link's own: their closures
+/// must not use up the ids of the channels that publish and consume.
+#[derive(Default)]
+struct Probe {
+    conn: Option<Connection>,
+    channel: Option<Channel>,
+    /// Channels opened on `conn` so far.
+    opened: u32,
+}
+
 /// Bounds a broker operation by [`RPC_TIMEOUT`] and describes its errors.
 pub(crate) trait Rpc<T> {
     async fn rpc(self, what: impl Into<String>) -> Result<T>;
@@ -73,7 +89,8 @@ pub async fn connect(url: &str, deadline: Duration) -> Result<Connection> {
 pub struct Link {
     conn: Connection,
     channel: Channel,
-    probe: tokio::sync::Mutex<Option<Channel>>,
+    url: String,
+    probe: tokio::sync::Mutex<Probe>,
     reply_queue: String,
     waiters: Waiters,
     next: AtomicU64,
@@ -128,7 +145,8 @@ impl Link {
         Ok(Link {
             conn,
             channel,
-            probe: tokio::sync::Mutex::new(None),
+            url: url.to_string(),
+            probe: tokio::sync::Mutex::new(Probe::default()),
             reply_queue,
             waiters,
             next: AtomicU64::new(1),
@@ -280,27 +298,22 @@ impl Link {
     /// Ready messages and consumers of a queue, or None if it does not exist.
     async fn inspect_counts(&self, queue: &str) -> Result<Option<(u32, u32)>> {
         let mut probe = self.probe.lock().await;
-        let ch = match probe.as_ref() {
+        let ch = match probe.channel.as_ref() {
             Some(ch) if ch.status().connected() => ch.clone(),
             _ => {
-                // The close of the previous probe channel (a queue not found) can still be in
-                // flight and fail the first open with its stale NOT_FOUND: one retry.
-                let ch = match self.conn.create_channel().await {
-                    Ok(ch) => ch,
-                    Err(_) if self.conn.status().connected() => {
-                        self.conn
-                            .create_channel()
-                            .rpc("opening a probe channel")
-                            .await?
+                let worn = probe.opened >= PROBE_CHANNELS_PER_CONNECTION;
+                let alive = probe.conn.as_ref().is_some_and(|c| c.status().connected());
+                if worn || !alive {
+                    if let Some(old) = probe.conn.take() {
+                        close_quietly(&old, "probe connection replaced").await;
                     }
-                    Err(e) => {
-                        return Err(Error::Broker {
-                            context: "opening a probe channel".into(),
-                            source: e,
-                        })
-                    }
-                };
-                *probe = Some(ch.clone());
+                    probe.conn = Some(connect(&self.url, Duration::from_secs(10)).await?);
+                    probe.opened = 0;
+                }
+                probe.opened += 1;
+                let conn = probe.conn.as_ref().expect("connected above");
+                let ch = conn.create_channel().rpc("opening a probe channel").await?;
+                probe.channel = Some(ch.clone());
                 ch
             }
         };
@@ -318,8 +331,10 @@ impl Link {
         match declared {
             Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
             // The broker answers a passive declare of a missing queue by closing the channel.
-            Err(Error::Broker { .. }) if self.conn.status().connected() => {
-                *probe = None;
+            Err(Error::Broker { .. })
+                if probe.conn.as_ref().is_some_and(|c| c.status().connected()) =>
+            {
+                probe.channel = None;
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -584,6 +599,9 @@ impl Link {
     }
 
     pub async fn close(&self) {
+        if let Some(conn) = self.probe.lock().await.conn.take() {
+            close_quietly(&conn, "testbed closes").await;
+        }
         close_quietly(&self.conn, "testbed closes").await;
     }
 }
