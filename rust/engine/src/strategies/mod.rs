@@ -625,8 +625,7 @@ impl<'a> Ctx<'a> {
 
     /// [`Ctx::command`] for a command that moves the checkpoint ([`Ctx::transfer_timeout`]).
     pub async fn transfer_command(&self, instance: &str, cmd: Command) -> Result<Answer> {
-        let sent = self.link.send(&self.spec.name, instance, cmd, &[]).await?;
-        self.watch(instance, sent.reply(self.transfer_timeout()))
+        self.command_within(instance, cmd, self.transfer_timeout())
             .await
     }
 
