@@ -153,6 +153,8 @@ struct Replaying {
     /// The `replay` reply, while the subscription is being opened.
     opening: Option<Pending>,
     paused: bool,
+    /// A `pause_replay` that takes effect once `last_seq` reaches it.
+    pause_after: Option<u64>,
     /// Never apply a message above this (the `replay` command's `until_seq`).
     limit: Option<u64>,
     /// A `finish_replay` in progress.
@@ -191,6 +193,9 @@ pub struct Core<S> {
     replay: Option<Replaying>,
     replayed: u64,
     skipped: u64,
+    /// How long the last message applied waited between its publication and the start of its
+    /// processing (see [`Reply::queued_ns`]).
+    queued_ns: u64,
     /// Replayed messages not reported yet.
     span: Option<ReplaySpan>,
     /// A `fetch` in progress, with the checkpoint it reads and when it began.
@@ -223,6 +228,7 @@ impl<S: Service> Core<S> {
             replay: None,
             replayed: 0,
             skipped: 0,
+            queued_ns: 0,
             span: None,
             fetching: None,
             fetched: None,
@@ -341,6 +347,7 @@ impl<S: Service> Core<S> {
             count: p.count,
             replayed: p.replayed,
             skipped: p.skipped,
+            queued_ns: self.queued_ns,
             ..Reply::default()
         }
     }
@@ -512,6 +519,7 @@ impl<S: Service> Core<S> {
                     self.replay = Some(Replaying {
                         opening: Some(pending),
                         paused: false,
+                        pause_after: None,
                         limit: until_seq,
                         finish: None,
                         drained: false,
@@ -519,7 +527,7 @@ impl<S: Service> Core<S> {
                     out.push(Action::OpenReplay { queue });
                 }
             }
-            Command::PauseReplay => match self.replay.as_mut() {
+            Command::PauseReplay { after_seq } => match self.replay.as_mut() {
                 // Paused, the replay would leave the finish waiting for good: only another
                 // `finish_replay` resumes it, and that one would be refused.
                 Some(Replaying {
@@ -532,8 +540,14 @@ impl<S: Service> Core<S> {
                     self.refuse(out, pending, e);
                 }
                 r => {
-                    if let Some(r) = r {
-                        r.paused = true;
+                    let last_seq = self.ledger.last_seq;
+                    match (r, after_seq) {
+                        (Some(r), Some(a)) if last_seq < a => r.pause_after = Some(a),
+                        (Some(r), _) => {
+                            r.paused = true;
+                            r.pause_after = None;
+                        }
+                        (None, _) => {}
                     }
                     self.end_span(out);
                     self.answer(out, pending);
@@ -555,6 +569,7 @@ impl<S: Service> Core<S> {
                     }
                     Some(r) if last_seq < until_seq && !r.drained => {
                         r.paused = false;
+                        r.pause_after = None;
                         r.finish = Some(Finish {
                             until_seq,
                             go_live,
@@ -719,6 +734,7 @@ impl<S: Service> Core<S> {
         match self.service.handle(&msg) {
             Ok(output) => {
                 self.ledger.apply(seq, payload.as_bytes());
+                self.queued_ns = now_ns.saturating_sub(t_pub_ns);
                 Action::Process {
                     seq,
                     mode,
@@ -878,8 +894,15 @@ impl<S: Service> Core<S> {
         {
             self.end_span(out);
         }
-        // A message beyond the bound means the rest is not coming: the target stops either way.
         let last_seq = self.ledger.last_seq;
+        if let Some(r) = self.replay.as_mut() {
+            if r.pause_after.is_some_and(|a| last_seq >= a) {
+                r.pause_after = None;
+                r.paused = true;
+                self.end_span(out);
+            }
+        }
+        // A message beyond the bound means the rest is not coming: the target stops either way.
         let done = self
             .replay
             .as_ref()

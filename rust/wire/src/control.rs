@@ -82,9 +82,14 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until_seq: Option<u64>,
     },
-    /// Stop applying replayed messages for now; replies with the position reached. Refused
-    /// while a `FinishReplay` waits.
-    PauseReplay,
+    /// Stop applying replayed messages: at once, or with `after_seq` once `last_seq >=
+    /// after_seq` (the same rule as `StopLive`'s, so a source and its level target stop at the
+    /// same message). Replies at once with the position reached: at or above `after_seq` means
+    /// paused there, below it means the pause is pending. Refused while a `FinishReplay` waits.
+    PauseReplay {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after_seq: Option<u64>,
+    },
     /// Apply replayed messages until `last_seq >= until_seq`, stop replaying, then (with
     /// `go_live`) start consuming the primary queue. Replies once live (or once replayed).
     /// Refused while another one waits or while the replay's queue is still being opened.
@@ -123,7 +128,7 @@ impl Command {
             Command::Fetch(_) => ReplyKind::Fetch,
             Command::Restore => ReplyKind::Restore,
             Command::Replay { .. } => ReplyKind::Replay,
-            Command::PauseReplay => ReplyKind::PauseReplay,
+            Command::PauseReplay { .. } => ReplyKind::PauseReplay,
             Command::FinishReplay { .. } => ReplyKind::FinishReplay,
             Command::Adopt { .. } => ReplyKind::Adopt,
             Command::Digest => ReplyKind::Digest,
@@ -229,6 +234,11 @@ pub struct Reply {
     /// Replayed messages skipped because the snapshot already held them.
     #[serde(default)]
     pub skipped: u64,
+    /// How long the last message applied (live or replayed) waited between its publication
+    /// (its `t_pub_ns`) and the start of its processing: how far the instance trails the input.
+    /// The cutover compares a target's with its source's (0 before any message).
+    #[serde(default)]
+    pub queued_ns: u64,
     /// The checkpoint streamed (`checkpoint` and `snapshot` replies with a stream) or fetched
     /// (`fetch` replies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -405,7 +415,8 @@ mod tests {
                 },
                 "replay",
             ),
-            (Command::PauseReplay, "pause_replay"),
+            (Command::PauseReplay { after_seq: None }, "pause_replay"),
+            (Command::PauseReplay { after_seq: Some(7) }, "pause_replay"),
             (
                 Command::FinishReplay {
                     until_seq: 4,
@@ -433,6 +444,14 @@ mod tests {
             assert_eq!(command.name(), wire);
             assert_eq!(command.reply_kind().name(), wire);
         }
+    }
+
+    #[test]
+    fn a_pause_replay_without_after_seq_reads_as_before() {
+        let c: Command = serde_json::from_str(r#"{"cmd": "pause_replay"}"#).unwrap();
+        assert_eq!(c, Command::PauseReplay { after_seq: None });
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, r#"{"cmd":"pause_replay"}"#);
     }
 
     #[test]

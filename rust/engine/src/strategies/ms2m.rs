@@ -13,9 +13,11 @@
 //! 5. replay: the target replays the replay queue without side effects, skipping what the
 //!    snapshot already holds, until the queue is drained (bounded by `replay_timeout_s`: at
 //!    rates near capacity the replay may never catch up, and the migration is aborted).
-//! 6. finalize (cutover): the target pauses at seq T; the source serves on until it has
-//!    processed T, stops at S >= T, reports S and sends the target `finish_replay` up to S
-//!    itself (a hand-over: one hop instead of two through the manager); the target
+//! 6. finalize (cutover): once the target is level with the source, both are told to stop
+//!    at the same seq T a little ahead (or the target pauses where it is, T); the target
+//!    replays up to T and pauses, the source serves on until it has processed T, stops at
+//!    S >= T, reports S and sends the target `finish_replay` up to S itself (a hand-over:
+//!    one hop instead of two through the manager); the target
 //!    replays up to S and starts consuming the primary queue, where everything after S waits.
 //!    Nothing is lost or processed live twice, and the gap is a few broker hops when the
 //!    target was caught up.
@@ -196,35 +198,63 @@ pub(super) async fn catch_up(
 /// in case the source handed over before failing.
 const HANDOVER_GRACE: Duration = Duration::from_secs(2);
 
-/// Longest wait at the cutover for a caught-up target to draw level with the source.
-const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// Longest wait at the cutover for a caught-up target to draw level with the source. A target
+/// that has just drained its queue still trails by up to one processing time, and gains
+/// `1 - load` of a processing time per message: near capacity (95%), about a second.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// How much later than the source a level target may start the same message.
+const LEVEL_SLACK_NS: u64 = 500_000;
+
+/// How far ahead of both instances a level cutover meets: far enough that neither has passed
+/// it when the commands arrive (two messages' processing), near enough to cost little waiting.
+const MEET_AHEAD: u64 = 2;
 
 /// The cutover: the source hands over to the target with nothing lost or processed twice.
 ///
-/// With `level`, it first waits (at most [`HANDOVER_WAIT`]) until the target's position is not
-/// behind the source's: a caught-up target and the source leapfrog message by message, and a
-/// pause while the target trails would leave it to replay the difference while nobody serves.
-/// Paused level with the source, the target replays nothing after the source stops.
+/// With `level`, it first waits (at most [`HANDOVER_WAIT`]) until the target is level with the
+/// source: ahead of it, or at the same message started no later (each instance's `queued_ns`,
+/// [`LEVEL_SLACK_NS`]). A target that drained the replay queue can still be busy with its last
+/// message while the source has finished it: what it trails by is downtime at the hand-over.
+/// Then, while messages keep arriving, both are told to stop at the same message a little
+/// ahead ([`MEET_AHEAD`]): the target pauses once it has replayed it, the source stops once it
+/// has served it, and the target has nothing left to replay. Pausing the target where it
+/// stood instead let a source that was processing the next message hand over one message
+/// ahead, which the target then replayed while nobody served (a whole processing time of
+/// downtime near capacity).
 pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
     ctx.enter(PhaseName::Finalize).await?;
     let (source, target) = (ctx.source.clone(), ctx.target.clone());
+    let mut meet = None;
     if level {
         let deadline = Instant::now() + HANDOVER_WAIT;
         loop {
             let (s, _) = ctx.command(&source, Command::Status, &[]).await?;
             let (t, _) = ctx.command(&target, Command::Status, &[]).await?;
-            if t.last_seq >= s.last_seq || Instant::now() >= deadline {
+            let level = t.last_seq > s.last_seq
+                || (t.last_seq == s.last_seq && t.queued_ns <= s.queued_ns + LEVEL_SLACK_NS);
+            if level || Instant::now() >= deadline {
+                meet = Some(s.last_seq.max(t.last_seq) + MEET_AHEAD);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Only where the meeting message is sure to come soon: a source told to serve up to a
+        // message nobody sends would never stop.
+        if ctx.probe.arrival_rate(Duration::from_secs(1)) * HANDOVER_WAIT.as_secs_f64()
+            < MEET_AHEAD as f64
+        {
+            meet = None;
+        }
     }
-    let (paused, _) = ctx.command(&target, Command::PauseReplay, &[]).await?;
+    let pause = Command::PauseReplay { after_seq: meet };
+    let (paused, _) = ctx.command(&target, pause, &[]).await?;
     // The source itself tells the target where it stopped: one hop less of downtime than
     // relaying its reply.
     let (hand_over, finished) = ctx.link.hand_over(&ctx.spec.name, &target);
     let stop = Command::StopLive {
-        after_seq: Some(paused.last_seq),
+        // Below `meet`, the target's pause is pending there.
+        after_seq: Some(paused.last_seq.max(meet.unwrap_or(0))),
         hand_over: Some(hand_over),
     };
     let stopped = match ctx.command(&source, stop, &[]).await {

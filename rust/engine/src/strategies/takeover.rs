@@ -107,7 +107,7 @@ pub(crate) async fn run(ctx: &mut Ctx<'_>, died_in: Option<PhaseName>) -> Result
     // processed.
     let paused = match ctx.replay_started {
         true => Some(
-            ctx.command(&target, Command::PauseReplay, &[])
+            ctx.command(&target, Command::PauseReplay { after_seq: None }, &[])
                 .await?
                 .0
                 .last_seq,

@@ -60,7 +60,7 @@ enum Cmd {
         limit: Option<u64>,
         opens: Option<bool>,
     },
-    PauseReplay,
+    PauseReplay(Option<u64>),
     FinishReplay {
         until: u64,
         go_live: bool,
@@ -105,7 +105,7 @@ fn command() -> impl Strategy<Value = Cmd> {
             proptest::option::weighted(0.7, proptest::bool::weighted(0.8)),
         )
             .prop_map(|(limit, opens)| Cmd::Replay { limit, opens }),
-        2 => Just(Cmd::PauseReplay),
+        2 => proptest::option::of(0u64..24).prop_map(Cmd::PauseReplay),
         3 => (0u64..24, any::<bool>())
             .prop_map(|(until, go_live)| Cmd::FinishReplay { until, go_live }),
         1 => Just(Cmd::Digest),
@@ -281,7 +281,7 @@ impl Single {
             Command::Replay { .. } => c.replay.is_some() || c.live,
             Command::Adopt { .. } => c.live || c.replay.is_some() || c.ledger.count > 0,
             Command::Fetch(_) => c.fetching.is_some(),
-            Command::PauseReplay => finishing,
+            Command::PauseReplay { .. } => finishing,
             Command::FinishReplay { .. } => {
                 finishing || c.replay.as_ref().is_some_and(|r| r.opening.is_some())
             }
@@ -330,7 +330,7 @@ impl Single {
                     until_seq: limit,
                 }
             }
-            Cmd::PauseReplay => Command::PauseReplay,
+            Cmd::PauseReplay(after_seq) => Command::PauseReplay { after_seq },
             Cmd::FinishReplay { until, go_live } => Command::FinishReplay {
                 until_seq: until,
                 go_live,
@@ -662,6 +662,11 @@ struct World {
     noise: u32,
     checkpoint_at: Option<u64>,
     stopped_at: Option<u64>,
+    /// The cutover's pause: at once (None), or once the target reaches the checkpoint's position
+    /// plus this many (never beyond the last message, which the manager's arrival guard does).
+    pause_ahead: Option<u64>,
+    /// Where the pending pause was set, if it was.
+    pause_after: Option<u64>,
 }
 
 /// One thing that can happen next.
@@ -678,7 +683,7 @@ enum Step {
 }
 
 impl World {
-    fn new(n: u64, prefetch: [usize; 2]) -> Self {
+    fn new(n: u64, prefetch: [usize; 2], pause_ahead: Option<u64>) -> Self {
         let node = |name: &str, p: usize| Node {
             core: Core::new(name, ServiceState::new(BYTES)),
             prefetch: p,
@@ -698,6 +703,8 @@ impl World {
             noise: 0,
             checkpoint_at: None,
             stopped_at: None,
+            pause_ahead,
+            pause_after: None,
         };
         let boot = w.nodes[SOURCE].core.boot(true);
         w.execute(SOURCE, boot, None);
@@ -816,13 +823,20 @@ impl World {
             }
             Stage::AwaitReplay => {
                 self.take("replay");
-                self.send(TARGET, "pause", Command::PauseReplay, Vec::new());
+                self.pause_after = self
+                    .pause_ahead
+                    .map(|k| (self.checkpoint_at.unwrap() + k).min(self.n));
+                let pause = Command::PauseReplay {
+                    after_seq: self.pause_after,
+                };
+                self.send(TARGET, "pause", pause, Vec::new());
                 Stage::AwaitPause
             }
             Stage::AwaitPause => {
                 let (paused, _) = self.take("pause");
+                // Below `pause_after`, the pause is pending: the source stops there too.
                 let stop = Command::StopLive {
-                    after_seq: Some(paused.last_seq),
+                    after_seq: Some(paused.last_seq.max(self.pause_after.unwrap_or(0))),
                     hand_over: None,
                 };
                 self.send(SOURCE, "stop", stop, Vec::new());
@@ -953,7 +967,8 @@ proptest! {
 
     /// The MS2M cutover, for random arrival interleavings: source live from the start, target
     /// restored from the barrier's checkpoint and replaying the replay queue, then target
-    /// `pause_replay` -> source `stop_live{after_seq: paused.last_seq}` -> target
+    /// `pause_replay` (at once, or pending at a position ahead) -> source `stop_live{after_seq:
+    /// the pause's position}` -> target
     /// `finish_replay{until_seq: stopped.last_seq, go_live}`. Every seq is applied live by
     /// exactly one of the two instances, and the target ends with the state of the whole
     /// stream.
@@ -961,9 +976,10 @@ proptest! {
     fn cutover_never_applies_a_seq_live_twice_nor_loses_one(
         n in 0u64..40,
         prefetch in [1usize..4, 1usize..4],
+        pause_ahead in proptest::option::of(0u64..6),
         choices in proptest::collection::vec(any::<u32>(), 0..600),
     ) {
-        let mut w = World::new(n, prefetch);
+        let mut w = World::new(n, prefetch, pause_ahead);
         let mut k = 0usize;
         loop {
             let steps = w.enabled();

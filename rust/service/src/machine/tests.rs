@@ -948,7 +948,7 @@ fn restore_while_replaying_is_refused() {
     // Rewinding the state mid-replay would apply the replayed seqs again.
     let mut c = restored_and_replaying(2, None);
     c.handle(0, Event::Replay(data(3)));
-    cmd(&mut c, Command::PauseReplay);
+    cmd(&mut c, Command::PauseReplay { after_seq: None });
     for mut c in [c, restored_and_replaying(3, None), opening()] {
         let before = c.clone();
         let snap = state_of(1..=1).checkpoint();
@@ -1007,7 +1007,7 @@ fn replay_while_replaying_is_refused() {
     let a = cmd(&mut c, again.clone());
     assert_eq!(the_reply(&a).error.as_deref(), Some("already replaying"));
     // Paused is still replaying.
-    cmd(&mut c, Command::PauseReplay);
+    cmd(&mut c, Command::PauseReplay { after_seq: None });
     let a = cmd(&mut c, again.clone());
     assert_eq!(the_reply(&a).error.as_deref(), Some("already replaying"));
     // Once finished, a new replay may start.
@@ -1088,7 +1088,7 @@ fn idle_and_pause_report_what_was_replayed_so_far() {
     let span = span_of(&a).unwrap();
     assert_eq!((span.first_seq, span.seq, span.messages), (4, 5, 2));
     c.handle(0, Event::Replay(data(6)));
-    let a = cmd(&mut c, Command::PauseReplay);
+    let a = cmd(&mut c, Command::PauseReplay { after_seq: None });
     assert_eq!(shape(&a), ["replay_span", "reply"]);
     assert_eq!(span_of(&a).unwrap().first_seq, 6);
 }
@@ -1214,7 +1214,7 @@ fn a_finish_after_the_marker_ends_the_replay_at_once() {
 fn pause_replay_stops_taking_replayed_messages() {
     let mut c = restored_and_replaying(0, None);
     c.handle(0, Event::Replay(data(1)));
-    let a = cmd(&mut c, Command::PauseReplay);
+    let a = cmd(&mut c, Command::PauseReplay { after_seq: None });
     let r = the_reply(&a);
     assert_eq!((r.kind, r.last_seq), (ReplyKind::PauseReplay, 1));
     assert!(!c.polls_replay());
@@ -1224,7 +1224,57 @@ fn pause_replay_stops_taking_replayed_messages() {
         "left alone while paused"
     );
     // Pausing with no replay just answers.
-    assert_eq!(shape(&cmd(&mut fresh(), Command::PauseReplay)), ["reply"]);
+    assert_eq!(
+        shape(&cmd(&mut fresh(), Command::PauseReplay { after_seq: None })),
+        ["reply"]
+    );
+}
+
+#[test]
+fn pause_replay_after_a_seq_pauses_once_it_is_applied() {
+    let mut c = restored_and_replaying(0, None);
+    c.handle(0, Event::Replay(data(1)));
+    let a = cmd(&mut c, Command::PauseReplay { after_seq: Some(3) });
+    // Answered at once, below the seq: the pause is pending.
+    assert_eq!(the_reply(&a).last_seq, 1);
+    assert!(c.polls_replay());
+    c.handle(0, Event::Replay(data(2)));
+    assert!(c.polls_replay());
+    c.handle(0, Event::Replay(data(3)));
+    assert!(!c.polls_replay(), "paused once 3 is applied");
+    assert_eq!(c.position().last_seq, 3);
+    // A finish resumes it; a pause already passed takes effect at once.
+    let a = cmd(
+        &mut c,
+        Command::FinishReplay {
+            until_seq: 4,
+            go_live: false,
+        },
+    );
+    assert!(a.is_empty(), "waits for 4: {a:?}");
+    let a = c.handle(0, Event::Replay(data(4)));
+    assert!(shape(&a).contains(&"reply"), "{a:?}");
+    let mut c = restored_and_replaying(5, None);
+    let a = cmd(&mut c, Command::PauseReplay { after_seq: Some(2) });
+    assert_eq!(the_reply(&a).last_seq, 5);
+    assert!(!c.polls_replay());
+}
+
+#[test]
+fn a_finish_replay_cancels_a_pending_pause() {
+    let mut c = restored_and_replaying(0, None);
+    cmd(&mut c, Command::PauseReplay { after_seq: Some(1) });
+    let finish = Command::FinishReplay {
+        until_seq: 3,
+        go_live: true,
+    };
+    assert!(cmd(&mut c, finish).is_empty());
+    for s in 1..=2 {
+        c.handle(0, Event::Replay(data(s)));
+        assert!(c.polls_replay(), "the finish goes on past the pause's seq");
+    }
+    let a = c.handle(0, Event::Replay(data(3)));
+    assert!(shape(&a).contains(&"start_live"), "{a:?}");
 }
 
 #[test]
@@ -1323,7 +1373,7 @@ fn finish_replay_without_go_live_stops_replaying_only() {
 fn pause_then_finish_resumes_the_replay() {
     let mut c = restored_and_replaying(0, None);
     c.handle(0, Event::Replay(data(1)));
-    cmd(&mut c, Command::PauseReplay);
+    cmd(&mut c, Command::PauseReplay { after_seq: None });
     assert!(!c.polls_replay());
     cmd(
         &mut c,
@@ -1593,7 +1643,7 @@ fn start_live_while_replaying_is_refused() {
     // Paused, opening or replaying, a replay is open: serving live too could apply a seq from
     // each queue, since live messages are not checked against `last_seq`.
     let mut paused = restored_and_replaying(0, None);
-    cmd(&mut paused, Command::PauseReplay);
+    cmd(&mut paused, Command::PauseReplay { after_seq: None });
     let mut finishing = restored_and_replaying(0, None);
     cmd(
         &mut finishing,
@@ -1765,7 +1815,7 @@ fn pause_replay_while_a_finish_waits_is_refused() {
         },
     );
     let before = c.clone();
-    let a = cmd(&mut c, Command::PauseReplay);
+    let a = cmd(&mut c, Command::PauseReplay { after_seq: None });
     assert_eq!(shape(&a), ["reply"]);
     let r = the_reply(&a);
     assert_eq!(
@@ -1784,7 +1834,7 @@ fn pause_replay_while_the_replay_is_being_opened_opens_it_paused() {
     // Pausing while the subscription is being opened is harmless: it starts paused.
     let mut c = opening();
     assert_eq!(
-        answers(&cmd(&mut c, Command::PauseReplay)),
+        answers(&cmd(&mut c, Command::PauseReplay { after_seq: None })),
         [("pause_replay", None)]
     );
     let a = c.handle(0, Event::ReplayOpened(Ok(())));
