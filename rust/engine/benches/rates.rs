@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PREFETCH: u16 = 100;
-const RATES: [f64; 14] = [
+const RATES: [f64; 17] = [
     250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0, 12000.0,
-    15000.0, 20000.0, 25000.0,
+    15000.0, 20000.0, 25000.0, 30000.0, 40000.0, 50000.0,
 ];
 
 /// The state of the services measured (1 MiB), and of the one whose replay is timed (64 MiB:
