@@ -209,6 +209,10 @@ const LEVEL_SLACK_NS: u64 = 500_000;
 /// How far ahead of both instances a level cutover meets: far enough that neither has passed
 /// it when the commands arrive (two messages' processing), near enough to cost little waiting.
 const MEET_AHEAD: u64 = 2;
+/// The load (arrival over service rate) from which a level cutover meets ahead.
+const MEET_LOAD: f64 = 0.5;
+/// The longest a cutover waits for the arrivals it meets at.
+const MEET_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// The cutover: the source hands over to the target with nothing lost or processed twice.
 ///
@@ -216,12 +220,12 @@ const MEET_AHEAD: u64 = 2;
 /// source: ahead of it, or at the same message started no later (each instance's `queued_ns`,
 /// [`LEVEL_SLACK_NS`]). A target that drained the replay queue can still be busy with its last
 /// message while the source has finished it: what it trails by is downtime at the hand-over.
-/// Then, while messages keep arriving, both are told to stop at the same message a little
-/// ahead ([`MEET_AHEAD`]): the target pauses once it has replayed it, the source stops once it
-/// has served it, and the target has nothing left to replay. Pausing the target where it
-/// stood instead let a source that was processing the next message hand over one message
-/// ahead, which the target then replayed while nobody served (a whole processing time of
-/// downtime near capacity).
+/// Then, near capacity, both are told to stop at the same message a little ahead
+/// ([`MEET_AHEAD`], [`MEET_LOAD`]): the target pauses once it has replayed it, the source
+/// stops once it has served it, and the target has nothing left to replay. Pausing the target
+/// where it stood instead let a source that was processing the next message hand over one
+/// message ahead, which the target then replayed while nobody served (a whole processing
+/// time of downtime near capacity).
 pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
     ctx.enter(PhaseName::Finalize).await?;
     let (source, target) = (ctx.source.clone(), ctx.target.clone());
@@ -239,11 +243,13 @@ pub(super) async fn cutover(ctx: &mut Ctx<'_>, level: bool) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // Only where the meeting message is sure to come soon: a source told to serve up to a
-        // message nobody sends would never stop.
-        if ctx.probe.arrival_rate(Duration::from_secs(1)) * HANDOVER_WAIT.as_secs_f64()
-            < MEET_AHEAD as f64
-        {
+        // Meeting ahead costs MEET_AHEAD arrivals of waiting. It pays where the instances are
+        // busy at least half the time (an idle source stops where the target paused), and only
+        // where the meeting message comes soon: a source told to serve up to a message nobody
+        // sends would never stop.
+        let lambda = ctx.probe.arrival_rate(Duration::from_secs(1));
+        let load = ctx.probe.service_rate().map_or(0.0, |mu| lambda / mu);
+        if load < MEET_LOAD || lambda * MEET_WAIT_MAX.as_secs_f64() < MEET_AHEAD as f64 {
             meet = None;
         }
     }
