@@ -18,11 +18,12 @@ use lapin::{
     PublisherConfirm,
 };
 use ms2m_wire::{
-    control::{self, Checkpoint, ChunkHeader, Envelope, Reply, StreamTo},
+    control::{self, Checkpoint, ChunkHeader, Command, Envelope, Reply, StreamTo},
     names, now_ns, parse_input, Mode, OutputEvent, Refused,
 };
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,8 @@ static SERVING: std::sync::Mutex<Option<tokio::task::AbortHandle>> = std::sync::
 /// is the error of that judgement.
 const REPLAY_IN_HAND: Duration = Duration::from_millis(10);
 const REPLAY_PREFETCH_MAX: u16 = 1000;
+/// How much of a spare buffer is mapped between two looks at whether it is still wanted.
+const MAP_STEP: usize = 16 << 20;
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
@@ -360,6 +363,8 @@ struct Instance<S> {
     /// A buffer for snapshots was prepared (once per instance: after that, checkpoints give
     /// theirs back).
     spare_prepared: bool,
+    /// Cleared to give up the spare being prepared (None: none is).
+    spare_wanted: Option<Arc<AtomicBool>>,
 }
 
 enum Event {
@@ -432,6 +437,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         replay: None,
         spare: Spare(spare),
         spare_prepared: false,
+        spare_wanted: None,
     };
     let boot = inst.core.boot(inst.cfg.live);
     inst.execute(boot, None).await?;
@@ -456,6 +462,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         let flow = match event {
             Event::Terminate => Flow::Exit,
             Event::Spare(buf) => {
+                inst.spare_wanted = None;
                 inst.core.offer_buffer(buf);
                 Flow::Continue
             }
@@ -469,6 +476,12 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
                 d.ack(BasicAckOptions::default()).await?;
                 match control::decode::<Envelope>(&d.data) {
                     Ok((env, attachment)) => {
+                        if matches!(
+                            env.command,
+                            Command::ArmBarrier { .. } | Command::Snapshot { .. }
+                        ) {
+                            inst.give_up_spare();
+                        }
                         let actions = inst
                             .core
                             .handle(now_ns(), CoreEvent::Control(env, attachment));
@@ -756,11 +769,22 @@ impl<S: Service> Instance<S> {
         }
         self.spare_prepared = true;
         let spare = self.spare.clone();
+        let wanted = Arc::new(AtomicBool::new(true));
+        self.spare_wanted = Some(wanted.clone());
         tokio::spawn(async move {
-            if let Ok(buf) = in_background(move || mapped_buffer(bytes)).await {
+            if let Ok(Some(buf)) = in_background(move || mapped_buffer(bytes, &wanted)).await {
                 spare.give_back(buf);
             }
         });
+    }
+
+    /// A checkpoint is coming (a barrier was armed, a snapshot asked for): a spare still being
+    /// prepared is given up, since the snapshot would be taken into fresh memory while it is
+    /// mapped, a third copy of the state (the checkpoint's buffer comes back as the next spare).
+    fn give_up_spare(&mut self) {
+        if let Some(wanted) = self.spare_wanted.take() {
+            wanted.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The output event of a run of replayed messages, stamped now.
@@ -972,12 +996,18 @@ async fn spend(d: Duration) {
     }
 }
 
-/// An empty buffer of `bytes` capacity whose pages are all mapped (written once).
-fn mapped_buffer(bytes: usize) -> Vec<u8> {
+/// An empty buffer of `bytes` capacity whose pages are all mapped (written once), or None once
+/// `wanted` is cleared (checked every [`MAP_STEP`] bytes, and at the end).
+fn mapped_buffer(bytes: usize, wanted: &AtomicBool) -> Option<Vec<u8>> {
     let mut buf = ms2m_wire::state::buffer(bytes);
-    buf.resize(bytes, 0);
+    while buf.len() < bytes {
+        if !wanted.load(Ordering::Relaxed) {
+            return None;
+        }
+        buf.resize((buf.len() + MAP_STEP).min(bytes), 0);
+    }
     buf.clear();
-    buf
+    wanted.load(Ordering::Relaxed).then_some(buf)
 }
 
 /// Runs CPU work of a checkpoint (hashing its megabytes) off the event loop, on a thread of
