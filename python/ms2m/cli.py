@@ -22,7 +22,7 @@ from .experiment import Comparison, compare_strategies, describe, format_table, 
 from .links import parse_host_links, parse_pair_links
 from .matrix import PAPER_RATES, PAPER_STRATEGIES, format_matrix, paper_grid, table
 from .report import load_reports
-from .sweeps import run_grid
+from .sweeps import WARMUP_S, run_grid
 from .testbed import RUNTIMES, TRANSFERS
 
 
@@ -236,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         "message otherwise waits two of the link's round trips)",
     )
     c.add_argument("--message-bytes", type=int, default=64)
-    c.add_argument("--warmup-s", type=float, default=2.0)
+    c.add_argument(
+        "--warmup-s",
+        type=float,
+        default=WARMUP_S,
+        help="steady load before each migration (default %(default)s s; longer where the "
+        "baseline window, as long as the migration, needs it)",
+    )
     _settle_option(c)
     _until_ci_option(c, "--max-runs", "runs per strategy")
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
@@ -251,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     _until_ci_option(x, "--max-repetitions", "runs per cell")
     x.add_argument("--processing-ms", type=float, default=50.0)
     x.add_argument("--state-bytes", type=int, default=1_000_000)
-    x.add_argument("--warmup-s", type=float, default=2.0)
+    x.add_argument(
+        "--warmup-s",
+        type=float,
+        default=WARMUP_S,
+        help="steady load before each migration (default %(default)s s; longer where the "
+        "baseline window, as long as the migration, needs it)",
+    )
     _settle_option(x)
     x.add_argument(
         "--replay-timeout-s",

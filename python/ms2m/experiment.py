@@ -17,7 +17,7 @@ from .links import Link
 from .report import Report
 from .report_types import Transfer
 from .stats import MedianCi
-from .sweeps import Grid, cell_status, run_grid
+from .sweeps import WARMUP_S, Grid, cell_status, run_grid
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Comparison:
     #: waits two of its round trips).
     prefetch: int = 1
     message_bytes: int = 64
-    warmup_s: float = 2.0
+    #: Steady load before each migration, at least (see :func:`ms2m.sweeps.warmup_for`).
+    warmup_s: float = WARMUP_S
     settle_s: float = MIGRATION_DEFAULTS["settle_s"]
     runtime: str = "auto"
     #: Links of edge-1 and edge-2 to the broker's host (see :class:`~ms2m.Link`).

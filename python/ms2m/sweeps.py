@@ -37,6 +37,24 @@ if TYPE_CHECKING:
 SERVICE_AXES = ("processing_ms", "state_bytes", "prefetch", "message_bytes")
 """Service parameters a sweep can vary besides strategy and rate."""
 
+WARMUP_S = 1.0
+"""The default warm-up before each migration of a sweep (at least; see :func:`warmup_for`)."""
+
+#: The baseline window (as long as the migration) is planned this much longer than the longest
+#: migration of the same strategy so far.
+_BASELINE_MARGIN = 1.25
+
+
+def warmup_for(warmup_s: float, longest_s: float | None) -> float:
+    """How long a run's workload runs before its migration: ``warmup_s``, or longer where the
+    baseline window needs it. The baseline downtime is measured over a window as long as the
+    migration, just before it, and from the workload's start at the earliest; ``longest_s``
+    (the longest migration of the same strategy so far, None before any) sizes it."""
+    if longest_s is None:
+        return warmup_s
+    return max(warmup_s, longest_s * _BASELINE_MARGIN)
+
+
 LINK_AXES = ("link_mbit", "link_delay_ms")
 """Link figures a sweep can vary: both hosts' links to the broker's host get them."""
 
@@ -52,7 +70,9 @@ class Grid:
     state_bytes: tuple[int, ...] = (1_000_000,)
     prefetch: tuple[int, ...] = (1,)
     message_bytes: tuple[int, ...] = (64,)
-    warmup_s: float = 2.0
+    #: Steady load before each migration, at least: a run waits longer where its baseline
+    #: window (as long as the migration) needs it (see :func:`warmup_for`).
+    warmup_s: float = WARMUP_S
     settle_s: float = MIGRATION_DEFAULTS["settle_s"]
     replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"]
     replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"]
@@ -246,9 +266,15 @@ def _check_folder(out: Path, grid: Grid) -> None:
         # Folders written before a field existed hold its default.
         held = {**asdict(Grid(strategies=(), rates=())), **json.loads(spec.read_text())}
         if json.dumps(held, sort_keys=True) != mine:
+            asked = json.loads(mine)
+            differ = ", ".join(
+                f"{k} {json.dumps(held.get(k))} there, {json.dumps(asked.get(k))} now"
+                for k in sorted(set(held) | set(asked))
+                if held.get(k) != asked.get(k)
+            )
             raise _native.ConfigurationError(
-                f"{out} holds a sweep with other parameters ({spec}); resume it with the same "
-                "parameters or choose another folder"
+                f"{out} holds a sweep with other parameters ({spec}: {differ}); resume it with "
+                "the same parameters or choose another folder"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -326,6 +352,8 @@ def run_grid(
     try:
         with contextlib.ExitStack() as stack:
             testbed: list[Testbed] = []
+            # The longest migration of each strategy so far, seconds: it sizes the warm-up.
+            longest: dict[str, float] = {}
 
             def run_all(batch: Sequence[dict[str, Any]]) -> None:
                 for run in batch:
@@ -346,7 +374,10 @@ def run_grid(
                             )
                         )
                     tb = testbed[0]
-                    report = _one_run(tb, grid, run)
+                    warmup = warmup_for(grid.warmup_s, longest.get(run["strategy"]))
+                    report = _one_run(tb, grid, run, warmup)
+                    took = report.total_ms / 1e3
+                    longest[run["strategy"]] = max(longest.get(run["strategy"], 0.0), took)
                     _write_atomically(out / grid.report_name(run), report.to_json())
                     left = tb.broker_queues()
                     if left:
@@ -366,7 +397,7 @@ def run_grid(
     return [Report.load(out / grid.report_name(r)) for r in runs]
 
 
-def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
+def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any], warmup_s: float) -> Report:
     link = grid.run_link(run)
     if link is not None:
         for host in grid.hosts:
@@ -389,7 +420,7 @@ def _one_run(tb: Testbed, grid: Grid, run: dict[str, Any]) -> Report:
     )
     try:
         with tb.workload(svc, rate=run["rate"], message_bytes=int(run["message_bytes"])):
-            time.sleep(grid.warmup_s)
+            time.sleep(warmup_s)
             try:
                 return tb.migrate(
                     svc,
@@ -425,7 +456,7 @@ def sweep(
     state_bytes: int | Sequence[int] = 1_000_000,
     prefetch: int | Sequence[int] = 1,
     message_bytes: int | Sequence[int] = 64,
-    warmup_s: float = 2.0,
+    warmup_s: float = WARMUP_S,
     settle_s: float = MIGRATION_DEFAULTS["settle_s"],
     replay_timeout_s: float = MIGRATION_DEFAULTS["replay_timeout_s"],
     replay_max_s: float = MIGRATION_DEFAULTS["replay_max_s"],

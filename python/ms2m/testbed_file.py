@@ -18,7 +18,7 @@ from . import _native
 from .defaults import DEFAULT_HOSTS, MIGRATION_DEFAULTS
 from .links import Link, as_link, pair_name
 from .report import Report
-from .sweeps import Grid, _tuple, run_grid
+from .sweeps import WARMUP_S, Grid, _tuple, run_grid
 from .testbed import Testbed
 
 if sys.version_info >= (3, 11):
@@ -156,7 +156,7 @@ def _grid(path: Path, data: dict[str, Any]) -> Grid:
         state_bytes=tuple(int(v) for v in axis("state_bytes", 1_000_000)),
         prefetch=tuple(int(v) for v in axis("prefetch", 1)),
         message_bytes=tuple(int(v) for v in axis("message_bytes", 64)),
-        warmup_s=float(wl.get("warmup_s", 2.0)),
+        warmup_s=float(wl.get("warmup_s", WARMUP_S)),
         settle_s=float(sw.get("settle_s", MIGRATION_DEFAULTS["settle_s"])),
         replay_timeout_s=float(sw.get("replay_timeout_s", MIGRATION_DEFAULTS["replay_timeout_s"])),
         replay_max_s=float(sw.get("replay_max_s", MIGRATION_DEFAULTS["replay_max_s"])),

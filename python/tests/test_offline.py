@@ -251,8 +251,17 @@ def test_sweep_runtime_is_checked_and_old_folders_still_resume(tmp_path):
     old = {k: v for k, v in asdict(grid).items() if k != "runtime"}
     (tmp_path / "sweep.json").write_text(json.dumps(old))
     _check_folder(tmp_path, grid)
-    with pytest.raises(ms2m.ConfigurationError, match="other parameters"):
+    with pytest.raises(ms2m.ConfigurationError, match='runtime "auto" there, "local" now'):
         _check_folder(tmp_path, Grid(strategies=("ms2m",), rates=(1.0,), runtime="local"))
+
+
+def test_the_warmup_covers_the_baseline_window_of_the_longest_migration_so_far():
+    from ms2m.sweeps import WARMUP_S, warmup_for
+
+    assert warmup_for(WARMUP_S, None) == WARMUP_S
+    assert warmup_for(1.0, 0.4) == 1.0
+    # The baseline window is as long as the migration: a 2 s migration needs 2 s of steady load.
+    assert warmup_for(1.0, 2.0) > 2.0
 
 
 # -- typed reports: the TypedDicts of ms2m.report_types mirror the shipped schema ------------
