@@ -209,6 +209,16 @@ def _testbed_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _warmup_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=WARMUP_S,
+        help="steady load before each migration (default %(default)s s; longer where the "
+        "baseline window, as long as the migration, needs it)",
+    )
+
+
 def _settle_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--settle-s",
@@ -236,13 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "message otherwise waits two of the link's round trips)",
     )
     c.add_argument("--message-bytes", type=int, default=64)
-    c.add_argument(
-        "--warmup-s",
-        type=float,
-        default=WARMUP_S,
-        help="steady load before each migration (default %(default)s s; longer where the "
-        "baseline window, as long as the migration, needs it)",
-    )
+    _warmup_option(c)
     _settle_option(c)
     _until_ci_option(c, "--max-runs", "runs per strategy")
     c.add_argument("--out", help="folder for the reports (default results/compare-<time>)")
@@ -257,13 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     _until_ci_option(x, "--max-repetitions", "runs per cell")
     x.add_argument("--processing-ms", type=float, default=50.0)
     x.add_argument("--state-bytes", type=int, default=1_000_000)
-    x.add_argument(
-        "--warmup-s",
-        type=float,
-        default=WARMUP_S,
-        help="steady load before each migration (default %(default)s s; longer where the "
-        "baseline window, as long as the migration, needs it)",
-    )
+    _warmup_option(x)
     _settle_option(x)
     x.add_argument(
         "--replay-timeout-s",
