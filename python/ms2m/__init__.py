@@ -52,7 +52,14 @@ STRATEGY_PHASES: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _strategy
 
 def cleanup(all: bool = False) -> dict[str, list[str]]:
     """Removes containers, networks and local processes left by crashed ms2m runs (``all``:
-    every ms2m one); returns their names under "containers", "networks" and "processes"."""
+    every ms2m one), and the queues and exchanges a dead driver's testbed left on an external
+    broker; returns their names under "containers", "networks" and "processes", and what was
+    repaired under "repaired".
+
+    A testbed kept (``keep()``, ``TESTCONTAINERS_COMMAND=keep``) whose driver died is not
+    removed but repaired, unless ``all``: a migration it was in the middle of is rolled back
+    (or finished, if the target already served), so that each service has one instance
+    serving and no migration queue is left."""
     from ._native import cleanup as _cleanup
 
     return dict(_json.loads(_cleanup(all=all)))

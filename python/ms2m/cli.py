@@ -172,6 +172,8 @@ def _cleanup(args: argparse.Namespace) -> int:
         f"{len(removed['networks'])} network(s) {removed['networks']} and "
         f"{len(removed['processes'])} local process(es) {removed['processes']}"
     )
+    for line in removed.get("repaired", []):
+        print(line)
     return 0
 
 
@@ -319,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--kills",
         nargs="+",
-        choices=["source", "target"],
+        choices=["source", "target", "broker"],
         default=["target", "source"],
-        help="which instances the faults kill (default both)",
+        help="what the faults hit: the source or target instance is killed, the broker "
+        "restarted (the service is then deployed durable); default source and target",
     )
     s.add_argument("--strategies", nargs="+", default=None)
     s.add_argument("--rates", nargs="+", type=float, default=[5.0, 10.0, 20.0])

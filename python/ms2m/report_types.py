@@ -42,7 +42,7 @@ CheckResult = Literal["valid", "invalid", "unknown"]
 """The overall result of a check; ``unknown``: nothing is broken, but the final state could not
 be observed."""
 
-Role = Literal["source", "target"]
+Role = Literal["source", "target", "broker"]
 """Which instance a fault hits."""
 
 Transfer = Literal["broker", "direct"]
@@ -65,6 +65,8 @@ class ServiceSpec(TypedDict):
     prefetch: int
     #: How far past the next seq an input may be and still be applied (1: only the next).
     max_seq_gap: int
+    #: Survives a broker restart (durable queues, persistent messages, reconnecting clients).
+    durable: bool
     image: str | None
     command: list[str] | None
     env: dict[str, str]

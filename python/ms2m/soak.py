@@ -8,7 +8,8 @@ that the harness did not grow.
 Resumable: the folder holds the plan's parameters and one row per migration done
 (``soak.jsonl``); running the same command again goes on from the next migration (the plan is a
 function of the seed, so the rest is what it would have been). A fault kills the migration's
-source or target (``kills``) as one of its strategy's phases begins, both drawn from the seed;
+source or target (``kills``) as one of its strategy's phases begins, both drawn from the seed,
+or restarts the broker (``kills`` naming ``broker``; the service is then deployed durable);
 each outcome is one of the README's fault table: completed, rolled back, taken over by the
 target, or restarted empty in place of a source that died with its state. What a dead source
 costs by design (the messages a taking-over target held ahead of it, the one output it may have
@@ -174,10 +175,10 @@ def soak(
             "a soak needs migrations >= 1, fault_rate in [0, 1], two hosts or more and known "
             f"strategies (unknown: {unknown}; known: {list(STRATEGIES)})"
         )
-    bad_kills = [k for k in kills if k not in ("source", "target")]
+    bad_kills = [k for k in kills if k not in ("source", "target", "broker")]
     if bad_kills or not kills:
         raise _native.ConfigurationError(
-            f"kills must name 'source' and/or 'target', not {list(kills) or 'nothing'}"
+            f"kills must name 'source', 'target' and/or 'broker', not {list(kills) or 'nothing'}"
         )
     phases = {s: tuple(STRATEGY_PHASES[s]) for s in chosen}
     plan = SoakPlan(
@@ -202,7 +203,13 @@ def soak(
         host = steps[0]["from"]
         if done:
             host = done[-1]["to"] if done[-1]["status"] == "completed" else done[-1]["from"]
-        svc = tb.deploy("soak", host=host, processing_ms=processing_ms, state_bytes=state_bytes)
+        svc = tb.deploy(
+            "soak",
+            host=host,
+            processing_ms=processing_ms,
+            state_bytes=state_bytes,
+            durable="broker" in kills,
+        )
         rate = None
         # Measured with the testbed up and the service deployed, so that the end compares like
         # with like: what grew is what the migrations left.

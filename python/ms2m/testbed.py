@@ -76,7 +76,11 @@ class Fault:
     the phase ends does not happen). Phases per strategy: ``STRATEGY_PHASES``.
 
     With ``outage_s``, not a kill: the link of that instance's host goes down for that many
-    seconds (the host needs a :class:`~ms2m.Link`), and comes back by itself."""
+    seconds (the host needs a :class:`~ms2m.Link`), and comes back by itself.
+
+    With ``kill="broker"``: the broker restarts (down ``outage_s`` seconds, default none; see
+    :meth:`Testbed.restart_broker`). The migration is rolled back unless the target already
+    serves; a service deployed with ``durable=True`` loses no confirmed message."""
 
     kill: Role
     at_phase: PhaseName
@@ -94,9 +98,9 @@ def _options(
     chunk_bytes: int,
     transfer: Transfer,
 ) -> str:
-    if fault is not None and fault.kill not in ("source", "target"):
+    if fault is not None and fault.kill not in ("source", "target", "broker"):
         raise _native.ConfigurationError(
-            f"Fault.kill must be 'source' or 'target', got {fault.kill!r}"
+            f"Fault.kill must be 'source', 'target' or 'broker', got {fault.kill!r}"
         )
     if transfer not in TRANSFERS:
         raise _native.ConfigurationError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
@@ -183,6 +187,7 @@ def _service_spec(
     command: Sequence[str] | None,
     env: Mapping[str, str] | None,
     max_seq_gap: int = 1,
+    durable: bool = False,
 ) -> dict[str, Any]:
     if isinstance(command, str):
         raise _native.ConfigurationError(
@@ -196,6 +201,7 @@ def _service_spec(
         "state_bytes": state_bytes,
         "prefetch": prefetch,
         "max_seq_gap": max_seq_gap,
+        "durable": bool(durable),
         "image": image,
         "command": None if command is None else list(command),
         "env": dict(env or {}),
@@ -374,6 +380,7 @@ class Testbed:
         command: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         max_seq_gap: int = 1,
+        durable: bool = False,
     ) -> Service:
         """Deploys a service and starts its first instance on ``host``: the reference service,
         or with ``image`` / ``command`` any implementation of the wire contract
@@ -392,6 +399,10 @@ class Testbed:
                 barrier the manager did not announce) goes to the dead-letter queue
                 ``<name>.dead``, never into the state; reports count it
                 (``report.counts["dead_letters"]``).
+            durable: survive a broker restart (:meth:`restart_broker`, or a ``Fault`` with
+                ``kill="broker"``): the service's queues and exchanges are durable, its input
+                messages and output events persistent (a disk write per message at the
+                broker), and its instances, workload and recorder reconnect.
             image: docker runtime: the image its instances run (it must be on the engine).
             command: the program and arguments an instance runs (docker: instead of the
                 image's entrypoint; local: instead of ``ms2m-service``).
@@ -409,7 +420,16 @@ class Testbed:
         "twin"``).
         """
         spec = _service_spec(
-            name, host, processing_ms, state_bytes, prefetch, image, command, env, max_seq_gap
+            name,
+            host,
+            processing_ms,
+            state_bytes,
+            prefetch,
+            image,
+            command,
+            env,
+            max_seq_gap,
+            durable,
         )
         return Service._from_json(self._native.deploy(json.dumps(spec)))
 
@@ -592,6 +612,15 @@ class Testbed:
         with _report_on_failure():
             text = await self._native.migrate_async(_name(service), to, strategy, options)
         return Report.from_json(text)
+
+    def restart_broker(self, down_s: float = 0.0) -> None:
+        """Restarts the broker the testbed started (RabbitMQ's application stops and starts
+        again, down for ``down_s`` seconds in between): every connection closes, and queues and
+        messages that are not durable are gone. A service deployed with ``durable=True`` rides
+        it out: its instances, workload and recorder reconnect, keep their state, and no
+        confirmed message is lost; what was sent during the restart is processed after it.
+        Refused for an external broker (``amqp_url``)."""
+        self._native.restart_broker(down_s)
 
     def broker_queues(self) -> dict[str, int]:
         """The broker's queues and their ready messages (the testbed's own excluded); empty

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import ms2m
+
 DRIVER = """
 import sys, threading, time
 import ms2m
@@ -132,3 +134,159 @@ def test_a_kept_testbed_never_closed_exits_cleanly(tmp_path: Path) -> None:
     finally:
         subprocess.run(["docker", "rm", "-f", *_containers_of(testbed)], capture_output=True)
         subprocess.run(["docker", "network", "rm", *_networks_of(testbed)], capture_output=True)
+
+
+KEPT_DRIVER = """
+import threading, time
+import ms2m
+
+tb = ms2m.Testbed(runtime="docker").start()
+svc = tb.deploy("victim", host="edge-1", processing_ms=5, state_bytes=128 << 20)
+tb.start_workload(svc, rate=20)
+time.sleep(1.0)
+threading.Thread(target=lambda: tb.migrate(svc, to="edge-2", strategy="ms2m"), daemon=True).start()
+# Killed once the migration's replay queue exists: the 128 MiB checkpoint is on its way.
+while not any(".replay." in q for q in tb.broker_queues()):
+    time.sleep(0.01)
+print(tb.id, flush=True)
+time.sleep(600)
+"""
+
+
+def _broker_queues(testbed: str) -> dict[str, int]:
+    """The kept testbed's queues and their consumers, as its broker lists them."""
+    broker = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-q",
+            "--filter",
+            f"label=ms2m.testbed={testbed}",
+            "--filter",
+            "label=ms2m.role=broker",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert broker, "the kept testbed's broker should run"
+    out = subprocess.run(
+        [
+            "docker",
+            "exec",
+            broker[0],
+            "rabbitmqctl",
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "consumers",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {name: int(n) for name, n in (line.split() for line in out.splitlines() if line)}
+
+
+@pytest.mark.docker
+def test_cleanup_leaves_a_kept_testbed_whose_driver_died_mid_migration_serving(
+    tmp_path: Path,
+) -> None:
+    """A kept testbed outlives its SIGKILLed driver with two instances of a service, mid-
+    migration: ``python -m ms2m cleanup`` rolls the migration back and leaves it running,
+    one instance serving, no migration queue left; ``cleanup --all`` removes it."""
+    script = tmp_path / "kept_driver.py"
+    script.write_text(KEPT_DRIVER)
+    env = {**os.environ, "TESTCONTAINERS_COMMAND": "keep"}
+    driver = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    testbed = ""
+    try:
+        assert driver.stdout is not None
+        testbed = driver.stdout.readline().strip()
+        assert testbed, f"the driver printed no testbed id (exit {driver.poll()})"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    clean_env = {k: v for k, v in os.environ.items() if k != "TESTCONTAINERS_COMMAND"}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "ms2m", "cleanup"],
+            capture_output=True,
+            text=True,
+            env=clean_env,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"testbed {testbed}: the migration of victim was rolled back" in out.stdout, (
+            out.stdout
+        )
+        instances = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-q",
+                "--filter",
+                f"label=ms2m.testbed={testbed}",
+                "--filter",
+                "label=ms2m.service=victim",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert len(instances) == 1, f"one instance should serve, not {instances}"
+        queues = _broker_queues(testbed)
+        assert queues.get("victim.primary") == 1, queues
+        assert not [q for q in queues if ".replay." in q or ".ckpt." in q], queues
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "ms2m", "cleanup", "--all"],
+            capture_output=True,
+            env=clean_env,
+            timeout=120,
+        )
+    assert not _containers_of(testbed) and not _networks_of(testbed)
+
+
+EXTERNAL_DRIVER = """
+import sys, time
+import ms2m
+
+tb = ms2m.Testbed(runtime="local", amqp_url=sys.argv[1]).start()
+svc = tb.deploy("victim-ext", host="edge-1", processing_ms=5, state_bytes=10_000)
+tb.start_workload(svc, rate=20)
+time.sleep(0.5)
+print(tb.id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_driver_leaves_no_queue_on_an_external_broker(
+    testbed: ms2m.Testbed, tmp_path: Path
+) -> None:
+    """The queues and exchanges a testbed declared on a broker it did not start outlive its
+    instances: its journal lets the reaper delete them too."""
+    script = tmp_path / "external_driver.py"
+    script.write_text(EXTERNAL_DRIVER)
+    env = {k: v for k, v in os.environ.items() if k != "TESTCONTAINERS_COMMAND"}
+    driver = subprocess.Popen(
+        [sys.executable, str(script), testbed.amqp_url], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert driver.stdout is not None
+        assert driver.stdout.readline().strip(), f"the driver did not start (exit {driver.poll()})"
+        assert [q for q in testbed.broker_queues() if q.startswith("victim-ext.")]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 30
+    left: list[str] = []
+    while time.monotonic() < deadline:
+        left = [q for q in testbed.broker_queues() if q.startswith("victim-ext.")]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"30 s after SIGKILL, the external broker still holds {left}"

@@ -30,8 +30,8 @@ struct Run {
 
 async fn generator(url: &str, link: &Link, rate: f64, seconds: f64) -> anyhow::Result<Run> {
     link.delete_queue(&names::primary_queue(SERVICE)).await?;
-    link.declare_service(SERVICE).await?;
-    let w = Workload::start(url, SERVICE, WorkloadSpec::constant(rate), 1).await?;
+    link.declare_service(SERVICE, false).await?;
+    let w = Workload::start(url, SERVICE, WorkloadSpec::constant(rate), 1, false).await?;
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     let log = w.stop().await?;
     let confirmed: Vec<_> = log
@@ -61,7 +61,7 @@ async fn generator(url: &str, link: &Link, rate: f64, seconds: f64) -> anyhow::R
 /// drains them and whether it got every one.
 async fn recorder(url: &str, link: &Link, n: u64) -> anyhow::Result<(f64, u64)> {
     link.delete_queue(&names::events_queue(SERVICE)).await?;
-    link.declare_service(SERVICE).await?;
+    link.declare_service(SERVICE, false).await?;
     let conn = ms2m_engine::broker::connect(url, Duration::from_secs(10)).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(Default::default()).await?;
@@ -92,7 +92,7 @@ async fn recorder(url: &str, link: &Link, n: u64) -> anyhow::Result<(f64, u64)> 
     }
     ch.wait_for_confirms().await?;
     let started = Instant::now();
-    let rec = Recorder::start(url, SERVICE).await?;
+    let rec = Recorder::start(url, SERVICE, false).await?;
     let deadline = started + Duration::from_secs(120);
     while rec.with_events(|e| e.len() as u64) < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;

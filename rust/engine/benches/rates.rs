@@ -49,6 +49,7 @@ fn spec(name: String, processing_ms: f64, state_bytes: u64) -> ServiceSpec {
         image: None,
         command: None,
         env: Default::default(),
+        durable: false,
     }
 }
 

@@ -149,6 +149,7 @@ fn main() -> Result<()> {
                     image: None,
                     command: None,
                     env: Default::default(),
+                    durable: false,
                 })
                 .await?;
                 let run = async {

@@ -87,17 +87,33 @@ pub async fn connect(url: &str, deadline: Duration) -> Result<Connection> {
 
 /// The migration manager's link to the broker.
 pub struct Link {
-    conn: Connection,
-    channel: Channel,
+    /// The current connection; replaced by [`Link::reconnect`] after a broker restart.
+    session: Mutex<Arc<Session>>,
+    /// Bumped at each new session: a reply consumer that ends drops the waiters only if its
+    /// session is still the current one.
+    generation: Arc<AtomicU64>,
     url: String,
     probe: tokio::sync::Mutex<Probe>,
-    reply_queue: String,
     waiters: Waiters,
     next: AtomicU64,
+    /// Services whose queues are durable (see [`Link::declare_service`]).
+    durable: Mutex<std::collections::HashSet<String>>,
 }
 
-impl Link {
-    pub async fn open(url: &str, deadline: Duration) -> Result<Link> {
+/// One connection of the link, with its channel and reply queue.
+struct Session {
+    conn: Connection,
+    channel: Channel,
+    reply_queue: String,
+}
+
+impl Session {
+    async fn open(
+        url: &str,
+        deadline: Duration,
+        waiters: &Waiters,
+        generation: &Arc<AtomicU64>,
+    ) -> Result<Session> {
         let conn = connect(url, deadline).await?;
         let channel = conn.create_channel().rpc("opening a channel").await?;
         channel
@@ -129,8 +145,11 @@ impl Link {
             )
             .rpc("consuming the reply queue")
             .await?;
-        let waiters: Waiters = Arc::default();
         let w = waiters.clone();
+        let (current, mine) = (
+            generation.clone(),
+            generation.fetch_add(1, Ordering::SeqCst) + 1,
+        );
         tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
                 let Ok((reply, blob)) = control::decode::<Reply>(&d.data) else {
@@ -141,21 +160,74 @@ impl Link {
                     let _ = tx.send((reply, blob.to_vec()));
                 }
             }
+            // The connection is gone (a broker restart): no reply can come to this queue, so
+            // whoever waits learns it now rather than at a timeout.
+            if current.load(Ordering::SeqCst) == mine {
+                w.lock().unwrap().clear();
+            }
         });
-        Ok(Link {
+        Ok(Session {
             conn,
             channel,
+            reply_queue,
+        })
+    }
+}
+
+impl Link {
+    pub async fn open(url: &str, deadline: Duration) -> Result<Link> {
+        let waiters: Waiters = Arc::default();
+        let generation = Arc::new(AtomicU64::new(0));
+        let session = Session::open(url, deadline, &waiters, &generation).await?;
+        Ok(Link {
+            session: Mutex::new(Arc::new(session)),
+            generation,
             url: url.to_string(),
             probe: tokio::sync::Mutex::new(Probe::default()),
-            reply_queue,
             waiters,
             next: AtomicU64::new(1),
+            durable: Mutex::default(),
         })
     }
 
-    /// Declares a service's exchanges and queues (idempotent).
-    pub async fn declare_service(&self, service: &str) -> Result<()> {
-        let ch = &self.channel;
+    fn session(&self) -> Arc<Session> {
+        self.session.lock().unwrap().clone()
+    }
+
+    /// The channel commands, declarations and publishes go out on.
+    fn channel(&self) -> Channel {
+        self.session().channel.clone()
+    }
+
+    fn reply_queue(&self) -> String {
+        self.session().reply_queue.clone()
+    }
+
+    /// Whether the link's connection is up.
+    pub fn connected(&self) -> bool {
+        self.session().conn.status().connected()
+    }
+
+    /// Opens a new connection if the broker closed the link's (a restart), waiting up to
+    /// `deadline` for the broker to take it; true if it did. Replies to commands sent before
+    /// are lost with the old reply queue.
+    pub async fn reconnect(&self, deadline: Duration) -> Result<bool> {
+        if self.connected() {
+            return Ok(false);
+        }
+        let session = Session::open(&self.url, deadline, &self.waiters, &self.generation).await?;
+        let old = std::mem::replace(&mut *self.session.lock().unwrap(), Arc::new(session));
+        close_quietly(&old.conn, "replaced after a broker restart").await;
+        Ok(true)
+    }
+
+    /// Declares a service's exchanges and queues (idempotent); `durable`: they survive a
+    /// broker restart (as do the service's control queues, declared later).
+    pub async fn declare_service(&self, service: &str, durable: bool) -> Result<()> {
+        if durable {
+            self.durable.lock().unwrap().insert(service.to_string());
+        }
+        let ch = &self.channel();
         for ex in [
             names::input_exchange(service),
             names::output_exchange(service),
@@ -163,7 +235,10 @@ impl Link {
             ch.exchange_declare(
                 ex.as_str().into(),
                 ExchangeKind::Fanout,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .rpc(format!("declaring exchange {ex}"))
@@ -179,7 +254,7 @@ impl Link {
                 names::output_exchange(service),
             ),
         ] {
-            self.declare_bound_queue(&q, &ex).await?;
+            self.declare_bound_queue(&q, &ex, durable).await?;
         }
         // Durable, as instances declare it: refused input is kept for whoever looks.
         let dead = names::dead_letter_queue(service);
@@ -239,6 +314,7 @@ impl Link {
         mut see: impl FnMut(&lapin::message::Delivery) -> bool,
     ) -> Result<()> {
         let ch = self
+            .session()
             .conn
             .create_channel()
             .rpc(format!("opening a channel to peek at {queue}"))
@@ -258,16 +334,20 @@ impl Link {
             .await
     }
 
-    async fn declare_bound_queue(&self, queue: &str, exchange: &str) -> Result<()> {
-        self.channel
+    async fn declare_bound_queue(&self, queue: &str, exchange: &str, durable: bool) -> Result<()> {
+        let channel = self.channel();
+        channel
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions::default(),
+                QueueDeclareOptions {
+                    durable,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .rpc(format!("declaring queue {queue}"))
             .await?;
-        self.channel
+        channel
             .queue_bind(
                 queue.into(),
                 exchange.into(),
@@ -283,7 +363,9 @@ impl Link {
     /// every new message.
     pub async fn bind_replay_queue(&self, service: &str, migration_id: &str) -> Result<String> {
         let q = names::replay_queue(service, migration_id);
-        self.declare_bound_queue(&q, &names::input_exchange(service))
+        // Never durable: a migration the broker's restart interrupts is rolled back, and the
+        // rollback deletes it.
+        self.declare_bound_queue(&q, &names::input_exchange(service), false)
             .await?;
         Ok(q)
     }
@@ -375,7 +457,7 @@ impl Link {
 
     /// Stops routing `exchange`'s messages to `queue`.
     pub async fn unbind(&self, queue: &str, exchange: &str) -> Result<()> {
-        self.channel
+        self.channel()
             .queue_unbind(
                 queue.into(),
                 exchange.into(),
@@ -392,7 +474,7 @@ impl Link {
     }
 
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
-        self.channel
+        self.channel()
             .queue_delete(queue.into(), QueueDeleteOptions::default())
             .rpc(format!("deleting queue {queue}"))
             .await?;
@@ -400,7 +482,7 @@ impl Link {
     }
 
     pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
-        self.channel
+        self.channel()
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .rpc(format!("deleting exchange {exchange}"))
             .await
@@ -418,7 +500,7 @@ impl Link {
     pub async fn publish_barrier(&self, service: &str, id: &str, stream: StreamTo) -> Result<()> {
         let body = serde_json::to_vec(&Input::Barrier {
             id: id.to_string(),
-            reply_to: self.reply_queue.clone(),
+            reply_to: self.reply_queue(),
             stream: Some(stream),
         })
         .expect("barrier serializes");
@@ -432,7 +514,7 @@ impl Link {
     pub async fn publish_marker(&self, queue: &str, id: &str) -> Result<()> {
         let body = serde_json::to_vec(&Input::Barrier {
             id: id.to_string(),
-            reply_to: self.reply_queue.clone(),
+            reply_to: self.reply_queue(),
             stream: None,
         })
         .expect("a barrier serializes");
@@ -465,9 +547,10 @@ impl Link {
         bodies: impl IntoIterator<Item = Vec<u8>>,
     ) -> Result<()> {
         let mut last = None;
+        let channel = self.channel();
         for body in bodies {
             last = Some(
-                self.channel
+                channel
                     .basic_publish(
                         exchange.into(),
                         queue.into(),
@@ -495,7 +578,7 @@ impl Link {
 
     async fn publish(&self, exchange: &str, key: &str, body: &[u8]) -> Result<()> {
         let confirm = self
-            .channel
+            .channel()
             .basic_publish(
                 exchange.into(),
                 key.into(),
@@ -516,17 +599,26 @@ impl Link {
     }
 
     /// Declares an instance's control queue, so commands can wait there before it starts.
+    /// Durable for a durable service, as the instance declares it.
     pub async fn declare_control_queue(&self, service: &str, instance: &str) -> Result<()> {
-        self.declare_queue(&names::control_queue(service, instance))
+        let durable = self.durable.lock().unwrap().contains(service);
+        self.declare_queue_with(&names::control_queue(service, instance), durable)
             .await
     }
 
     /// Declares a plain queue (idempotent).
     pub async fn declare_queue(&self, queue: &str) -> Result<()> {
-        self.channel
+        self.declare_queue_with(queue, false).await
+    }
+
+    async fn declare_queue_with(&self, queue: &str, durable: bool) -> Result<()> {
+        self.channel()
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions::default(),
+                QueueDeclareOptions {
+                    durable,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .rpc(format!("declaring queue {queue}"))
@@ -547,7 +639,7 @@ impl Link {
         let rx = self.expect(&corr);
         let env = Envelope {
             corr: corr.clone(),
-            reply_to: self.reply_queue.clone(),
+            reply_to: self.reply_queue(),
             command,
         };
         self.publish(
@@ -572,7 +664,7 @@ impl Link {
         let hand_over = HandOver {
             queue: names::control_queue(service, target),
             corr: corr.clone(),
-            reply_to: self.reply_queue.clone(),
+            reply_to: self.reply_queue(),
         };
         let sent = Sent {
             rx,
@@ -602,7 +694,7 @@ impl Link {
         if let Some(conn) = self.probe.lock().await.conn.take() {
             close_quietly(&conn, "testbed closes").await;
         }
-        close_quietly(&self.conn, "testbed closes").await;
+        close_quietly(&self.session().conn, "testbed closes").await;
     }
 }
 

@@ -260,6 +260,11 @@ pub struct ServiceSpec {
     /// More environment variables for every instance (`MS2M_*` ones are the contract's).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Survive a broker restart: the service's queues and exchanges are durable, its input
+    /// messages and output events persistent, and every client of them (instances, workload,
+    /// recorder, manager) reconnects. Costs a disk write per message at the broker.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 fn one() -> u64 {
@@ -339,6 +344,7 @@ mod tests {
             image: None,
             command: None,
             env: Default::default(),
+            durable: false,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod history;
+pub mod journal;
 pub mod metrics;
 pub mod net;
 pub mod recorder;

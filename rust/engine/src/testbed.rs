@@ -10,6 +10,7 @@ use crate::checker::{self, ObservedState, TwinState};
 use crate::config::{check_host, RuntimeKind, ServiceSpec, TestbedConfig};
 use crate::error::{Error, Result};
 use crate::history::{History, PublishOutcome, Published, StateRestart};
+use crate::journal::{self, Journal};
 use crate::net::{self, Links};
 use crate::recorder::Recorder;
 use crate::report::{Environment, Report, RunRecord};
@@ -130,6 +131,8 @@ pub struct Testbed {
     /// Every queue name this testbed declared or had declared: what it may leave behind on
     /// an external broker.
     queues_used: Mutex<std::collections::BTreeSet<String>>,
+    /// What `cleanup` needs to repair this testbed if its driver dies (see [`journal`]).
+    journal: Journal,
     migrations: AtomicU64,
     closed: AtomicBool,
 }
@@ -215,6 +218,15 @@ impl Testbed {
         };
         let broker_version = runtime.broker_version().await;
         let docker_version = runtime.docker_version().await;
+        let journal = Journal::create(journal::Entry {
+            testbed: id.clone(),
+            owner: std::process::id(),
+            runtime: Some(runtime.kind()),
+            amqp_url: endpoint.url.clone(),
+            external: cfg.amqp_url.is_some(),
+            kept: std::env::var("TESTCONTAINERS_COMMAND").is_ok_and(|v| v == "keep"),
+            ..journal::Entry::default()
+        });
         Ok(Testbed {
             id,
             cfg,
@@ -226,6 +238,7 @@ impl Testbed {
             broker_version,
             services: Mutex::new(HashMap::new()),
             queues_used: Mutex::new(Default::default()),
+            journal,
             migrations: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         })
@@ -291,15 +304,22 @@ impl Testbed {
             )));
         }
         let instance = format!("{}-1", spec.name);
-        self.queues_used.lock().await.extend([
+        self.used(vec![
             names::primary_queue(&spec.name),
             names::events_queue(&spec.name),
             names::dead_letter_queue(&spec.name),
             names::control_queue(&spec.name, &instance),
-        ]);
-        self.link.declare_service(&spec.name).await?;
+        ])
+        .await;
+        self.journal.update(|e| {
+            e.exchanges.extend([
+                names::input_exchange(&spec.name),
+                names::output_exchange(&spec.name),
+            ])
+        });
+        self.link.declare_service(&spec.name, spec.durable).await?;
         let started = async {
-            let recorder = Recorder::start(&self.endpoint.url, &spec.name).await?;
+            let recorder = Recorder::start(&self.endpoint.url, &spec.name, spec.durable).await?;
             let instance_ready = async {
                 self.link
                     .declare_control_queue(&spec.name, &instance)
@@ -372,7 +392,14 @@ impl Testbed {
                  keeps one message size (the checker regenerates payloads from it)"
             )));
         }
-        let w = Workload::start(&self.endpoint.url, service, spec.clone(), d.next_seq).await?;
+        let w = Workload::start(
+            &self.endpoint.url,
+            service,
+            spec.clone(),
+            d.next_seq,
+            d.spec.durable,
+        )
+        .await?;
         d.message_bytes = Some(spec.message_bytes);
         d.workload = Some(w);
         Ok(())
@@ -405,16 +432,32 @@ impl Testbed {
     ) -> Result<Report, MigrationError> {
         opts.validate(strategy)?;
         check_host(&self.cfg, to)?;
+        // After a broker restart between migrations, the manager connects again first.
+        self.link
+            .reconnect(crate::strategies::RECONNECT_WITHIN)
+            .await?;
         let s = self.service(service).await?;
         let mut d = s.lock().await;
         // Memory may have gone since the deploy: refuse before the source takes a snapshot.
         crate::config::check_state_fits(d.spec.state_bytes, crate::config::available_memory())?;
-        if let Some(f) = opts.fault.as_ref().filter(|f| f.outage_s.is_some()) {
+        if let Some(f) = opts.fault.as_ref() {
             let host = match f.kill {
-                Role::Source => d.current.host.clone(),
-                Role::Target => to.to_string(),
+                Role::Source => Some(d.current.host.clone()),
+                Role::Target => Some(to.to_string()),
+                Role::Broker => None,
             };
-            self.links.check_link(&host)?;
+            match host {
+                Some(host) if f.outage_s.is_some() => self.links.check_link(&host)?,
+                None if self.cfg.amqp_url.is_some() => {
+                    return Err(Error::Config(
+                        "a broker restart fault needs a broker the testbed started; this one \
+                         uses an external broker (amqp_url)"
+                            .into(),
+                    )
+                    .into())
+                }
+                _ => {}
+            }
         }
         let plan = self.plan(&mut d, to).await?;
 
@@ -439,7 +482,22 @@ impl Testbed {
             plan.source.clone(),
             plan.target.clone(),
         );
+        ctx.journal = Some(&self.journal);
+        self.journal.update(|e| {
+            e.migrations.insert(
+                service.to_string(),
+                journal::InFlight {
+                    migration_id: plan.migration_id.clone(),
+                    source: plan.source.instance.clone(),
+                    target: plan.target.instance.clone(),
+                    committed: false,
+                },
+            );
+        });
         let failure = strategies::run_or_roll_back(strategy, &mut ctx).await;
+        self.journal.update(|e| {
+            e.migrations.remove(service);
+        });
         let (timeline, outcome) = (ctx.timeline, ctx.outcome);
         let t_end = now_ns();
         let link_traffic = net::traffic_between(
@@ -549,7 +607,7 @@ impl Testbed {
                 host: to.to_string(),
             },
         };
-        self.queues_used.lock().await.extend([
+        self.used(vec![
             names::control_queue(&service, &plan.target.instance),
             names::replay_queue(&service, &plan.migration_id),
             names::checkpoint_queue(&service, &plan.migration_id),
@@ -557,7 +615,8 @@ impl Testbed {
                 &service,
                 &strategies::Restarted::instance_name(&service, &plan.migration_id),
             ),
-        ]);
+        ])
+        .await;
         Ok(plan)
     }
 
@@ -605,10 +664,7 @@ impl Testbed {
         let service = d.spec.name.clone();
         let (queue, twin) = (names::twin_queue(&service), names::twin_instance(&service));
         let control = names::control_queue(&service, &twin);
-        self.queues_used
-            .lock()
-            .await
-            .extend([queue.clone(), control.clone()]);
+        self.used(vec![queue.clone(), control.clone()]).await;
         let history = d.history();
         let log = checker::confirmed_log(&history, observed.last_seq);
         let kept = d
@@ -895,6 +951,13 @@ impl Testbed {
         Ok(())
     }
 
+    /// Notes queues this testbed declares or has declared: what it may leave behind.
+    async fn used(&self, queues: Vec<String>) {
+        self.journal
+            .update(|e| e.queues.extend(queues.iter().cloned()));
+        self.queues_used.lock().await.extend(queues);
+    }
+
     /// Deletes a service's queues (its instance's control queue among them) and exchanges.
     async fn delete_broker_resources(&self, service: &str, instance: &str) -> Result<()> {
         for q in [
@@ -911,6 +974,17 @@ impl Testbed {
         ] {
             self.link.delete_exchange(&ex).await?;
         }
+        Ok(())
+    }
+
+    /// Restarts the broker (see [`Runtime::restart_broker`]), down for `down` in between, and
+    /// reconnects the manager. Durable services ride it out (their instances, workload and
+    /// recorder reconnect, and no confirmed message is lost); the others lose their queues.
+    pub async fn restart_broker(&self, down: Duration) -> Result<()> {
+        self.runtime.restart_broker(down).await?;
+        self.link
+            .reconnect(crate::strategies::RECONNECT_WITHIN)
+            .await?;
         Ok(())
     }
 
@@ -942,6 +1016,7 @@ impl Testbed {
     pub fn keep(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.runtime.keep();
+        self.journal.update(|e| e.kept = true);
     }
 
     /// Stops workloads and recorders and removes every container. Idempotent.
@@ -959,7 +1034,12 @@ impl Testbed {
         }
         self.link.close().await;
         self.links.stop();
-        self.runtime.shutdown().await
+        let shut = self.runtime.shutdown().await;
+        // An external broker keeps what a failed shutdown left: cleanup may still delete it.
+        if shut.is_ok() || self.cfg.amqp_url.is_none() {
+            self.journal.remove();
+        }
+        shut
     }
 
     /// The hosts' links: configured, emulated how, measured (at start, and after each

@@ -313,6 +313,17 @@ impl PyTestbed {
         })
     }
 
+    /// Restarts the broker the testbed started, down for `down_s` seconds in between.
+    fn restart_broker(&self, py: Python<'_>, down_s: f64) -> PyResult<()> {
+        if !(down_s.is_finite() && down_s >= 0.0) {
+            return Err(ConfigurationError::new_err("down_s must be a number >= 0"));
+        }
+        let tb = self.inner.clone();
+        block_on(py, async move {
+            tb.restart_broker(Duration::from_secs_f64(down_s)).await
+        })
+    }
+
     /// The broker's queues as JSON `[[name, ready_messages], ...]` (the testbed's own excluded).
     fn broker_queues(&self, py: Python<'_>) -> PyResult<String> {
         let tb = self.inner.clone();

@@ -23,6 +23,10 @@ pub struct Config {
     pub max_seq_gap: u64,
     /// Consume the primary queue at once (the first instance) rather than wait for commands.
     pub live: bool,
+    /// The service's queues and exchanges are durable and its output events persistent, and
+    /// the instance reconnects when the broker restarts, keeping its state (see
+    /// [`crate::instance`]): what survives a broker restart.
+    pub durable: bool,
     /// A deliberately broken rule of the contract, for the conformance kit's own tests
     /// (`REFERENCE_SERVICE_BREAKS=replay_side_effects`: replayed messages are published as live
     /// output events). Never set in a real run.
@@ -38,19 +42,19 @@ impl Config {
 
 const USAGE: &str = "flags (or the MS2M_* variables): --amqp-url URL --service NAME --instance ID \
                      [--processing-ms F] [--state-bytes N] [--prefetch N] [--max-input-bytes N] \
-                     [--max-seq-gap N] [--live]";
+                     [--max-seq-gap N] [--live] [--durable]";
 
 impl Config {
     /// Reads flags (`--amqp-url URL`, `--service NAME`, `--instance ID`, `--processing-ms F`,
-    /// `--state-bytes N`, `--prefetch N`, `--live`), each falling back to its environment
+    /// `--state-bytes N`, `--prefetch N`, `--live`, `--durable`), each falling back to its environment
     /// variable (`MS2M_AMQP_URL`, ..., `MS2M_LIVE=1`).
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Config> {
         let mut values = std::collections::HashMap::new();
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             match flag.as_str() {
-                "--live" => {
-                    values.insert("live".to_string(), "1".to_string());
+                "--live" | "--durable" => {
+                    values.insert(flag[2..].to_string(), "1".to_string());
                 }
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -114,6 +118,7 @@ impl Config {
                 .unwrap_or(1)
                 .max(1),
             live: get("live").is_some_and(|v| v == "1" || v == "true"),
+            durable: get("durable").is_some_and(|v| v == "1" || v == "true"),
             breaks: std::env::var("REFERENCE_SERVICE_BREAKS").ok(),
         })
     }

@@ -48,12 +48,20 @@ const REPLAY_IN_HAND: Duration = Duration::from_millis(10);
 const REPLAY_PREFETCH_MAX: u16 = 1000;
 /// How much of a spare buffer is mapped between two looks at whether it is still wanted.
 const MAP_STEP: usize = 16 << 20;
+/// How long an instance of a durable service waits for a restarted broker before it gives up
+/// (a RabbitMQ restart takes a few seconds; a broker gone for good ends the instance).
+const RECONNECT_WITHIN: Duration = Duration::from_secs(120);
+/// How long a failed instance watches its connections before it takes the failure for the
+/// broker's (they close a moment after the first channel or consumer error shows).
+const LOSS_SETTLES: Duration = Duration::from_secs(2);
 
 /// A consumer with the channel it owns: closing the channel hands every fetched but unacked
 /// message back to its queue.
 struct Subscription {
     channel: Channel,
     consumer: Consumer,
+    /// The queue consumed: a reconnected instance consumes it again.
+    queue: String,
 }
 
 /// A channel with its prefetch set, ready to consume.
@@ -81,7 +89,11 @@ impl Subscription {
             )
             .await
             .with_context(|| format!("consuming {queue}"))?;
-        Ok(Subscription { channel, consumer })
+        Ok(Subscription {
+            channel,
+            consumer,
+            queue: queue.to_string(),
+        })
     }
 
     async fn close(self) -> Result<()> {
@@ -365,6 +377,83 @@ struct Instance<S> {
     spare_prepared: bool,
     /// Cleared to give up the spare being prepared (None: none is).
     spare_wanted: Option<Arc<AtomicBool>>,
+    /// A durable service's last live output events (seq, body), newest last: a message the
+    /// broker hands back after a restart (applied, its ack lost) gets its event again instead
+    /// of being applied twice. Never more than the unacked window needs.
+    recent_outputs: VecDeque<(u64, Vec<u8>)>,
+}
+
+/// An instance's broker connections, with its control queue consumed.
+struct Connected {
+    conn: Connection,
+    bulk: Connection,
+    out: Channel,
+    control: Subscription,
+}
+
+/// Connects, retrying for `patience` (zero: once).
+async fn connect_within(cfg: &Config, patience: Duration) -> Result<Connection> {
+    let start = Instant::now();
+    loop {
+        match Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() >= patience => {
+                return Err(e)
+                    .with_context(|| format!("connecting to the broker at {}", cfg.broker_shown()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Opens the instance's connections and declares what it publishes to and consumes.
+async fn connect(cfg: &Config, patience: Duration) -> Result<Connected> {
+    let conn = connect_within(cfg, patience).await?;
+    let bulk = connect_within(cfg, patience).await?;
+    let setup = conn.create_channel().await?;
+    let control_queue = names::control_queue(&cfg.service, &cfg.instance);
+    setup
+        .queue_declare(
+            control_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: cfg.durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    // Durable, as the testbed declares it: refused input is kept for whoever looks.
+    setup
+        .queue_declare(
+            names::dead_letter_queue(&cfg.service).as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    setup
+        .exchange_declare(
+            names::output_exchange(&cfg.service).into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: cfg.durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = setup.close(200, "declared".into()).await;
+    let out = conn.create_channel().await?;
+    out.confirm_select(ConfirmSelectOptions::default()).await?;
+    let control = Subscription::open(&conn, &control_queue, "control", 16).await?;
+    Ok(Connected {
+        conn,
+        bulk,
+        out,
+        control,
+    })
 }
 
 enum Event {
@@ -385,45 +474,15 @@ enum Flow {
     Exit,
 }
 
-/// Runs the instance until a `shutdown` command, SIGTERM, or a broker failure.
+/// Runs the instance until a `shutdown` command, SIGTERM, or a broker failure (for a durable
+/// service: a broker that does not come back within [`RECONNECT_WITHIN`]).
 pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
-    let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to the broker at {}", cfg.broker_shown()))?;
-    let bulk = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to the broker at {}", cfg.broker_shown()))?;
-    let setup = conn.create_channel().await?;
-    let control_queue = names::control_queue(&cfg.service, &cfg.instance);
-    setup
-        .queue_declare(
-            control_queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // Durable, as the testbed declares it: refused input is kept for whoever looks.
-    setup
-        .queue_declare(
-            names::dead_letter_queue(&cfg.service).as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    setup
-        .exchange_declare(
-            names::output_exchange(&cfg.service).into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let out = conn.create_channel().await?;
-    out.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut control = Subscription::open(&conn, &control_queue, "control", 16).await?;
+    let Connected {
+        conn,
+        bulk,
+        out,
+        mut control,
+    } = connect(&cfg, Duration::ZERO).await?;
     let (spare, mut spares) = tokio::sync::mpsc::unbounded_channel();
     let mut inst = Instance {
         core: Core::new(cfg.instance.clone(), service).with_max_seq_gap(cfg.max_seq_gap),
@@ -438,6 +497,7 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
         spare: Spare(spare),
         spare_prepared: false,
         spare_wanted: None,
+        recent_outputs: VecDeque::new(),
     };
     let boot = inst.core.boot(inst.cfg.live);
     inst.execute(boot, None).await?;
@@ -447,82 +507,14 @@ pub async fn run<S: Service>(cfg: Config, service: S) -> Result<()> {
     );
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let (polls_live, polls_replay) = (inst.core.polls_live(), inst.core.polls_replay());
-        let event = tokio::select! {
-            biased;
-            _ = sigterm.recv() => Event::Terminate,
-            e = inst.pipeline.failed() => Event::PipelineFailed(e),
-            d = control.consumer.next() => Event::Control(d),
-            Some(buf) = spares.recv() => Event::Spare(buf),
-            d = next_of(&mut inst.live), if polls_live => Event::Live(d),
-            d = next_of(&mut inst.replay), if polls_replay => Event::Replay(d),
-            // Last, so only when nothing above is ready: the end of a run of replayed messages.
-            _ = std::future::ready(()), if inst.core.has_open_span() => Event::Idle,
-        };
-        let flow = match event {
-            Event::Terminate => Flow::Exit,
-            Event::Spare(buf) => {
-                inst.spare_wanted = None;
-                inst.core.offer_buffer(buf);
-                Flow::Continue
+        match inst.serve(&mut control, &mut sigterm, &mut spares).await {
+            Ok(()) => break,
+            Err(e) if inst.cfg.durable && inst.lost_broker().await => {
+                eprintln!("ms2m-service: lost the broker ({e:#}); reconnecting, the state kept");
+                control = inst.reconnect().await?;
+                eprintln!("ms2m-service reconnected: instance={}", inst.cfg.instance);
             }
-            Event::PipelineFailed(e) => return Err(e),
-            Event::Idle => {
-                let actions = inst.core.handle(now_ns(), CoreEvent::Idle);
-                inst.execute(actions, None).await?
-            }
-            Event::Control(d) => {
-                let d = d.context("control queue closed")??;
-                d.ack(BasicAckOptions::default()).await?;
-                match control::decode::<Envelope>(&d.data) {
-                    Ok((env, attachment)) => {
-                        if matches!(
-                            env.command,
-                            Command::ArmBarrier { .. } | Command::Snapshot { .. }
-                        ) {
-                            inst.give_up_spare();
-                        }
-                        let actions = inst
-                            .core
-                            .handle(now_ns(), CoreEvent::Control(env, attachment));
-                        inst.execute(actions, None).await?
-                    }
-                    Err(e) => {
-                        eprintln!("ms2m-service: refusing a control message: {e}");
-                        // Answered when it says where: its sender learns why at once.
-                        if let Some((corr, reply_to)) = control::reply_address(&d.data) {
-                            let reply = Reply {
-                                corr,
-                                instance: inst.cfg.instance.clone(),
-                                error: Some(e.to_string()),
-                                t_ns: now_ns(),
-                                ..Reply::default()
-                            };
-                            publish_reply(&inst.out, &reply_to, &reply, &[]).await?;
-                        }
-                        Flow::Continue
-                    }
-                }
-            }
-            Event::Live(d) => {
-                let d = d.context("primary queue consumer closed")??;
-                let channel = inst.live.as_ref().map_or(0, |s| s.channel.id());
-                let input = CoreEvent::Live(parse_input(&d.data, inst.cfg.max_input_bytes));
-                let actions = inst.core.handle(now_ns(), input);
-                let prefetch = inst.cfg.prefetch;
-                inst.execute(actions, Some((&d, channel, prefetch))).await?
-            }
-            Event::Replay(d) => {
-                let d = d.context("replay queue consumer closed")??;
-                let channel = inst.replay.as_ref().map_or(0, |s| s.channel.id());
-                let input = CoreEvent::Replay(parse_input(&d.data, inst.cfg.max_input_bytes));
-                let actions = inst.core.handle(now_ns(), input);
-                let prefetch = replay_prefetch(&inst.cfg);
-                inst.execute(actions, Some((&d, channel, prefetch))).await?
-            }
-        };
-        if flow == Flow::Exit {
-            break;
+            Err(e) => return Err(e),
         }
     }
     let _ = inst.pipeline.flush().await;
@@ -540,6 +532,166 @@ fn replay_prefetch(cfg: &Config) -> u16 {
 }
 
 impl<S: Service> Instance<S> {
+    /// Serves until a `shutdown` command or SIGTERM (Ok) or a failure (Err).
+    async fn serve(
+        &mut self,
+        control: &mut Subscription,
+        sigterm: &mut tokio::signal::unix::Signal,
+        spares: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    ) -> Result<()> {
+        loop {
+            let (polls_live, polls_replay) = (self.core.polls_live(), self.core.polls_replay());
+            let event = tokio::select! {
+                biased;
+                _ = sigterm.recv() => Event::Terminate,
+                e = self.pipeline.failed() => Event::PipelineFailed(e),
+                d = control.consumer.next() => Event::Control(d),
+                Some(buf) = spares.recv() => Event::Spare(buf),
+                d = next_of(&mut self.live), if polls_live => Event::Live(d),
+                d = next_of(&mut self.replay), if polls_replay => Event::Replay(d),
+                // Last, so only when nothing above is ready: the end of a run of replayed messages.
+                _ = std::future::ready(()), if self.core.has_open_span() => Event::Idle,
+            };
+            let flow = match event {
+                Event::Terminate => Flow::Exit,
+                Event::Spare(buf) => {
+                    self.spare_wanted = None;
+                    self.core.offer_buffer(buf);
+                    Flow::Continue
+                }
+                Event::PipelineFailed(e) => return Err(e),
+                Event::Idle => {
+                    let actions = self.core.handle(now_ns(), CoreEvent::Idle);
+                    self.execute(actions, None).await?
+                }
+                Event::Control(d) => {
+                    let d = d.context("control queue closed")??;
+                    d.ack(BasicAckOptions::default()).await?;
+                    match control::decode::<Envelope>(&d.data) {
+                        Ok((env, attachment)) => {
+                            if matches!(
+                                env.command,
+                                Command::ArmBarrier { .. } | Command::Snapshot { .. }
+                            ) {
+                                self.give_up_spare();
+                            }
+                            let actions = self
+                                .core
+                                .handle(now_ns(), CoreEvent::Control(env, attachment));
+                            self.execute(actions, None).await?
+                        }
+                        Err(e) => {
+                            eprintln!("ms2m-service: refusing a control message: {e}");
+                            // Answered when it says where: its sender learns why at once.
+                            if let Some((corr, reply_to)) = control::reply_address(&d.data) {
+                                let reply = Reply {
+                                    corr,
+                                    instance: self.cfg.instance.clone(),
+                                    error: Some(e.to_string()),
+                                    t_ns: now_ns(),
+                                    ..Reply::default()
+                                };
+                                publish_reply(&self.out, &reply_to, &reply, &[]).await?;
+                            }
+                            Flow::Continue
+                        }
+                    }
+                }
+                Event::Live(d) => {
+                    let d = d.context("primary queue consumer closed")??;
+                    let channel = self.live.as_ref().map_or(0, |s| s.channel.id());
+                    if d.redelivered && self.resend_output(&d, channel)? {
+                        continue;
+                    }
+                    let input = CoreEvent::Live(parse_input(&d.data, self.cfg.max_input_bytes));
+                    let actions = self.core.handle(now_ns(), input);
+                    let prefetch = self.cfg.prefetch;
+                    self.execute(actions, Some((&d, channel, prefetch))).await?
+                }
+                Event::Replay(d) => {
+                    let d = d.context("replay queue consumer closed")??;
+                    let channel = self.replay.as_ref().map_or(0, |s| s.channel.id());
+                    let input = CoreEvent::Replay(parse_input(&d.data, self.cfg.max_input_bytes));
+                    let actions = self.core.handle(now_ns(), input);
+                    let prefetch = replay_prefetch(&self.cfg);
+                    self.execute(actions, Some((&d, channel, prefetch))).await?
+                }
+            };
+            if flow == Flow::Exit {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether the failure just seen was the broker's going away: a connection closed (or
+    /// closing within [`LOSS_SETTLES`]). Anything else (a queue refused on a live connection)
+    /// stays a failure of the instance.
+    async fn lost_broker(&self) -> bool {
+        let start = Instant::now();
+        loop {
+            if !self.conn.status().connected() || !self.bulk.status().connected() {
+                return true;
+            }
+            if start.elapsed() >= LOSS_SETTLES {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Connects again after a broker restart, with the state as it was: the same
+    /// subscriptions (live, replay) on new channels, a new pipeline (the old one's acks died
+    /// with their channels: the broker hands those messages back, see
+    /// [`Instance::resend_output`]). Returns the control queue's new subscription.
+    async fn reconnect(&mut self) -> Result<Subscription> {
+        let c = connect(&self.cfg, RECONNECT_WITHIN).await?;
+        self.conn = c.conn;
+        self.bulk = c.bulk;
+        self.out = c.out;
+        self.pipeline = Pipeline::start();
+        self.standby = None;
+        if let Some(old) = self.live.take() {
+            let channel = consumer_channel(&self.conn, self.cfg.prefetch).await?;
+            self.live = Some(Subscription::on(channel, &old.queue, &self.cfg.instance).await?);
+        }
+        if let Some(old) = self.replay.take() {
+            let prefetch = replay_prefetch(&self.cfg);
+            self.replay =
+                Some(Subscription::open(&self.conn, &old.queue, "replay", prefetch).await?);
+        }
+        Ok(c.control)
+    }
+
+    /// A live message handed back by the broker that this instance already applied (its ack
+    /// died with a restarted broker's connection): its output event is sent again, identical
+    /// (the recorder keeps one of two identical events), and it is acked, never applied twice.
+    /// False when it is not such a message: the core decides as for any other.
+    fn resend_output(&mut self, d: &Delivery, channel: lapin::types::ChannelId) -> Result<bool> {
+        let Ok(ms2m_wire::Input::Data { seq, .. }) = parse_input(&d.data, self.cfg.max_input_bytes)
+        else {
+            return Ok(false);
+        };
+        if seq > self.core.position().last_seq {
+            return Ok(false);
+        }
+        let Some(body) = self
+            .recent_outputs
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, b)| b.clone())
+        else {
+            return Ok(false);
+        };
+        let publish = self.publish_event_body(body);
+        let ack = Ack {
+            channel,
+            acker: d.acker.clone(),
+            batch: usize::from(self.cfg.prefetch / 4),
+        };
+        self.pipeline.push(Some(publish), Some(ack))?;
+        Ok(true)
+    }
+
     /// Executes the core's actions in order; `delivery` is the message they are about, if any,
     /// with the id and the prefetch of the channel it came on.
     async fn execute(
@@ -581,8 +733,8 @@ impl<S: Service> Instance<S> {
                 }
                 Action::ReplaySpan(span) => {
                     let event = self.replay_event(span);
-                    self.pipeline
-                        .push(Some(self.publish_output(&event)?), None)?;
+                    let publish = self.publish_output(&event)?;
+                    self.pipeline.push(Some(publish), None)?;
                 }
                 Action::Ack => {
                     let (d, channel, prefetch) =
@@ -839,20 +991,37 @@ impl<S: Service> Instance<S> {
         enqueued(publish)
     }
 
-    fn publish_output(&self, event: &OutputEvent) -> Result<Publish> {
-        let (out, body) = (self.out.clone(), serde_json::to_vec(event)?);
+    fn publish_output(&mut self, event: &OutputEvent) -> Result<Publish> {
+        let body = serde_json::to_vec(event)?;
+        if self.cfg.durable && event.mode == Mode::Live {
+            let keep = usize::from(self.cfg.prefetch) * 2 + 64;
+            if self.recent_outputs.len() >= keep {
+                self.recent_outputs.pop_front();
+            }
+            self.recent_outputs.push_back((event.seq, body.clone()));
+        }
+        Ok(self.publish_event_body(body))
+    }
+
+    /// Enqueues an output event (persistent for a durable service).
+    fn publish_event_body(&self, body: Vec<u8>) -> Publish {
+        let out = self.out.clone();
         let exchange = names::output_exchange(&self.cfg.service);
+        let properties = match self.cfg.durable {
+            true => BasicProperties::default().with_delivery_mode(2),
+            false => BasicProperties::default(),
+        };
         let publish: Publish = Box::pin(async move {
             out.basic_publish(
                 exchange.into(),
                 "".into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default(),
+                properties,
             )
             .await
         });
-        Ok(enqueued(publish))
+        enqueued(publish)
     }
 }
 
@@ -1054,6 +1223,7 @@ mod tests {
             max_input_bytes: ms2m_wire::MAX_INPUT_BYTES,
             max_seq_gap: 1,
             live: false,
+            durable: false,
             breaks: None,
         }
     }

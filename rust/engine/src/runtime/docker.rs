@@ -542,7 +542,28 @@ impl DockerRuntime {
 
 /// Removes containers and networks of ms2m testbeds whose owning process is gone (all of them
 /// with `all`); returns the names of the containers and networks removed.
-pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> {
+/// Removes one container by name, if it is there (best effort: a repair's step).
+pub async fn remove_container_named(name: &str) {
+    if let Ok(docker) = daemon().await {
+        let _ = docker
+            .remove_container(
+                name,
+                Some(qp::RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+    }
+}
+
+/// Removes the containers of testbeds whose owning process is gone (all of them with `all`),
+/// except those of the `spared` testbeds, and the networks nothing uses any more.
+pub async fn cleanup_leftovers(
+    all: bool,
+    spared: &std::collections::HashSet<String>,
+) -> Result<(Vec<String>, Vec<String>)> {
     let docker = daemon().await?;
     let list = docker
         .list_containers(Some(qp::ListContainersOptions {
@@ -562,7 +583,10 @@ pub async fn cleanup_leftovers(all: bool) -> Result<(Vec<String>, Vec<String>)> 
             .get("ms2m.pid")
             .and_then(|p| p.parse::<u32>().ok())
             .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if owner_alive && !all {
+        let kept = labels
+            .get(LABEL_TESTBED)
+            .is_some_and(|t| spared.contains(t));
+        if (owner_alive || kept) && !all {
             continue;
         }
         let id = c.id.unwrap_or_default();

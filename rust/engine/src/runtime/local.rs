@@ -9,7 +9,7 @@
 use super::BrokerEndpoint;
 use crate::config::TestbedConfig;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -475,9 +475,43 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The value of `key` in process `pid`'s environment, if it can be read.
+fn environ_var(environ: &[u8], key: &str) -> Option<String> {
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+/// Kills instance `instance` of local testbed `testbed` (a kept one whose driver died).
+pub fn kill_instance_of(testbed: &str, instance: &str) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let mine = environ_var(&environ, MARK_TESTBED).as_deref() == Some(testbed)
+            && environ_var(&environ, "MS2M_INSTANCE").as_deref() == Some(instance);
+        if mine {
+            // SAFETY: kill(2) with a pid read from /proc; at worst the process is gone.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Kills the processes of local testbeds whose owning process is gone (all of them with
-/// `all`) and removes their temporary directories; returns what it killed.
-pub fn cleanup_leftovers(all: bool) -> Result<Vec<String>> {
+/// `all`), except those of the `spared` testbeds, and removes their temporary directories;
+/// returns what it killed.
+pub fn cleanup_leftovers(all: bool, spared: &HashSet<String>) -> Result<Vec<String>> {
     let me = std::process::id();
     let mut killed = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -494,17 +528,12 @@ pub fn cleanup_leftovers(all: bool) -> Result<Vec<String>> {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        let var = |key: &str| {
-            environ
-                .split(|b| *b == 0)
-                .filter_map(|kv| std::str::from_utf8(kv).ok())
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
-        };
+        let var = |key: &str| environ_var(&environ, key);
         let (Some(testbed), Some(owner)) = (var(MARK_TESTBED), var(MARK_OWNER)) else {
             continue;
         };
         let owner_alive = owner.parse().is_ok_and(pid_alive);
-        if pid == me || (owner_alive && !all) {
+        if pid == me || ((owner_alive || spared.contains(&testbed)) && !all) {
             continue;
         }
         let program = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
@@ -521,7 +550,11 @@ pub fn cleanup_leftovers(all: bool) -> Result<Vec<String>> {
             }
             let owner = std::fs::read_to_string(entry.path().join("owner")).unwrap_or_default();
             let owner_alive = owner.trim().parse().is_ok_and(pid_alive);
-            if all || !owner_alive {
+            let kept = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("ms2m-"))
+                .is_some_and(|t| spared.contains(t));
+            if all || !(owner_alive || kept) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -200,6 +200,22 @@ impl Runtime {
             .map(parse_queue_list))
     }
 
+    /// Restarts the broker this runtime started: RabbitMQ's application stops (every client
+    /// connection closes; queues and exchanges that are not durable, and messages that are not
+    /// persistent, are gone) and starts again after `down`. Returns once it takes connections.
+    pub async fn restart_broker(&self, down: std::time::Duration) -> Result<()> {
+        if self.rabbitmqctl(&["stop_app"]).await?.is_none() {
+            return Err(Error::Config(
+                "the testbed uses an external broker (amqp_url), which it cannot restart".into(),
+            ));
+        }
+        tokio::time::sleep(down).await;
+        self.rabbitmqctl(&["start_app"]).await?;
+        // start_app returns once the application runs; a moment later it listens.
+        self.rabbitmqctl(&["await_startup"]).await?;
+        Ok(())
+    }
+
     /// The broker's version (RabbitMQ's own), when this runtime started it.
     pub async fn broker_version(&self) -> Option<String> {
         let v = self.rabbitmqctl(&["version"]).await.ok()??;
@@ -320,6 +336,10 @@ fn instance_env(
         ("MS2M_PREFETCH", spec.prefetch.to_string()),
         ("MS2M_MAX_SEQ_GAP", spec.max_seq_gap.to_string()),
         ("MS2M_LIVE", if live { "1" } else { "0" }.to_string()),
+        (
+            "MS2M_DURABLE",
+            if spec.durable { "1" } else { "0" }.to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -349,6 +369,9 @@ fn instance_args(spec: &ServiceSpec, instance: &str, amqp_url: &str, live: bool)
     if live {
         args.push("--live".into());
     }
+    if spec.durable {
+        args.push("--durable".into());
+    }
     args
 }
 
@@ -359,18 +382,25 @@ pub struct Cleanup {
     pub networks: Vec<String>,
     /// Local processes (pid and program) of the local runtime.
     pub processes: Vec<String>,
+    /// What the journals of dead drivers' testbeds led to (see [`crate::journal`]): kept
+    /// testbeds repaired, an external broker's queues deleted.
+    pub repaired: Vec<String>,
 }
 
 /// Removes what crashed ms2m runs left (all ms2m leftovers with `all`): containers and
-/// networks where a Docker daemon answers, and local-runtime processes and directories.
+/// networks where a Docker daemon answers, local-runtime processes and directories, and an
+/// external broker's queues. A kept testbed whose driver died is repaired and left running
+/// (one instance serving per service) unless `all`.
 pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
     api_shim::remove_stale();
+    let recovered = crate::journal::recover(all).await;
     let mut out = Cleanup {
-        processes: local::cleanup_leftovers(all)?,
+        processes: local::cleanup_leftovers(all, &recovered.spared)?,
+        repaired: recovered.done,
         ..Cleanup::default()
     };
     if docker::ensure_docker().await.is_ok() {
-        let (containers, networks) = docker::cleanup_leftovers(all).await?;
+        let (containers, networks) = docker::cleanup_leftovers(all, &recovered.spared).await?;
         out.containers = containers;
         out.networks = networks;
     }

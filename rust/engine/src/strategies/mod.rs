@@ -30,6 +30,9 @@ use ms2m_wire::{names, now_ns};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
+
+/// How long a rollback waits for a restarted broker to take connections again.
+pub(crate) const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use strum::IntoStaticStr;
@@ -277,6 +280,10 @@ pub(crate) struct Ctx<'a> {
     pub replay_started: bool,
     /// The target serves: nothing may be rolled back or replaced any more.
     pub committed: bool,
+    /// The broker restarted during the migration (the link had to reconnect).
+    pub broker_restarted: bool,
+    /// Where the commit is noted, for `cleanup` to finish the migration if the driver dies.
+    pub journal: Option<&'a crate::journal::Journal>,
     pub replay_queue: Option<String>,
     pub checkpoint_queue: Option<String>,
     /// A fault aimed at the target before it existed: kill it as soon as it starts.
@@ -329,6 +336,8 @@ impl<'a> Ctx<'a> {
             target_fetched: false,
             replay_started: false,
             committed: false,
+            broker_restarted: false,
+            journal: None,
             replay_queue: None,
             checkpoint_queue: None,
             kill_target_on_start: false,
@@ -358,12 +367,18 @@ impl<'a> Ctx<'a> {
             *self.scheduled_kill.lock().unwrap() = Some((at, fault.kill));
             return Ok(());
         }
+        if fault.kill == Role::Broker {
+            let note = self.restart_broker(fault.outage_s.unwrap_or(0.0)).await?;
+            self.outcome.fault = Some(note);
+            return Ok(());
+        }
         if let Some(outage) = fault.outage_s {
             let note = self.cut_link(fault.kill, outage)?;
             self.outcome.fault = Some(note);
             return Ok(());
         }
         match fault.kill {
+            Role::Broker => unreachable!("restarted above"),
             Role::Source => self.kill(&self.source.clone()).await,
             Role::Target if self.target_started => self.kill(&self.target.clone()).await,
             Role::Target => {
@@ -373,11 +388,26 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// Restarts the broker, down for `down_s` in between; what happened, for the report. The
+    /// phase goes on with every connection gone: what it asks of the broker fails, and the
+    /// rollback reconnects first ([`run_or_roll_back`]).
+    async fn restart_broker(&self, down_s: f64) -> Result<String> {
+        let phase = self.timeline.current().map_or("?", PhaseName::name);
+        let t = now_ns();
+        self.runtime
+            .restart_broker(Duration::from_secs_f64(down_s))
+            .await?;
+        Ok(format!(
+            "restarted the broker in {phase} (down {down_s} s, {:.1} s in all, from {t} ns)",
+            (now_ns() - t) as f64 / 1e9
+        ))
+    }
+
     /// Takes the link of `role`'s host down for `seconds` (a task ends the outage); what
     /// happened, for the report.
     fn cut_link(&self, role: Role, seconds: f64) -> Result<String> {
         let host = match role {
-            Role::Source => self.source_host.clone(),
+            Role::Source | Role::Broker => self.source_host.clone(),
             Role::Target => self.target_host.clone(),
         };
         self.links.set_outage(&host, true)?;
@@ -449,6 +479,12 @@ impl<'a> Ctx<'a> {
             return Ok(());
         };
         let phase = self.timeline.current().map_or("?", PhaseName::name);
+        if role == Role::Broker {
+            let down = self.opts.fault.as_ref().and_then(|f| f.outage_s);
+            let note = self.restart_broker(down.unwrap_or(0.0)).await?;
+            *self.fired.lock().unwrap() = Some(note);
+            return Ok(());
+        }
         if let Some(outage) = self.opts.fault.as_ref().and_then(|f| f.outage_s) {
             let note = self.cut_link(role, outage)?;
             *self.fired.lock().unwrap() = Some(note);
@@ -458,6 +494,7 @@ impl<'a> Ctx<'a> {
         let victim = match role {
             Role::Source => Some(&self.source),
             Role::Target => self.target_started.then_some(&self.target),
+            Role::Broker => None,
         };
         let note = match victim {
             Some(victim) => {
@@ -676,6 +713,14 @@ impl<'a> Ctx<'a> {
         self.committed = true;
         self.source_stopped = false;
         self.target_started = false;
+        if let Some(j) = self.journal {
+            let service = &self.spec.name;
+            j.update(|e| {
+                if let Some(m) = e.migrations.get_mut(service) {
+                    m.committed = true;
+                }
+            });
+        }
     }
 
     /// Stops and removes the source once the target serves.
@@ -737,6 +782,15 @@ pub(crate) async fn run_or_roll_back(strategy: Strategy, ctx: &mut Ctx<'_>) -> O
     };
     // A kill still pending belongs to the phase that failed, not to the rollback.
     *ctx.scheduled_kill.lock().unwrap() = None;
+    // A restarted broker closed the manager's connection: nothing can be undone without one.
+    match ctx.link.reconnect(RECONNECT_WITHIN).await {
+        Ok(true) => {
+            ctx.broker_restarted = true;
+            reason = format!("the broker restarted, and with it every connection ({reason})");
+        }
+        Ok(false) => {}
+        Err(e) => reason.push_str(&format!("; the broker did not come back: {e}")),
+    }
     if ctx.committed {
         // The target serves and the source was retired on purpose: only queues left to go.
         let problems = abort(ctx).await;
@@ -812,8 +866,11 @@ async fn abort(ctx: &mut Ctx<'_>) -> Vec<String> {
             problems.push(e.to_string());
         }
     }
-    // A dead source is replaced afterwards (`restart`), not resumed.
-    if ctx.source_stopped && ctx.runtime.is_running(&ctx.source).await {
+    // A dead source is replaced afterwards (`restart`), not resumed. After a broker restart
+    // a command may have reached the source without its reply reaching the manager: told to
+    // serve whatever it was told (serving already, it goes on).
+    let maybe_stopped = ctx.source_stopped || ctx.broker_restarted;
+    if maybe_stopped && ctx.runtime.is_running(&ctx.source).await {
         if let Err(e) = ctx
             .command(&ctx.source.clone(), Command::StartLive, &[])
             .await

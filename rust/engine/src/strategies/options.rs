@@ -5,20 +5,24 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Which instance a fault hits.
+/// What a fault hits: an instance, or the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
     Target,
+    /// The broker restarts (RabbitMQ's application stops and starts again: every connection
+    /// closes, and what is not durable is gone), down for `outage_s` (default none) between.
+    /// Only a broker the testbed started.
+    Broker,
 }
 
 /// A fault to inject when a phase begins, or `after_ms` into it: kill an instance (SIGKILL),
-/// as a crash would, or with `outage_s` cut the link of its host for that long instead. For
-/// experiments on failure handling and for the engine's own tests.
+/// as a crash would, or with `outage_s` cut the link of its host for that long instead, or
+/// restart the broker. For experiments on failure handling and for the engine's own tests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fault {
-    /// The instance hit (or whose host's link goes down).
+    /// The instance hit (or whose host's link goes down), or the broker restarted.
     pub kill: Role,
     pub at_phase: PhaseName,
     /// How long into the phase (0: as it begins). A fault still pending when the phase ends
@@ -26,7 +30,8 @@ pub struct Fault {
     #[serde(default)]
     pub after_ms: f64,
     /// Not a kill but an outage of the instance's host link, this many seconds (the host needs
-    /// a link); it ends by itself, whatever the migration does meanwhile.
+    /// a link); it ends by itself, whatever the migration does meanwhile. For the broker: how
+    /// long it stays down before it starts again.
     #[serde(default)]
     pub outage_s: Option<f64>,
 }

@@ -69,8 +69,120 @@ pub struct Workload {
     stop: Arc<AtomicBool>,
     sender: std::thread::JoinHandle<Result<()>>,
     confirmer: JoinHandle<()>,
-    conn: lapin::Connection,
+    /// The current connection (a durable workload replaces it after a broker restart).
+    conn: Arc<Mutex<Option<lapin::Connection>>>,
     pub started_ns: u64,
+}
+
+/// How long a durable workload waits for a restarted broker before it gives up.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(120);
+/// How long it waits for the confirms of a lost connection to resolve (as errors).
+const LOST_CONFIRMS_WITHIN: Duration = Duration::from_secs(10);
+
+/// The body of message `seq`, as first sent (a republished message is the same bytes).
+fn input_body(seq: u64, t_pub_ns: u64, size: usize) -> Vec<u8> {
+    serde_json::to_vec(&Input::Data {
+        seq,
+        t_pub_ns,
+        payload: workload_payload(seq, size),
+    })
+    .expect("input serializes")
+}
+
+/// Message properties: persistent for a durable service, so that a confirmed message survives
+/// a broker restart.
+fn properties(durable: bool) -> BasicProperties {
+    match durable {
+        true => BasicProperties::default().with_delivery_mode(2),
+        false => BasicProperties::default(),
+    }
+}
+
+/// Runs `fut` on the runtime from the sender thread and waits for it.
+fn on_runtime<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().ok()
+}
+
+/// After a broker restart: a new connection and channel, then every message sent so far and
+/// not confirmed is sent again, in order, and awaited (the stream must stay gapless: an
+/// instance refuses a jump in seq). One the broker had kept after all arrives twice, and the
+/// instance dead-letters the second as a repeat (counted in the report, never applied).
+#[allow(clippy::too_many_arguments)]
+fn resume_after_restart(
+    rt: &tokio::runtime::Handle,
+    url: &str,
+    exchange: &str,
+    size: usize,
+    log: &Mutex<Vec<Published>>,
+    outcomes: &Arc<Mutex<Vec<PublishOutcome>>>,
+    conn_slot: &Mutex<Option<lapin::Connection>>,
+) -> Result<lapin::Channel> {
+    // Every publish on the lost connection resolves (as an error) before any is sent again.
+    let sent = log.lock().unwrap().len();
+    let start = Instant::now();
+    while outcomes.lock().unwrap().len() < sent && start.elapsed() < LOST_CONFIRMS_WITHIN {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let url = url.to_string();
+    let opened = on_runtime(rt, async move {
+        let conn = broker::connect(&url, RECONNECT_WITHIN).await?;
+        let channel = conn
+            .create_channel()
+            .rpc("opening the workload channel")
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .rpc("enabling publisher confirms")
+            .await?;
+        Ok::<_, Error>((conn, channel))
+    })
+    .ok_or_else(|| Error::RuntimeUnavailable("the runtime stopped".into()))??;
+    let (conn, channel) = opened;
+    *conn_slot.lock().unwrap() = Some(conn);
+    let again: Vec<(usize, Published)> = {
+        let log = log.lock().unwrap();
+        let outcomes = outcomes.lock().unwrap();
+        log.iter()
+            .enumerate()
+            .filter(|(i, _)| outcomes.get(*i) != Some(&PublishOutcome::Confirmed))
+            .map(|(i, p)| (i, p.clone()))
+            .collect()
+    };
+    for (i, p) in again {
+        let (ch, ex) = (channel.clone(), exchange.to_string());
+        let body = input_body(p.seq, p.t_pub_ns, size);
+        let outcome = on_runtime(rt, async move {
+            let confirm = ch
+                .basic_publish(
+                    ex.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties(true),
+                )
+                .rpc("publishing a workload message again")
+                .await?
+                .rpc("confirm of a workload message sent again")
+                .await?;
+            Ok::<_, Error>(match confirm.is_ack() {
+                true => PublishOutcome::Confirmed,
+                false => PublishOutcome::Nacked,
+            })
+        })
+        .ok_or_else(|| Error::RuntimeUnavailable("the runtime stopped".into()))??;
+        let mut outcomes = outcomes.lock().unwrap();
+        if let Some(o) = outcomes.get_mut(i) {
+            *o = outcome;
+        }
+    }
+    Ok(channel)
 }
 
 /// A publish whose frames are enqueued, until they are written and the confirm is back.
@@ -118,12 +230,15 @@ fn sleep_until(deadline: Instant, stop: &AtomicBool) -> bool {
 }
 
 impl Workload {
-    /// Starts sending to `service`'s input exchange, numbering messages from `first_seq`.
+    /// Starts sending to `service`'s input exchange, numbering messages from `first_seq`;
+    /// `durable`: persistent messages, and a broker restart is ridden out (see
+    /// [`resume_after_restart`]).
     pub async fn start(
         url: &str,
         service: &str,
         spec: WorkloadSpec,
         first_seq: u64,
+        durable: bool,
     ) -> Result<Workload> {
         spec.validate()?;
         let conn = broker::connect(url, Duration::from_secs(10)).await?;
@@ -162,25 +277,35 @@ impl Workload {
         let rt = tokio::runtime::Handle::current();
         let start = Instant::now();
         let started_ns = now_ns();
+        let conn = Arc::new(Mutex::new(Some(conn)));
+        let (conn_slot, url) = (conn.clone(), url.to_string());
+        let resend_outcomes = outcomes.clone();
         let sender = std::thread::Builder::new()
             .name(format!("ms2m-workload-{service}"))
             .spawn(move || -> Result<()> {
                 let _runtime = rt.enter();
                 precise_timers();
                 let mut cx = Context::from_waker(Waker::noop());
+                let mut channel = channel;
                 for (k, due_s) in schedule.enumerate() {
                     let due = Duration::from_secs_f64(due_s);
                     if !sleep_until(start + due, &send_stop) {
                         break;
                     }
+                    if durable && !channel.status().connected() {
+                        channel = resume_after_restart(
+                            &rt,
+                            &url,
+                            &exchange,
+                            size,
+                            &send_log,
+                            &resend_outcomes,
+                            &conn_slot,
+                        )?;
+                    }
                     let seq = first_seq + k as u64;
                     let t_pub_ns = now_ns();
-                    let body = serde_json::to_vec(&Input::Data {
-                        seq,
-                        t_pub_ns,
-                        payload: workload_payload(seq, size),
-                    })
-                    .expect("input serializes");
+                    let body = input_body(seq, t_pub_ns, size);
                     let index = {
                         let mut l = send_log.lock().unwrap();
                         l.push(Published {
@@ -198,7 +323,7 @@ impl Workload {
                             "".into(),
                             BasicPublishOptions::default(),
                             &body,
-                            BasicProperties::default(),
+                            properties(durable),
                         )
                         .await
                     });
@@ -208,6 +333,8 @@ impl Workload {
                         Poll::Pending => publish,
                         // A finished future must not be polled again: hand over its result.
                         Poll::Ready(Ok(c)) => Box::pin(std::future::ready(Ok(c))),
+                        // The broker went away: sent again once it is back.
+                        Poll::Ready(Err(e)) if durable => Box::pin(std::future::ready(Err(e))),
                         Poll::Ready(Err(e)) => {
                             send_log.lock().unwrap()[index].outcome = PublishOutcome::Uncertain;
                             return Err(Error::Broker {
@@ -261,7 +388,10 @@ impl Workload {
             .unwrap_or(Ok(()));
         // The sender dropped its end of the confirm queue; the confirmer ends once all are in.
         let _ = tokio::time::timeout(Duration::from_secs(30), self.confirmer).await;
-        broker::close_quietly(&self.conn, "workload stops").await;
+        let conn = self.conn.lock().unwrap().take();
+        if let Some(conn) = conn {
+            broker::close_quietly(&conn, "workload stops").await;
+        }
         let mut log = merged(&self.log, &self.outcomes);
         for p in log
             .iter_mut()
