@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_cleanup_leaves_a_kept_testbed_whose_driver_died_mid_migration_serving(
 ) -> None:
     """A kept testbed outlives its SIGKILLed driver with two instances of a service, mid-
     migration: ``python -m ms2m cleanup`` rolls the migration back and leaves it running,
-    one instance serving, no migration queue left; ``cleanup --all`` removes it."""
+    one instance serving, no migration queue left."""
     script = tmp_path / "kept_driver.py"
     script.write_text(KEPT_DRIVER)
     env = {**os.environ, "TESTCONTAINERS_COMMAND": "keep"}
@@ -242,13 +243,14 @@ def test_cleanup_leaves_a_kept_testbed_whose_driver_died_mid_migration_serving(
         assert queues.get("victim.primary") == 1, queues
         assert not [q for q in queues if ".replay." in q or ".ckpt." in q], queues
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "ms2m", "cleanup", "--all"],
-            capture_output=True,
-            env=clean_env,
-            timeout=120,
-        )
-    assert not _containers_of(testbed) and not _networks_of(testbed)
+        # By its label: `cleanup --all` would remove the session's own testbeds too.
+        subprocess.run(["docker", "rm", "-f", *_containers_of(testbed)], capture_output=True)
+        subprocess.run(["docker", "network", "rm", *_networks_of(testbed)], capture_output=True)
+    # Its journal goes with it: the next cleanup finds its broker gone and forgets it.
+    subprocess.run(
+        [sys.executable, "-m", "ms2m", "cleanup"], capture_output=True, env=clean_env, timeout=120
+    )
+    assert not (Path(tempfile.gettempdir()) / "ms2m-journal" / f"{testbed}.json").exists()
 
 
 EXTERNAL_DRIVER = """

@@ -33,7 +33,7 @@ def test_bad_parameters_and_a_foreign_folder_are_refused(tmp_path: Path) -> None
     with pytest.raises(ms2m.ConfigurationError, match="unknown"):
         soak(tmp_path / "a", migrations=1, strategies=["teleport"])
     with pytest.raises(ms2m.ConfigurationError, match="kills"):
-        soak(tmp_path / "a", migrations=1, kills=["broker"])
+        soak(tmp_path / "a", migrations=1, kills=["network"])
     folder = tmp_path / "b"
     folder.mkdir()
     (folder / "soak.json").write_text(json.dumps({"seed": 99}))

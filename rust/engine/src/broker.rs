@@ -76,7 +76,8 @@ pub async fn connect(url: &str, deadline: Duration) -> Result<Connection> {
             Ok(c) => return Ok(c),
             Err(e) if start.elapsed() >= deadline => {
                 return Err(Error::RuntimeUnavailable(format!(
-                    "the broker at {url} did not accept a connection within {:.0} s: {e}",
+                    "the broker at {} did not accept a connection within {:.0} s: {e}",
+                    crate::amqp_url::redact(url),
                     deadline.as_secs_f64()
                 )))
             }

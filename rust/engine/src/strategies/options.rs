@@ -5,15 +5,15 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// What a fault hits: an instance, or the broker.
+/// What a fault hits: an instance, or the broker. The broker restarts (RabbitMQ's application
+/// stops and starts again: every connection closes, and what is not durable is gone), down for
+/// the fault's `outage_s` (default none) between; only a broker the testbed started.
+// (No doc comments on the variants: the schema stays a plain enum of names.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Source,
     Target,
-    /// The broker restarts (RabbitMQ's application stops and starts again: every connection
-    /// closes, and what is not durable is gone), down for `outage_s` (default none) between.
-    /// Only a broker the testbed started.
     Broker,
 }
 
