@@ -114,6 +114,21 @@ def _outcome(report: Report) -> str:
     return "completed" if report.status == "completed" else "rolled_back"
 
 
+def _status(row: dict[str, Any]) -> str:
+    """A migration's outcome for the progress line, from its own counts: a report's verdict
+    covers the service's whole history, so one dead source's explained cost would mark every
+    later migration invalid."""
+    exact = not (row["lost"] or row["duplicated"] or row["reordered"] or row["leftovers"])
+    exact = exact and row["state_consistent"] is not False
+    status = row["outcome"].replace("_", " ") if exact else "INVALID"
+    if row["lost_by_dead_source"] or row["duplicated_by_dead_source"]:
+        status += (
+            f" ({row['lost_by_dead_source']} lost, {row['duplicated_by_dead_source']} "
+            "duplicated by the dead source, by design)"
+        )
+    return status
+
+
 def _row(step: dict[str, Any], report: Report, before: dict[str, int]) -> dict[str, Any]:
     """The migration's row; ``before``: the service's totals so far (a verdict covers the whole
     history), updated to include this one."""
@@ -243,7 +258,7 @@ def soak(
                 rows.write(json.dumps(row) + "\n")
                 rows.flush()
                 done.append(row)
-                bar.update({**step, "repetition": step["index"]}, report)
+                bar.update({**step, "repetition": step["index"]}, report, _status(row))
         end = _harness()
         tb.stop_workload(svc)
         queues = tb.broker_queues()

@@ -297,14 +297,16 @@ class _Progress:
             except ImportError:
                 self.bar = None
 
-    def update(self, run: dict[str, Any], report: Report) -> None:
+    def update(self, run: dict[str, Any], report: Report, status: str | None = None) -> None:
+        """Counts one run; ``status`` overrides the one read from the report."""
         self.done += 1
         self.new += 1
         if self.stream is None:
             return
-        status = "ok" if report.valid else "INVALID"
-        if not report.completed:
-            status = "aborted"
+        if status is None:
+            status = "ok" if report.valid else "INVALID"
+            if not report.completed:
+                status = "aborted"
         line = (
             f"{run['strategy']} {run['rate']:g} msg/s rep {run['repetition']}: {status}, "
             f"downtime {report.downtime_ms:.3f} ms"
