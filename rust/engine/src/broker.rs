@@ -225,9 +225,11 @@ impl Link {
     /// Declares a service's exchanges and queues (idempotent); `durable`: they survive a
     /// broker restart (as do the service's control queues, declared later).
     pub async fn declare_service(&self, service: &str, durable: bool) -> Result<()> {
-        if durable {
-            self.durable.lock().unwrap().insert(service.to_string());
-        }
+        // A service removed and deployed again under its name may change its mind.
+        match durable {
+            true => self.durable.lock().unwrap().insert(service.to_string()),
+            false => self.durable.lock().unwrap().remove(service),
+        };
         let ch = &self.channel();
         for ex in [
             names::input_exchange(service),

@@ -60,9 +60,22 @@ fn longest_uncovered(waiting: &[Span], busy: &[Span], window: Span) -> Option<Sp
 }
 
 /// Downtime over `window`: a message is waiting from its send until an instance starts it live
-/// (or until `t_cut_ns` if none did); an instance is busy while it processes a live message.
+/// (or, for one applied only in a replay, as the messages a target took over with held ahead of
+/// a dead source, until that replay began; or until `t_cut_ns` if nothing applied it); an
+/// instance is busy while it processes a live message.
 pub fn downtime(history: &History, window: Span, t_cut_ns: u64) -> Downtime {
     let live = history.first_live();
+    // Replay runs by their first seq: (last seq, start).
+    let replayed: std::collections::BTreeMap<u64, (u64, u64)> = history
+        .events
+        .iter()
+        .filter(|e| e.mode == Mode::Replay)
+        .map(|e| (e.first_seq.unwrap_or(e.seq), (e.seq, e.t_start_ns)))
+        .collect();
+    let replay_start = |seq: u64| {
+        let (_, &(last, start)) = replayed.range(..=seq).next_back()?;
+        (seq <= last).then_some(start)
+    };
     let waiting = union(
         history
             .published
@@ -72,8 +85,9 @@ pub fn downtime(history: &History, window: Span, t_cut_ns: u64) -> Downtime {
                 let end = live
                     .get(&p.seq)
                     .map(|(e, _)| e.t_start_ns)
+                    .or_else(|| replay_start(p.seq))
                     .unwrap_or(t_cut_ns);
-                (p.t_pub_ns, end)
+                (p.t_pub_ns, end.max(p.t_pub_ns))
             })
             .collect(),
     );
@@ -313,6 +327,31 @@ mod tests {
     fn lost_message_waits_until_the_cut() {
         let h = hist(vec![event(1, 100, 150, Mode::Live)], 2);
         assert_eq!(downtime(&h, (0, 10_000), 900).interval_ns, Some((200, 900)));
+    }
+
+    /// A message a taking-over target replayed ahead of the dead source has no live event: it
+    /// waited until its replay, not until every later cut (which made each later migration's
+    /// downtime one message gap).
+    #[test]
+    fn a_message_applied_only_in_replay_waits_until_its_replay() {
+        let mut replayed = event(2, 220, 260, Mode::Replay);
+        replayed.first_seq = Some(2);
+        let ev = vec![
+            event(1, 100, 150, Mode::Live),
+            replayed,
+            event(3, 300, 350, Mode::Live),
+            event(4, 400, 450, Mode::Live),
+        ];
+        let h = hist(ev, 4);
+        assert_eq!(
+            downtime(&h, (260, 10_000), 10_000).interval_ns,
+            None,
+            "no later window is down because of seq 2"
+        );
+        assert_eq!(
+            downtime(&h, (0, 10_000), 10_000).interval_ns,
+            Some((200, 220))
+        );
     }
 
     #[test]

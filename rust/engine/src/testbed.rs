@@ -967,12 +967,18 @@ impl Testbed {
             names::dead_letter_queue(service),
         ] {
             self.link.delete_queue(&q).await?;
+            self.journal.update(|e| {
+                e.queues.remove(&q);
+            });
         }
         for ex in [
             names::input_exchange(service),
             names::output_exchange(service),
         ] {
             self.link.delete_exchange(&ex).await?;
+            self.journal.update(|e| {
+                e.exchanges.remove(&ex);
+            });
         }
         Ok(())
     }
