@@ -43,7 +43,8 @@ CheckResult = Literal["valid", "invalid", "unknown"]
 be observed."""
 
 Role = Literal["source", "target", "broker"]
-"""Which instance a fault hits."""
+"""What a fault hits: the source or target instance (killed, or its host's link cut), or the
+broker (restarted)."""
 
 Transfer = Literal["broker", "direct"]
 """How a checkpoint goes from the source's host to the target's: through the broker (a queue),

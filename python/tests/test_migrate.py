@@ -86,6 +86,8 @@ def test_bad_arguments_are_refused_and_the_service_keeps_serving(testbed: ms2m.T
             testbed.migrate(
                 svc, to="edge-2", fault=ms2m.Fault(kill="target", at_phase="replay", after_ms=-1)
             )
+        with pytest.raises(ms2m.ConfigurationError, match="durable=True"):
+            testbed.migrate(svc, to="edge-2", fault=ms2m.Fault(kill="broker", at_phase="replay"))
         # Nothing was disturbed: a real migration still succeeds afterwards.
         with testbed.workload(svc, rate=20):
             time.sleep(0.5)

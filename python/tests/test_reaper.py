@@ -250,7 +250,8 @@ def test_cleanup_leaves_a_kept_testbed_whose_driver_died_mid_migration_serving(
     subprocess.run(
         [sys.executable, "-m", "ms2m", "cleanup"], capture_output=True, env=clean_env, timeout=120
     )
-    assert not (Path(tempfile.gettempdir()) / "ms2m-journal" / f"{testbed}.json").exists()
+    journal = Path(tempfile.gettempdir()) / f"ms2m-journal-{os.getuid()}" / f"{testbed}.json"
+    assert not journal.exists()
 
 
 EXTERNAL_DRIVER = """

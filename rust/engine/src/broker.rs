@@ -99,6 +99,9 @@ pub struct Link {
     next: AtomicU64,
     /// Services whose queues are durable (see [`Link::declare_service`]).
     durable: Mutex<std::collections::HashSet<String>>,
+    /// One reconnect at a time: two would each open a session, and the second would close
+    /// the first's reply queue under the commands waiting on it.
+    reconnecting: tokio::sync::Mutex<()>,
 }
 
 /// One connection of the link, with its channel and reply queue.
@@ -188,6 +191,7 @@ impl Link {
             waiters,
             next: AtomicU64::new(1),
             durable: Mutex::default(),
+            reconnecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -215,6 +219,10 @@ impl Link {
     pub async fn reconnect(&self, deadline: Duration) -> Result<bool> {
         if self.connected() {
             return Ok(false);
+        }
+        let _one = self.reconnecting.lock().await;
+        if self.connected() {
+            return Ok(true);
         }
         let session = Session::open(&self.url, deadline, &self.waiters, &self.generation).await?;
         let old = std::mem::replace(&mut *self.session.lock().unwrap(), Arc::new(session));
@@ -645,12 +653,17 @@ impl Link {
             reply_to: self.reply_queue(),
             command,
         };
-        self.publish(
-            "",
-            &names::control_queue(service, instance),
-            &control::encode(&env, attachment),
-        )
-        .await?;
+        let published = self
+            .publish(
+                "",
+                &names::control_queue(service, instance),
+                &control::encode(&env, attachment),
+            )
+            .await;
+        if let Err(e) = published {
+            self.waiters.lock().unwrap().remove(&corr);
+            return Err(e);
+        }
         Ok(Sent {
             rx,
             what: format!("{instance} to answer {what}"),

@@ -55,9 +55,11 @@ pub struct Journal {
     entry: std::sync::Mutex<Entry>,
 }
 
-/// Where journals are: one folder for every testbed of this machine.
+/// Where this user's journals are: one folder per user, for the user alone.
 pub fn folder() -> PathBuf {
-    std::env::temp_dir().join("ms2m-journal")
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("ms2m-journal-{uid}"))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -97,26 +99,40 @@ impl Journal {
 
 fn write(path: &Path, entry: &Entry) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
     let dir = path.parent().expect("a journal is in a folder");
-    std::fs::create_dir_all(dir)?;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    }
+    // SAFETY: getuid(2) cannot fail.
+    if std::fs::symlink_metadata(dir)?.uid() != unsafe { libc::getuid() } {
+        return Err(std::io::Error::other(format!(
+            "{} belongs to another user",
+            dir.display()
+        )));
+    }
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(entry).expect("a journal entry serializes"))?;
     std::fs::rename(&tmp, path)
 }
 
-/// Every journal of this machine.
+/// Every journal of this user (files of anyone else are never read).
 fn entries() -> Vec<(PathBuf, Entry)> {
+    use std::os::unix::fs::MetadataExt;
     let Ok(dir) = std::fs::read_dir(folder()) else {
         return Vec::new();
     };
+    // SAFETY: getuid(2) cannot fail.
+    let me = unsafe { libc::getuid() };
     dir.flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.uid() == me))
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .filter_map(|p| {
@@ -127,53 +143,88 @@ fn entries() -> Vec<(PathBuf, Entry)> {
 }
 
 /// What [`recover`] did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Recovered {
     /// Kept testbeds of dead drivers, left running with one instance per service.
-    #[serde(skip)]
     pub spared: HashSet<String>,
     /// What was repaired or removed, one line each.
     pub done: Vec<String>,
+    /// Journals of dead drivers' testbeds that are gone: [`forget`] deletes what they left
+    /// on an external broker once their instances are gone too.
+    pub gone: Vec<(PathBuf, Entry)>,
 }
 
-/// Repairs what dead drivers left (every testbed's, with `all`): deletes an external broker's
-/// queues and exchanges of testbeds that are gone, and finishes or rolls back the migrations
-/// of kept testbeds, which are spared (`all`: not spared, removed with the rest).
+/// Whether any part of a kept testbed still runs (its containers, or its local directory).
+async fn still_there(entry: &Entry) -> bool {
+    match entry.runtime {
+        Some(RuntimeKind::Docker) => crate::runtime::docker::testbed_has_containers(&entry.testbed)
+            .await
+            // No daemon answers: nothing can be told, so nothing is forgotten.
+            .unwrap_or(true),
+        _ => std::env::temp_dir()
+            .join(format!("ms2m-{}", entry.testbed))
+            .exists(),
+    }
+}
+
+/// Reads the journals of dead drivers (every one, with `all`): a kept testbed still there is
+/// repaired (its migrations finished or rolled back) and spared, unless `all`; the others are
+/// returned as gone, for [`forget`].
 pub async fn recover(all: bool) -> Recovered {
     let mut out = Recovered::default();
     for (path, mut entry) in entries() {
         if pid_alive(entry.owner) && !all {
             continue;
         }
-        // A kept testbed whose broker no longer answers was removed by hand: forgotten.
-        if entry.kept && !all && repair(&mut entry, &mut out.done).await {
+        if entry.kept && !all && still_there(&entry).await {
+            if !repair(&mut entry, &mut out.done).await {
+                out.done.push(format!(
+                    "testbed {}: kept, but its broker does not answer: left as it is",
+                    entry.testbed
+                ));
+            }
             entry.migrations.clear();
             let _ = write(&path, &entry);
             out.spared.insert(entry.testbed.clone());
             continue;
         }
+        out.gone.push((path, entry));
+    }
+    out
+}
+
+/// Deletes what gone testbeds left on an external broker (queues some client still consumes
+/// are someone else's: left), then their journals; a journal whose broker does not answer is
+/// kept for the next cleanup.
+pub async fn forget(gone: Vec<(PathBuf, Entry)>, done: &mut Vec<String>) {
+    for (path, entry) in gone {
         if entry.external {
             match delete_resources(&entry).await {
-                Ok(n) => out.done.push(format!(
+                Ok(n) => done.push(format!(
                     "deleted {n} queue(s) and exchange(s) of testbed {} on its external broker",
                     entry.testbed
                 )),
-                Err(e) => out.done.push(format!(
-                    "could not delete testbed {}'s queues on its external broker: {e}",
-                    entry.testbed
-                )),
+                Err(e) => {
+                    done.push(format!(
+                        "could not delete testbed {}'s queues on its external broker (kept for \
+                         the next cleanup): {e}",
+                        entry.testbed
+                    ));
+                    continue;
+                }
             }
         }
         let _ = std::fs::remove_file(&path);
     }
-    out
 }
 
 async fn delete_resources(entry: &Entry) -> crate::error::Result<usize> {
     let link = Link::open(&entry.amqp_url, Duration::from_secs(5)).await?;
     let mut n = 0;
     for q in &entry.queues {
-        n += usize::from(link.delete_queue(q).await.is_ok());
+        if link.consumer_count(q).await.unwrap_or(0) == 0 && link.delete_queue(q).await.is_ok() {
+            n += 1;
+        }
     }
     for x in &entry.exchanges {
         n += usize::from(link.delete_exchange(x).await.is_ok());
@@ -195,11 +246,13 @@ async fn repair(entry: &mut Entry, done: &mut Vec<String>) -> bool {
         };
         let _ = link.send(service, goes, Command::Shutdown, &[]).await;
         remove_instance(entry, goes).await;
-        let mut queues = vec![names::control_queue(service, goes)];
-        if !m.committed {
-            queues.push(names::replay_queue(service, &m.migration_id));
-            queues.push(names::checkpoint_queue(service, &m.migration_id));
-        }
+        // Committed or not, the migration's own queues go (a committed one dies between its
+        // commit and their deletion).
+        let queues = [
+            names::control_queue(service, goes),
+            names::replay_queue(service, &m.migration_id),
+            names::checkpoint_queue(service, &m.migration_id),
+        ];
         for q in &queues {
             let _ = link.delete_queue(q).await;
             entry.queues.remove(q);

@@ -8,7 +8,7 @@ use crate::metrics::{self, LatencySummary};
 use futures_lite::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::{options::*, types::FieldTable};
-use ms2m_wire::{names, now_ns, Mode, OutputEvent};
+use ms2m_wire::{names, now_ns, OutputEvent};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -74,8 +74,9 @@ impl Recorder {
         let twin = names::twin_instance(service);
         let (url, service, slot) = (url.to_string(), service.to_string(), conn.clone());
         let task = tokio::spawn(async move {
-            // (seq, t_start_ns) of the live events recorded: an instance sends an event again,
-            // identical, for a message the broker handed back after a restart; one is kept.
+            // The events recorded, by (mode, first seq, seq, start): an instance sends an event
+            // again, identical, for a message the broker handed back after a restart, and a
+            // redelivered event reaches the recorder twice; one is kept.
             let mut seen = std::collections::HashSet::new();
             loop {
                 while let Some(Ok(d)) = consumer.next().await {
@@ -85,7 +86,7 @@ impl Recorder {
                     }
                     match serde_json::from_slice::<OutputEvent>(&d.data) {
                         Ok(e) if e.instance == twin => {}
-                        Ok(e) if e.mode == Mode::Live && !seen.insert((e.seq, e.t_start_ns)) => {}
+                        Ok(e) if !seen.insert((e.mode, e.first_seq, e.seq, e.t_start_ns)) => {}
                         Ok(e) => {
                             let us = arrived.saturating_sub(e.t_end_ns) / 1_000;
                             late.lock().unwrap().saturating_record(us.max(1));

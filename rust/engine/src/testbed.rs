@@ -456,6 +456,13 @@ impl Testbed {
                     )
                     .into())
                 }
+                None if !d.spec.durable => {
+                    return Err(Error::Config(format!(
+                        "a broker restart would delete {service:?}'s queues and the messages in \
+                         them: deploy it with durable=True to inject one"
+                    ))
+                    .into())
+                }
                 _ => {}
             }
         }

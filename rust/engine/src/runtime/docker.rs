@@ -540,8 +540,6 @@ impl DockerRuntime {
     }
 }
 
-/// Removes containers and networks of ms2m testbeds whose owning process is gone (all of them
-/// with `all`); returns the names of the containers and networks removed.
 /// Removes one container by name, if it is there (best effort: a repair's step).
 pub async fn remove_container_named(name: &str) {
     if let Ok(docker) = daemon().await {
@@ -558,8 +556,26 @@ pub async fn remove_container_named(name: &str) {
     }
 }
 
+/// Whether any container of testbed `testbed` exists (None: no Docker daemon answers).
+pub async fn testbed_has_containers(testbed: &str) -> Option<bool> {
+    let docker = daemon().await.ok()?;
+    let list = docker
+        .list_containers(Some(qp::ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![format!("{LABEL_TESTBED}={testbed}")],
+            )])),
+            ..Default::default()
+        }))
+        .await
+        .ok()?;
+    Some(!list.is_empty())
+}
+
 /// Removes the containers of testbeds whose owning process is gone (all of them with `all`),
-/// except those of the `spared` testbeds, and the networks nothing uses any more.
+/// except those of the `spared` testbeds, and the networks nothing uses any more; returns the
+/// names of the containers and networks removed.
 pub async fn cleanup_leftovers(
     all: bool,
     spared: &std::collections::HashSet<String>,

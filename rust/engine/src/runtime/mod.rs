@@ -404,6 +404,8 @@ pub async fn cleanup_leftovers(all: bool) -> Result<Cleanup> {
         out.containers = containers;
         out.networks = networks;
     }
+    // Last: a dead driver's instances no longer consume the queues it left.
+    crate::journal::forget(recovered.gone, &mut out.repaired).await;
     Ok(out)
 }
 
