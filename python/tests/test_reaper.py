@@ -48,9 +48,13 @@ def _processes_of(testbed: str) -> list[int]:
     return found
 
 
-def _containers_of(testbed: str) -> list[str]:
+def _containers_of(testbed: str, *labels: str, running: bool = False) -> list[str]:
+    """The testbed's containers (running ones only with ``running``), those with every label
+    ``key=value`` in ``labels`` if any."""
+    filters = [f"label=ms2m.testbed={testbed}", *(f"label={label}" for label in labels)]
     out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=ms2m.testbed={testbed}"],
+        ["docker", "ps", "-q" if running else "-aq"]
+        + [arg for f in filters for arg in ("--filter", f)],
         capture_output=True,
         text=True,
         check=False,
@@ -156,20 +160,7 @@ time.sleep(600)
 
 def _broker_queues(testbed: str) -> dict[str, int]:
     """The kept testbed's queues and their consumers, as its broker lists them."""
-    broker = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "-q",
-            "--filter",
-            f"label=ms2m.testbed={testbed}",
-            "--filter",
-            "label=ms2m.role=broker",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    broker = _containers_of(testbed, "ms2m.role=broker", running=True)
     assert broker, "the kept testbed's broker should run"
     out = subprocess.run(
         [
@@ -224,20 +215,7 @@ def test_cleanup_leaves_a_kept_testbed_whose_driver_died_mid_migration_serving(
         assert f"testbed {testbed}: the migration of victim was rolled back" in out.stdout, (
             out.stdout
         )
-        instances = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "-q",
-                "--filter",
-                f"label=ms2m.testbed={testbed}",
-                "--filter",
-                "label=ms2m.service=victim",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
+        instances = _containers_of(testbed, "ms2m.service=victim", running=True)
         assert len(instances) == 1, f"one instance should serve, not {instances}"
         queues = _broker_queues(testbed)
         assert queues.get("victim.primary") == 1, queues

@@ -13,6 +13,7 @@
 
 use crate::broker::Link;
 use crate::config::RuntimeKind;
+use crate::runtime::local::pid_alive;
 use ms2m_wire::control::Command;
 use ms2m_wire::names;
 use serde::{Deserialize, Serialize};
@@ -60,10 +61,6 @@ pub fn folder() -> PathBuf {
     // SAFETY: getuid(2) cannot fail.
     let uid = unsafe { libc::getuid() };
     std::env::temp_dir().join(format!("ms2m-journal-{uid}"))
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl Journal {

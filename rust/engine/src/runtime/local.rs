@@ -471,7 +471,7 @@ async fn stop_idle_epmd() {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -483,22 +483,22 @@ fn environ_var(environ: &[u8], key: &str) -> Option<String> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
 }
 
+/// Every process whose environment this user may read: its pid, its `/proc` folder and its
+/// environment.
+fn processes() -> impl Iterator<Item = (u32, PathBuf, Vec<u8>)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|procs| procs.flatten())
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            Some((pid, entry.path(), environ))
+        })
+}
+
 /// Kills instance `instance` of local testbed `testbed` (a kept one whose driver died).
 pub fn kill_instance_of(testbed: &str, instance: &str) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
+    for (pid, _, environ) in processes() {
         let mine = environ_var(&environ, MARK_TESTBED).as_deref() == Some(testbed)
             && environ_var(&environ, "MS2M_INSTANCE").as_deref() == Some(instance);
         if mine {
@@ -514,20 +514,7 @@ pub fn kill_instance_of(testbed: &str, instance: &str) {
 pub fn cleanup_leftovers(all: bool, spared: &HashSet<String>) -> Result<Vec<String>> {
     let me = std::process::id();
     let mut killed = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Ok(killed);
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
+    for (pid, path, environ) in processes() {
         let var = |key: &str| environ_var(&environ, key);
         let (Some(testbed), Some(owner)) = (var(MARK_TESTBED), var(MARK_OWNER)) else {
             continue;
@@ -536,7 +523,7 @@ pub fn cleanup_leftovers(all: bool, spared: &HashSet<String>) -> Result<Vec<Stri
         if pid == me || ((owner_alive || spared.contains(&testbed)) && !all) {
             continue;
         }
-        let program = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let program = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         // SAFETY: kill(2) with a pid read from /proc; at worst the process is already gone.
         if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
             killed.push(format!("{pid} {} (testbed {testbed})", program.trim()));

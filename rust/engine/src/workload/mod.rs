@@ -98,6 +98,21 @@ fn properties(durable: bool) -> BasicProperties {
     }
 }
 
+/// Connects (retrying for `patience`) and opens the channel the workload publishes on, with
+/// publisher confirms.
+async fn open(url: &str, patience: Duration) -> Result<(lapin::Connection, lapin::Channel)> {
+    let conn = broker::connect(url, patience).await?;
+    let channel = conn
+        .create_channel()
+        .rpc("opening the workload channel")
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .rpc("enabling publisher confirms")
+        .await?;
+    Ok((conn, channel))
+}
+
 /// Runs `fut` on the runtime from the sender thread and waits for it.
 fn on_runtime<T: Send + 'static>(
     rt: &tokio::runtime::Handle,
@@ -131,19 +146,8 @@ fn resume_after_restart(
         std::thread::sleep(Duration::from_millis(10));
     }
     let url = url.to_string();
-    let opened = on_runtime(rt, async move {
-        let conn = broker::connect(&url, RECONNECT_WITHIN).await?;
-        let channel = conn
-            .create_channel()
-            .rpc("opening the workload channel")
-            .await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .rpc("enabling publisher confirms")
-            .await?;
-        Ok::<_, Error>((conn, channel))
-    })
-    .ok_or_else(|| Error::RuntimeUnavailable("the runtime stopped".into()))??;
+    let opened = on_runtime(rt, async move { open(&url, RECONNECT_WITHIN).await })
+        .ok_or_else(|| Error::RuntimeUnavailable("the runtime stopped".into()))??;
     let (conn, channel) = opened;
     *conn_slot.lock().unwrap() = Some(conn);
     let again: Vec<(usize, Published)> = {
@@ -241,15 +245,7 @@ impl Workload {
         durable: bool,
     ) -> Result<Workload> {
         spec.validate()?;
-        let conn = broker::connect(url, Duration::from_secs(10)).await?;
-        let channel = conn
-            .create_channel()
-            .rpc("opening the workload channel")
-            .await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .rpc("enabling publisher confirms")
-            .await?;
+        let (conn, channel) = open(url, Duration::from_secs(10)).await?;
         let log: Arc<Mutex<Vec<Published>>> = Arc::default();
         let (confirms, mut pending) = mpsc::unbounded_channel::<InFlight>();
         let outcomes: Arc<Mutex<Vec<PublishOutcome>>> = Arc::default();
